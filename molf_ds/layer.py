@@ -1,0 +1,107 @@
+"""`MoLFLinear`: a linear layer with one FFT expert (the base weight) and LoRA experts beside it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class MoLFLinear(nn.Module):
+    """``y = W x (+ b) + sum_i s_i B_i A_i dropout(x)``.
+
+    The forward pass is dense -- every expert contributes, so every expert gets its exact gradient
+    on every step. Which experts *move* is the optimizer's decision (`molf_ds.MoLFAdamW`); the
+    layer knows nothing about routing.
+
+    Args:
+        base: the original linear layer; kept as ``.base`` and its weight is the FFT expert.
+        ranks: rank ``r_i`` of each LoRA expert.
+        scalings: ``s_i`` of each expert.
+        dropout: dropout probability on the LoRA input.
+
+    Attributes:
+        base: the wrapped ``nn.Linear``.
+        lora_A: ``A_i`` of shape ``(r_i, in_features)``, one entry per expert.
+        lora_B: ``B_i`` of shape ``(out_features, r_i)``, one entry per expert (zeros at init).
+        scaling: ``s_i``, one float per expert.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        ranks: Sequence[int],
+        scalings: Sequence[float],
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(ranks) != len(scalings):
+            raise ValueError(f"got {len(ranks)} ranks but {len(scalings)} scalings")
+        self.base = base
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.ranks = tuple(int(r) for r in ranks)
+        self.scaling = [float(s) for s in scalings]
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.ParameterList(
+            nn.Parameter(torch.empty(r, self.in_features, **factory)) for r in self.ranks
+        )
+        self.lora_B = nn.ParameterList(
+            nn.Parameter(torch.empty(self.out_features, r, **factory)) for r in self.ranks
+        )
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_lora_parameters()
+
+    @property
+    def num_lora_experts(self) -> int:
+        return len(self.ranks)
+
+    def reset_lora_parameters(self) -> None:
+        """LoRA's init: ``A`` Kaiming-uniform (a=sqrt(5), as ``nn.Linear``), ``B`` zero."""
+        for lora_a, lora_b in zip(self.lora_A, self.lora_B):
+            _init_lora_a(lora_a)
+            nn.init.zeros_(lora_b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        lora_in = self.lora_dropout(x)
+        for lora_a, lora_b, scale in zip(self.lora_A, self.lora_B, self.scaling):
+            out = (
+                out
+                + (lora_in @ lora_a.t().to(lora_in.dtype)) @ lora_b.t().to(lora_in.dtype) * scale
+            )
+        return out
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """``sum_i s_i B_i A_i`` in float32 (or float64 for a float64 layer), shaped like ``W``."""
+        dtype = torch.float64 if self.base.weight.dtype == torch.float64 else torch.float32
+        delta = torch.zeros(
+            self.out_features, self.in_features, dtype=dtype, device=self.base.weight.device
+        )
+        for lora_a, lora_b, scale in zip(self.lora_A, self.lora_B, self.scaling):
+            delta.addmm_(lora_b.to(dtype), lora_a.to(dtype), alpha=scale)
+        return delta
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        """The base layer with the experts folded into its weight (fails on non-finite values)."""
+        weight = self.base.weight
+        delta = self.delta_weight()
+        merged = weight.to(delta.dtype) + delta
+        if not torch.isfinite(merged).all():
+            raise ValueError("merging produced non-finite weights; the layer was left unchanged")
+        weight.copy_(merged.to(weight.dtype))
+        return self.base
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, ranks={self.ranks}"
+        )
+
+
+def _init_lora_a(weight: torch.Tensor) -> None:
+    # Same as nn.Linear.reset_parameters and PEFT's LoRA A init.
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))

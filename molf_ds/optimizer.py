@@ -1,0 +1,206 @@
+"""`MoLFAdamW`: AdamW whose weight update goes, per module, only to the Top-K scoring experts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from molf_ds.errors import MoLFConfigError
+from molf_ds.plan import RoutingPlan
+from molf_ds.routed_step import SCORES, RoutingDecision, RoutingTable, Segment, routed_adamw
+
+
+@dataclass
+class RoutingRecord:
+    """The routing decision of the latest step, with the names of its rows and columns.
+
+    ``scores`` and ``winners`` are ``[modules, experts]`` tensors on the parameters' device;
+    ``winners[i, j]`` says whether expert ``expert_names[j]`` of ``module_names[i]`` was updated.
+    """
+
+    module_names: tuple[str, ...]
+    expert_names: tuple[str, ...]
+    scores: torch.Tensor
+    winners: torch.Tensor
+    host_reads: int
+
+    def fft_share(self) -> float:
+        """Share of modules whose FFT expert won (reads the winners to the host)."""
+        return float(self.winners[:, 0].float().mean())
+
+
+class MoLFAdamW(torch.optim.Optimizer):
+    """MoLF's routed AdamW.
+
+    Every step updates the AdamW moments of all experts from their exact gradients, scores each
+    module's experts (EPD or PFN), and applies the decoupled AdamW weight update to the ``top_k``
+    winners only; losers keep their new moments and their old weights. Parameters outside
+    routed modules take plain AdamW at ``lr``. The math is in `molf_ds.routed_step`.
+
+    Args:
+        model: a model wrapped by `molf_ds.wrap`; its trainable parameters are optimized.
+        lr: learning rate of the FFT expert and of unrouted parameters.
+        lora_lr: learning rate of LoRA experts (default ``lr``); an LR scheduler scales both.
+        betas, eps: AdamW's.
+        weight_decay: decoupled weight decay of matrices (never of biases or norms).
+        lora_weight_decay: weight decay of LoRA factors (default ``weight_decay``).
+        top_k: experts updated per module, in ``[1, candidate experts]``.
+        score: ``"epd"`` (expected parameter displacement) or ``"pfn"`` (normalised update norm).
+        fused: the fused CPU kernel: ``None`` = when possible, ``True`` = required,
+            ``False`` = the reference tensor-op path.
+
+    After each `step`, `last_routing` holds that step's winners and scores.
+
+    Under DeepSpeed, build the engine with `molf_ds.initialize`; the engine calls `step`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        lora_lr: float | None = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        lora_weight_decay: float | None = None,
+        top_k: int = 1,
+        score: str = "epd",
+        *,
+        fused: bool | None = None,
+    ) -> None:
+        _check_non_negative("lr", lr)
+        if lora_lr is not None:
+            _check_non_negative("lora_lr", lora_lr)
+            if lr == 0 and lora_lr != 0:
+                raise MoLFConfigError(
+                    "`lora_lr` is kept as a multiple of `lr` (so a scheduler scales both); "
+                    "it cannot be non-zero when lr=0"
+                )
+        _check_non_negative("eps", eps)
+        _check_non_negative("weight_decay", weight_decay)
+        if lora_weight_decay is not None:
+            _check_non_negative("lora_weight_decay", lora_weight_decay)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise MoLFConfigError(f"Invalid `betas`: {betas!r}; each must be in [0, 1)")
+        if score not in SCORES:
+            raise MoLFConfigError(f"Invalid `score`: {score!r}; choose one of {', '.join(SCORES)}")
+        if fused not in (None, True, False):
+            raise MoLFConfigError(f"Invalid `fused`: {fused!r}; use None, True or False")
+        plan = RoutingPlan.from_model(model)
+        if (
+            isinstance(top_k, bool)
+            or not isinstance(top_k, int)
+            or not 1 <= top_k <= plan.num_candidates
+        ):
+            raise MoLFConfigError(
+                f"`top_k` must be in [1, num_experts={plan.num_candidates}], got {top_k!r}"
+            )
+        defaults = {
+            "lr": lr,
+            "lora_lr_ratio": 1.0 if lora_lr is None or lr == 0 else lora_lr / lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "lora_weight_decay": weight_decay if lora_weight_decay is None else lora_weight_decay,
+            "top_k": top_k,
+            "score": score,
+            "fused": fused,
+        }
+        self.plan = plan
+        self.last_routing: RoutingRecord | None = None
+        # Set by the ZeRO glue to all-reduce the score partial sums over the data-parallel group.
+        self.reduce_scores: Callable[[torch.Tensor], None] | None = None
+        super().__init__([{"params": list(plan.params)}], defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self.param_groups:
+            raise MoLFConfigError(
+                "MoLFAdamW builds its own parameter group from the model; "
+                "set per-expert learning rates with `lora_lr` and `lora_weight_decay`"
+            )
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One routed step; returns ``closure()``'s loss when a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        segments, candidates = self._segments(group)
+        if not segments:
+            return loss
+        beta1, beta2 = group["betas"]
+        decision = routed_adamw(
+            segments,
+            RoutingTable(self.plan.expert_numel, candidates),
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            score=group["score"],
+            top_k=group["top_k"],
+            reduce_scores=self.reduce_scores,
+            fused=group["fused"],
+        )
+        self.last_routing = self._record(decision)
+        return loss
+
+    def _segments(self, group: dict) -> tuple[list[Segment], list[list[bool]]]:
+        """One segment per parameter with a gradient; advances those parameters' step counts.
+
+        An expert is a candidate when any of its parameters has a gradient; parameters without
+        one are skipped entirely, as ``torch.optim.AdamW`` skips them.
+        """
+        lora_lr = group["lr"] * group["lora_lr_ratio"]
+        segments, candidates = [], [[False] * len(row) for row in self.plan.expert_numel]
+        for param, role in zip(group["params"], self.plan.roles):
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise MoLFConfigError("MoLFAdamW does not support sparse gradients")
+            state = self.state[param]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["step"] += 1
+            if role.module >= 0:
+                candidates[role.module][role.expert] = True
+            decay = group["lora_weight_decay"] if role.is_lora else group["weight_decay"]
+            segments.append(
+                Segment(
+                    param=param.view(-1),
+                    grad=param.grad.reshape(-1),
+                    exp_avg=state["exp_avg"].view(-1),
+                    exp_avg_sq=state["exp_avg_sq"].view(-1),
+                    module=role.module,
+                    expert=role.expert,
+                    lr=lora_lr if role.is_lora else group["lr"],
+                    weight_decay=decay if role.decays else 0.0,
+                    step=int(state["step"].item()),
+                )
+            )
+        return segments, candidates
+
+    def _record(self, decision: RoutingDecision) -> RoutingRecord:
+        return RoutingRecord(
+            module_names=self.plan.module_names,
+            expert_names=self.plan.expert_names,
+            scores=decision.scores,
+            winners=decision.winners,
+            host_reads=decision.host_reads,
+        )
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("fused", None)
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise MoLFConfigError(f"Invalid `{name}`: {value!r}; it must be a number >= 0")

@@ -1,0 +1,98 @@
+"""`RoutingPlan`: which ``(module, expert)`` each trainable parameter of a wrapped model belongs to.
+
+The optimizer knows layers only through this plan; the plan is what every segment layout (one
+process, ZeRO partitions, offload) tags its segments with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from molf_ds.errors import MoLFError
+from molf_ds.model import molf_layers
+from molf_ds.routed_step import UNROUTED
+
+FFT_EXPERT = 0
+"""Expert index of the full fine-tuning expert (the base weight and bias) in every module."""
+
+
+@dataclass(frozen=True)
+class ParamRole:
+    """Where one parameter sits: its routed module and expert, or ``UNROUTED``."""
+
+    module: int
+    expert: int
+    is_lora: bool
+    decays: bool  # weight decay applies: matrices only, never biases or norms
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """The routed modules of a wrapped model and the role of each trainable parameter.
+
+    Attributes:
+        module_names: dotted name of each routed module, in model order.
+        expert_names: ``"fft"``, ``"lora0"``, ``"lora1"``, ... (columns of the score table).
+        params: the trainable parameters, in model order.
+        roles: ``roles[i]`` is the role of ``params[i]``.
+        expert_numel: ``N_e`` of each trainable ``(module, expert)`` (0 where frozen or absent).
+    """
+
+    module_names: tuple[str, ...]
+    expert_names: tuple[str, ...]
+    params: tuple[nn.Parameter, ...]
+    roles: tuple[ParamRole, ...]
+    expert_numel: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> RoutingPlan:
+        layers = list(molf_layers(model))
+        if not layers:
+            raise MoLFError(
+                "model has no MoLF layers: call molf_ds.wrap(model, MoLFConfig(...)) before "
+                "building MoLFAdamW"
+            )
+        num_experts = 1 + max(layer.num_lora_experts for _, layer in layers)
+        role_of: dict[int, ParamRole] = {}
+        numel = [[0] * num_experts for _ in layers]
+        for module, (_, layer) in enumerate(layers):
+            experts = [[layer.base.weight, layer.base.bias]]
+            experts += [[a, b] for a, b in zip(layer.lora_A, layer.lora_B)]
+            for expert, params in enumerate(experts):
+                for param in params:
+                    if param is None or not param.requires_grad:
+                        continue
+                    role_of[id(param)] = ParamRole(
+                        module, expert, expert != FFT_EXPERT, param.ndim >= 2
+                    )
+                    numel[module][expert] += param.numel()
+        params, roles = [], []
+        for param in _unique_trainable(model):
+            params.append(param)
+            roles.append(role_of.get(id(param), ParamRole(UNROUTED, 0, False, param.ndim >= 2)))
+        if not params:
+            raise MoLFError("model has no trainable parameters")
+        return cls(
+            module_names=tuple(name for name, _ in layers),
+            expert_names=("fft",) + tuple(f"lora{i}" for i in range(num_experts - 1)),
+            params=tuple(params),
+            roles=tuple(roles),
+            expert_numel=tuple(tuple(row) for row in numel),
+        )
+
+    @property
+    def num_candidates(self) -> int:
+        """The fewest trainable experts of any module: the largest valid ``top_k``."""
+        return min(sum(1 for n in row if n > 0) for row in self.expert_numel)
+
+
+def _unique_trainable(model: nn.Module) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for param in model.parameters():  # deduplicates tied weights already; keep order stable
+        if param.requires_grad and id(param) not in seen:
+            seen.add(id(param))
+            out.append(param)
+    return out

@@ -1,0 +1,264 @@
+"""The routed AdamW step, written once over *segments*.
+
+A segment is a contiguous 1-D view of parameter, gradient and moment storage, tagged with the
+``(module, expert)`` it belongs to. The same function serves every memory layout: one segment per
+parameter in a single process, per-parameter slices of a flat ZeRO partition, CPU-offloaded
+partitions. It imports torch only; a cross-rank reduction reaches it as ``reduce_scores``.
+
+Algorithm (one call = one optimizer step; ``t`` is each segment's step count, already advanced)::
+
+    for every segment:                                   # all experts, winners or not
+        m <- b1 m + (1 - b1) g
+        v <- b2 v + (1 - b2) g^2
+    for every routed (module, expert) e with N_e parameters:
+        EPD: S_e = lr_e / N_e * sum(m^2 / (sqrt(v) + eps))
+        PFN: S_e = sqrt(sum((m / (sqrt(v) + eps))^2) / N_e)
+    reduce_scores(S)                                     # e.g. all_reduce(SUM) of the partial sums
+    winners = top_k(S) per module                        # ties: lower expert index first
+    for every segment of a winner, and every unrouted segment:
+        p <- p (1 - lr wd) - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+The only device-to-host read is the ``[modules x experts]`` winner mask, once per step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from molf_ds import cpu_kernel
+
+UNROUTED = -1
+"""``Segment.module`` of parameters outside routed modules: plain AdamW, always updated."""
+
+SCORES = ("epd", "pfn")
+
+
+@dataclass
+class Segment:
+    """A contiguous 1-D slice of one parameter and its state.
+
+    ``param``, ``grad``, ``exp_avg`` and ``exp_avg_sq`` have the same number of elements;
+    ``param`` and the moments are updated in place.
+    """
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    module: int
+    expert: int
+    lr: float
+    weight_decay: float
+    step: int
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    """What the router needs to know about each ``(module, expert)`` beyond the segments.
+
+    Attributes:
+        expert_numel: ``N_e`` for each module and expert: the expert's *whole* parameter count,
+            also when this rank holds only slices of it.
+        candidates: whether each expert may win this step.
+    """
+
+    expert_numel: Sequence[Sequence[int]]
+    candidates: Sequence[Sequence[bool]]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.expert_numel), len(self.expert_numel[0]) if self.expert_numel else 0
+
+
+@dataclass
+class RoutingDecision:
+    """The outcome of one routed step.
+
+    Attributes:
+        scores: ``[modules, experts]`` float64 on the parameters' device (``-inf`` where an
+            expert was not a candidate).
+        winners: ``[modules, experts]`` bool on the parameters' device.
+        host_reads: device-to-host reads the step made (1).
+    """
+
+    scores: torch.Tensor
+    winners: torch.Tensor
+    host_reads: int
+
+
+def routed_adamw(
+    segments: Sequence[Segment],
+    table: RoutingTable,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    score: str,
+    top_k: int,
+    reduce_scores: Callable[[torch.Tensor], None] | None = None,
+    fused: bool | None = None,
+) -> RoutingDecision:
+    """One routed AdamW step over ``segments`` (see the module docstring for the math).
+
+    Args:
+        segments: every segment this process owns, routed and unrouted.
+        table: ``N_e`` and candidate flags for each ``(module, expert)``.
+        score: ``"epd"`` or ``"pfn"``.
+        top_k: winners per module.
+        reduce_scores: called once on the ``[modules, experts]`` float64 partial sums, in place
+            (an all-reduce over the data-parallel group); ``None`` in a single process.
+        fused: ``True`` uses the fused CPU kernel (an error if it cannot), ``False`` the
+            reference tensor ops, ``None`` the kernel whenever every segment allows it.
+    """
+    if score not in SCORES:
+        raise ValueError(f"`score` must be one of {SCORES}, got {score!r}")
+    device = segments[0].param.device if segments else torch.device("cpu")
+    use_kernel = _use_cpu_kernel(segments, fused)
+
+    moments = _kernel_moments if use_kernel else _reference_moments
+    partials = moments(segments, beta1=beta1, beta2=beta2, eps=eps, score=score)
+    scores = _expert_scores(partials, segments, table, score, device)
+    if reduce_scores is not None:
+        reduce_scores(scores)
+    if score == "pfn":
+        scores = scores.sqrt()
+    candidates = torch.tensor(table.candidates, dtype=torch.bool).to(device, non_blocking=True)
+    scores = scores.masked_fill(~candidates, -math.inf)
+    winners = top_k_winners(scores, candidates, top_k)
+
+    won = winners.cpu().tolist()  # the step's one device-to-host read
+    chosen = [s for s in segments if s.module == UNROUTED or won[s.module][s.expert]]
+    update = _kernel_update if use_kernel else _reference_update
+    update(chosen, beta1=beta1, beta2=beta2, eps=eps)
+    return RoutingDecision(scores=scores, winners=winners, host_reads=1)
+
+
+def top_k_winners(scores: torch.Tensor, candidates: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The ``top_k`` highest-scoring candidates of each row; ties go to the lower index.
+
+    Written as a rank count rather than ``torch.topk``, whose tie order is unspecified, so every
+    rank and every device breaks ties the same way.
+    """
+    num_experts = scores.shape[-1]
+    index = torch.arange(num_experts, device=scores.device)
+    mine, other = scores.unsqueeze(-1), scores.unsqueeze(-2)
+    other_first = index.view(1, 1, -1) < index.view(1, -1, 1)
+    beats = ((other > mine) | ((other == mine) & other_first)) & candidates.unsqueeze(-2)
+    return candidates & (beats.sum(-1) < top_k)
+
+
+def _use_cpu_kernel(segments: Sequence[Segment], fused: bool | None) -> bool:
+    if fused is False:
+        return False
+    suitable = all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+        for s in segments
+        for t in (s.param, s.grad, s.exp_avg, s.exp_avg_sq)
+    )
+    if fused is None:
+        return suitable and cpu_kernel.available()
+    if not suitable:
+        raise ValueError(
+            "`fused=True` needs contiguous float32 CPU tensors; use fused=None to fall back"
+        )
+    cpu_kernel.load()  # raises KernelUnavailable with the compiler's message
+    return True
+
+
+def _expert_scores(
+    partials: torch.Tensor,
+    segments: Sequence[Segment],
+    table: RoutingTable,
+    score: str,
+    device: torch.device,
+) -> torch.Tensor:
+    """Weight each segment's partial sum and add it into its ``(module, expert)`` cell."""
+    num_modules, num_experts = table.shape
+    routed = [i for i, s in enumerate(segments) if s.module != UNROUTED]
+    weights, cells = [], []
+    for i in routed:
+        s = segments[i]
+        numel = table.expert_numel[s.module][s.expert]
+        # EPD's lr_e / N_e is linear, so it can be applied before the cross-rank sum.
+        weights.append((s.lr if score == "epd" else 1.0) / numel)
+        cells.append(s.module * num_experts + s.expert)
+    flat = torch.zeros(num_modules * num_experts, dtype=torch.float64, device=device)
+    if routed:
+        weighted = partials[routed] * torch.tensor(weights, dtype=torch.float64).to(device)
+        flat.index_add_(0, torch.tensor(cells).to(device), weighted)
+    return flat.view(num_modules, num_experts)
+
+
+def _reference_moments(
+    segments: Sequence[Segment], *, beta1: float, beta2: float, eps: float, score: str
+) -> torch.Tensor:
+    """Pass 1 with plain tensor ops: the readable reference the fused kernel is tested against."""
+    partials = []
+    for s in segments:
+        s.exp_avg.mul_(beta1).add_(s.grad, alpha=1 - beta1)
+        s.exp_avg_sq.mul_(beta2).addcmul_(s.grad, s.grad, value=1 - beta2)
+        if s.module == UNROUTED:
+            partials.append(torch.zeros((), dtype=torch.float64, device=s.param.device))
+            continue
+        denom = s.exp_avg_sq.sqrt().add_(eps)
+        if score == "epd":
+            term = s.exp_avg.square().div_(denom)
+        else:
+            term = s.exp_avg.div(denom).square_()
+        partials.append(term.sum(dtype=torch.float64))
+    if not partials:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.stack(partials)
+
+
+def _reference_update(
+    segments: Sequence[Segment], *, beta1: float, beta2: float, eps: float
+) -> None:
+    for s in segments:
+        decay, step_size, bc2_sqrt = _update_scalars(s, beta1, beta2)
+        s.param.mul_(decay)
+        denom = (s.exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+        s.param.addcdiv_(s.exp_avg, denom, value=-step_size)
+
+
+def _kernel_moments(
+    segments: Sequence[Segment], *, beta1: float, beta2: float, eps: float, score: str
+) -> torch.Tensor:
+    kind = SCORES.index(score)
+    return cpu_kernel.moments_and_partials(
+        [s.grad for s in segments],
+        [s.exp_avg for s in segments],
+        [s.exp_avg_sq for s in segments],
+        [-1 if s.module == UNROUTED else kind for s in segments],
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+    )
+
+
+def _kernel_update(segments: Sequence[Segment], *, beta1: float, beta2: float, eps: float) -> None:
+    if not segments:
+        return
+    decays, step_sizes, bc2_sqrts = zip(*(_update_scalars(s, beta1, beta2) for s in segments))
+    cpu_kernel.apply_update(
+        [s.param for s in segments],
+        [s.exp_avg for s in segments],
+        [s.exp_avg_sq for s in segments],
+        list(decays),
+        list(step_sizes),
+        list(bc2_sqrts),
+        eps=eps,
+    )
+
+
+def _update_scalars(s: Segment, beta1: float, beta2: float) -> tuple[float, float, float]:
+    """``(1 - lr wd, lr / (1 - b1^t), sqrt(1 - b2^t))`` of one segment."""
+    return (
+        1.0 - s.lr * s.weight_decay,
+        s.lr / (1.0 - beta1**s.step),
+        math.sqrt(1.0 - beta2**s.step),
+    )
