@@ -60,14 +60,14 @@ class MoLFLinear(nn.Module):
 
     def reset_lora_parameters(self) -> None:
         """LoRA's init: ``A`` Kaiming-uniform (a=sqrt(5), as ``nn.Linear``), ``B`` zero."""
-        for lora_a, lora_b in zip(self.lora_A, self.lora_B):
+        for lora_a, lora_b in zip(self.lora_A, self.lora_B, strict=True):
             _init_lora_a(lora_a)
             nn.init.zeros_(lora_b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         lora_in = self.lora_dropout(x)
-        for lora_a, lora_b, scale in zip(self.lora_A, self.lora_B, self.scaling):
+        for lora_a, lora_b, scale in zip(self.lora_A, self.lora_B, self.scaling, strict=True):
             out = (
                 out
                 + (lora_in @ lora_a.t().to(lora_in.dtype)) @ lora_b.t().to(lora_in.dtype) * scale
@@ -81,7 +81,7 @@ class MoLFLinear(nn.Module):
         delta = torch.zeros(
             self.out_features, self.in_features, dtype=dtype, device=self.base.weight.device
         )
-        for lora_a, lora_b, scale in zip(self.lora_A, self.lora_B, self.scaling):
+        for lora_a, lora_b, scale in zip(self.lora_A, self.lora_B, self.scaling, strict=True):
             delta.addmm_(lora_b.to(dtype), lora_a.to(dtype), alpha=scale)
         return delta
 

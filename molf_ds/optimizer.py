@@ -157,7 +157,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         """
         lora_lr = group["lr"] * group["lora_lr_ratio"]
         segments, candidates = [], [[False] * len(row) for row in self.plan.expert_numel]
-        for param, role in zip(group["params"], self.plan.roles):
+        for param, role in zip(group["params"], self.plan.roles, strict=True):
             if param.grad is None:
                 continue
             if param.grad.is_sparse:

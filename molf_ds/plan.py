@@ -59,7 +59,7 @@ class RoutingPlan:
         numel = [[0] * num_experts for _ in layers]
         for module, (_, layer) in enumerate(layers):
             experts = [[layer.base.weight, layer.base.bias]]
-            experts += [[a, b] for a, b in zip(layer.lora_A, layer.lora_B)]
+            experts += [[a, b] for a, b in zip(layer.lora_A, layer.lora_B, strict=True)]
             for expert, params in enumerate(experts):
                 for param in params:
                     if param is None or not param.requires_grad:

@@ -243,7 +243,9 @@ def _kernel_moments(
 def _kernel_update(segments: Sequence[Segment], *, beta1: float, beta2: float, eps: float) -> None:
     if not segments:
         return
-    decays, step_sizes, bc2_sqrts = zip(*(_update_scalars(s, beta1, beta2) for s in segments))
+    decays, step_sizes, bc2_sqrts = zip(
+        *(_update_scalars(s, beta1, beta2) for s in segments), strict=True
+    )
     cpu_kernel.apply_update(
         [s.param for s in segments],
         [s.exp_avg for s in segments],
