@@ -153,35 +153,38 @@ class MoLFAdamW(torch.optim.Optimizer):
         """One segment per parameter with a gradient; advances those parameters' step counts.
 
         An expert is a candidate when any of its parameters has a gradient; parameters without
-        one are skipped entirely, as ``torch.optim.AdamW`` skips them.
+        one are skipped entirely, as ``torch.optim.AdamW`` skips them. This runs every step for
+        every parameter, so it stays free of tensor ops (the step count is a Python int).
         """
-        lora_lr = group["lr"] * group["lora_lr_ratio"]
+        lr, lora_lr = group["lr"], group["lr"] * group["lora_lr_ratio"]
+        weight_decay, lora_weight_decay = group["weight_decay"], group["lora_weight_decay"]
         segments, candidates = [], [[False] * len(row) for row in self.plan.expert_numel]
         for param, role in zip(group["params"], self.plan.roles, strict=True):
-            if param.grad is None:
+            grad = param.grad
+            if grad is None:
                 continue
-            if param.grad.is_sparse:
+            if grad.is_sparse:
                 raise MoLFConfigError("MoLFAdamW does not support sparse gradients")
             state = self.state[param]
             if not state:
-                state["step"] = torch.tensor(0.0)
+                state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["step"] += 1
             if role.module >= 0:
                 candidates[role.module][role.expert] = True
-            decay = group["lora_weight_decay"] if role.is_lora else group["weight_decay"]
+            decay = lora_weight_decay if role.is_lora else weight_decay
             segments.append(
                 Segment(
-                    param=param.view(-1),
-                    grad=param.grad.reshape(-1),
-                    exp_avg=state["exp_avg"].view(-1),
-                    exp_avg_sq=state["exp_avg_sq"].view(-1),
+                    param=param,
+                    grad=grad if grad.is_contiguous() else grad.contiguous(),
+                    exp_avg=state["exp_avg"],
+                    exp_avg_sq=state["exp_avg_sq"],
                     module=role.module,
                     expert=role.expert,
-                    lr=lora_lr if role.is_lora else group["lr"],
+                    lr=lora_lr if role.is_lora else lr,
                     weight_decay=decay if role.decays else 0.0,
-                    step=int(state["step"].item()),
+                    step=state["step"],
                 )
             )
         return segments, candidates

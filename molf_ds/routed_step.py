@@ -39,10 +39,11 @@ SCORES = ("epd", "pfn")
 
 @dataclass
 class Segment:
-    """A contiguous 1-D slice of one parameter and its state.
+    """A contiguous piece of one parameter and its state: a whole parameter, or a 1-D slice of a
+    flat partition.
 
-    ``param``, ``grad``, ``exp_avg`` and ``exp_avg_sq`` have the same number of elements;
-    ``param`` and the moments are updated in place.
+    ``param``, ``grad``, ``exp_avg`` and ``exp_avg_sq`` have the same shape; ``param`` and the
+    moments are updated in place. ``step`` is the count after this step's increment.
     """
 
     param: torch.Tensor
@@ -204,12 +205,15 @@ def _reference_moments(
         if s.module == UNROUTED:
             partials.append(torch.zeros((), dtype=torch.float64, device=s.param.device))
             continue
-        denom = s.exp_avg_sq.sqrt().add_(eps)
+        # One temporary the size of the segment: denom becomes the score term in place.
+        term = s.exp_avg_sq.sqrt().add_(eps)
+        torch.div(s.exp_avg, term, out=term)
         if score == "epd":
-            term = s.exp_avg.square().div_(denom)
+            term.mul_(s.exp_avg)
         else:
-            term = s.exp_avg.div(denom).square_()
-        partials.append(term.sum(dtype=torch.float64))
+            term.square_()
+        partials.append(term.sum().double())
+        del term  # free before the next segment allocates its own
     if not partials:
         return torch.zeros(0, dtype=torch.float64)
     return torch.stack(partials)
@@ -221,8 +225,9 @@ def _reference_update(
     for s in segments:
         decay, step_size, bc2_sqrt = _update_scalars(s, beta1, beta2)
         s.param.mul_(decay)
-        denom = (s.exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+        denom = s.exp_avg_sq.sqrt().div_(bc2_sqrt).add_(eps)
         s.param.addcdiv_(s.exp_avg, denom, value=-step_size)
+        del denom  # free before the next segment allocates its own
 
 
 def _kernel_moments(
