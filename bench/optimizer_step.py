@@ -26,7 +26,6 @@ from torch.utils._pytree import tree_leaves
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import molf_ds
-from molf_ds import cpu_kernel
 
 LR = 1e-6
 
@@ -124,6 +123,7 @@ def bench_case(model: torch.nn.Module, lora_lr: float, repeats: int, burn_in: in
         "molf_over_foreach": round(median["molf"] / median["foreach_adamw"], 3),
         "fft_share": molf.last_routing.fft_share(),
         "host_reads_per_step": molf.last_routing.host_reads,
+        "fused_cpu_kernel": molf.last_routing.fused,
         "moment_bytes_per_param": moment_bytes / sum(p.numel() for p in params),
         "transient_peak_bytes": {
             "fused_kernel": transient_peak_bytes(molf),
@@ -152,7 +152,6 @@ def main() -> None:
     result = {
         "benchmark": "optimizer_step",
         "threads": torch.get_num_threads(),
-        "fused_cpu_kernel": cpu_kernel.available(),
         "trainable_params": sum(p.numel() for p in trainable),
         "routed_params": routed_numel,
         "routed_modules": len(routed.module_names),

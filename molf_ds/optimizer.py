@@ -19,6 +19,8 @@ class RoutingRecord:
 
     ``scores`` and ``winners`` are ``[modules, experts]`` tensors on the parameters' device;
     ``winners[i, j]`` says whether expert ``expert_names[j]`` of ``module_names[i]`` was updated.
+    ``host_reads`` counts the step's device-to-host reads; ``fused`` says whether the fused CPU
+    kernel ran.
     """
 
     module_names: tuple[str, ...]
@@ -26,6 +28,7 @@ class RoutingRecord:
     scores: torch.Tensor
     winners: torch.Tensor
     host_reads: int
+    fused: bool
 
     def fft_share(self) -> float:
         """Share of modules whose FFT expert won (reads the winners to the host)."""
@@ -196,6 +199,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             scores=decision.scores,
             winners=decision.winners,
             host_reads=decision.host_reads,
+            fused=decision.fused,
         )
 
     def __setstate__(self, state: dict) -> None:

@@ -84,11 +84,13 @@ class RoutingDecision:
             expert was not a candidate).
         winners: ``[modules, experts]`` bool on the parameters' device.
         host_reads: device-to-host reads the step made (1).
+        fused: whether the fused CPU kernel ran (else the reference tensor ops).
     """
 
     scores: torch.Tensor
     winners: torch.Tensor
     host_reads: int
+    fused: bool
 
 
 def routed_adamw(
@@ -135,7 +137,7 @@ def routed_adamw(
     chosen = [s for s in segments if s.module == UNROUTED or won[s.module][s.expert]]
     update = _kernel_update if use_kernel else _reference_update
     update(chosen, beta1=beta1, beta2=beta2, eps=eps)
-    return RoutingDecision(scores=scores, winners=winners, host_reads=1)
+    return RoutingDecision(scores=scores, winners=winners, host_reads=1, fused=use_kernel)
 
 
 def top_k_winners(scores: torch.Tensor, candidates: torch.Tensor, top_k: int) -> torch.Tensor:
