@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 
 from molf_ds.errors import MoLFConfigError
@@ -71,6 +72,10 @@ class MoLFConfig:
     def __post_init__(self) -> None:
         if isinstance(self.lora_ranks, int) and not isinstance(self.lora_ranks, bool):
             self.lora_ranks = (self.lora_ranks,)
+        if not isinstance(self.lora_ranks, (tuple, list)):
+            raise MoLFConfigError(
+                f"`lora_ranks` must be a positive int or a list of them, got {self.lora_ranks!r}"
+            )
         self.lora_ranks = tuple(self.lora_ranks)
         if not self.lora_ranks:
             raise MoLFConfigError("`lora_ranks` is empty: give at least one rank, e.g. (64,)")
@@ -123,6 +128,10 @@ def _is_real(value: object) -> bool:
 
 def _normalise_names(key: str, names: object) -> tuple[str, ...] | str:
     if isinstance(names, str):
+        try:
+            re.compile(names)
+        except re.error as err:
+            raise MoLFConfigError(f"`{key}` is not a valid regex ({err}): {names!r}") from None
         return names
     if names is None:
         return ()

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from molf_ds.errors import MoLFError
+
 
 class MoLFLinear(nn.Module):
     """``y = W x (+ b) + sum_i s_i B_i A_i dropout(x)``.
@@ -86,14 +88,19 @@ class MoLFLinear(nn.Module):
         return delta
 
     @torch.no_grad()
-    def merged_linear(self) -> nn.Linear:
-        """The base layer with the experts folded into its weight (fails on non-finite values)."""
-        weight = self.base.weight
+    def merged_weight(self) -> torch.Tensor:
+        """``W + sum_i s_i B_i A_i`` in ``W``'s dtype; raises `MoLFError` if not finite."""
         delta = self.delta_weight()
-        merged = weight.to(delta.dtype) + delta
+        merged = self.base.weight.to(delta.dtype) + delta
         if not torch.isfinite(merged).all():
-            raise ValueError("merging produced non-finite weights; the layer was left unchanged")
-        weight.copy_(merged.to(weight.dtype))
+            raise MoLFError("merging produced non-finite weights; nothing was changed")
+        return merged.to(self.base.weight.dtype)
+
+    @torch.no_grad()
+    def merged_linear(self, merged_weight: torch.Tensor | None = None) -> nn.Linear:
+        """The base layer with the experts folded into its weight."""
+        weight = self.merged_weight() if merged_weight is None else merged_weight
+        self.base.weight.copy_(weight)
         return self.base
 
     def extra_repr(self) -> str:

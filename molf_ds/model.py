@@ -57,8 +57,8 @@ def wrap(model: nn.Module, config: MoLFConfig) -> nn.Module:
 def merge(model: nn.Module) -> nn.Module:
     """Fold each `MoLFLinear`'s experts into its base weight and put the plain ``nn.Linear`` back.
 
-    The delta is computed in float32 and checked for non-finite values before anything is
-    written. The result has no molf_ds modules: a Hugging Face model saves with
+    The deltas are computed in float32 and every merged weight is checked for non-finite values
+    before any is written. The result has no molf_ds modules: a Hugging Face model saves with
     ``save_pretrained`` and reloads without molf_ds.
 
     Returns:
@@ -69,9 +69,11 @@ def merge(model: nn.Module) -> nn.Module:
     layers = list(molf_layers(model))
     if not layers:
         raise MoLFError("model has no MoLF layers to merge; was it wrapped with molf_ds.wrap?")
-    for name, layer in layers:
+    # Compute (and check) every merged weight before writing any: all or nothing.
+    merged_weights = [layer.merged_weight() for _, layer in layers]
+    for (name, layer), weight in zip(layers, merged_weights, strict=True):
         parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, layer.merged_linear())
+        setattr(model.get_submodule(parent_name), child_name, layer.merged_linear(weight))
     return model
 
 
@@ -96,6 +98,6 @@ def _matches(name: str, patterns: tuple[str, ...] | str) -> bool:
 
 def _summarise_names(names: list[str], limit: int = 12) -> str:
     # Collapse layer indices so a 32-layer model lists each projection once.
-    unique = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", name) for name in names))
+    unique = list(dict.fromkeys(re.sub(r"(?<=\.)\d+(?=\.)", "*", name) for name in names))
     shown = ", ".join(unique[:limit])
     return shown + (f", ... ({len(unique) - limit} more)" if len(unique) > limit else "")
