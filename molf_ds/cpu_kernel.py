@@ -90,7 +90,7 @@ def load() -> ctypes.CDLL:
     lib.molf_moments_and_partials.argtypes = [
         ctypes.c_int64,
         *[_PTR] * 5,
-        *[ctypes.c_float] * 3,
+        *[ctypes.c_float] * 5,
         _PTR,
         ctypes.c_int32,
     ]
@@ -135,6 +135,8 @@ def moments_and_partials(
         kinds.data_ptr(),
         beta1,
         beta2,
+        1.0 - beta1,  # in double: see moments_chunk
+        1.0 - beta2,
         eps,
         partials.data_ptr(),
         torch.get_num_threads(),

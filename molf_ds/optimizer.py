@@ -9,8 +9,11 @@ import torch
 from torch import nn
 
 from molf_ds.errors import MoLFConfigError
-from molf_ds.plan import RoutingPlan
+from molf_ds.plan import ParamRole, RoutingPlan
 from molf_ds.routed_step import SCORES, RoutingDecision, RoutingTable, Segment, routed_adamw
+
+SegmentSource = Callable[["MoLFAdamW", dict], tuple[list[Segment], list[list[bool]]]]
+"""Builds one step's segments and candidate flags from a parameter group, advancing steps."""
 
 
 @dataclass
@@ -114,7 +117,10 @@ class MoLFAdamW(torch.optim.Optimizer):
         }
         self.plan = plan
         self.last_routing: RoutingRecord | None = None
-        # Set by the ZeRO glue to all-reduce the score partial sums over the data-parallel group.
+        # Both set by `molf_ds.initialize` under ZeRO: how the group's tensors map to segments
+        # (flat partitions instead of parameters), and the all-reduce of the score partial sums
+        # over the data-parallel group.
+        self.segment_source: SegmentSource | None = None
         self.reduce_scores: Callable[[torch.Tensor], None] | None = None
         super().__init__([{"params": list(plan.params)}], defaults)
 
@@ -134,7 +140,8 @@ class MoLFAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
-        segments, candidates = self._segments(group)
+        source = self.segment_source or _parameter_segments
+        segments, candidates = source(self, group)
         if not segments:
             return loss
         beta1, beta2 = group["betas"]
@@ -152,45 +159,15 @@ class MoLFAdamW(torch.optim.Optimizer):
         self.last_routing = self._record(decision)
         return loss
 
-    def _segments(self, group: dict) -> tuple[list[Segment], list[list[bool]]]:
-        """One segment per parameter with a gradient; advances those parameters' step counts.
-
-        An expert is a candidate when any of its parameters has a gradient; parameters without
-        one are skipped entirely, as ``torch.optim.AdamW`` skips them. This runs every step for
-        every parameter, so it stays free of tensor ops (the step count is a Python int).
-        """
-        lr, lora_lr = group["lr"], group["lr"] * group["lora_lr_ratio"]
-        weight_decay, lora_weight_decay = group["weight_decay"], group["lora_weight_decay"]
-        segments, candidates = [], [[False] * len(row) for row in self.plan.expert_numel]
-        for param, role in zip(group["params"], self.plan.roles, strict=True):
-            grad = param.grad
-            if grad is None:
-                continue
-            if grad.is_sparse:
-                raise MoLFConfigError("MoLFAdamW does not support sparse gradients")
-            state = self.state[param]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["step"] += 1
-            if role.module >= 0:
-                candidates[role.module][role.expert] = True
-            decay = lora_weight_decay if role.is_lora else weight_decay
-            segments.append(
-                Segment(
-                    param=param,
-                    grad=grad if grad.is_contiguous() else grad.contiguous(),
-                    exp_avg=state["exp_avg"],
-                    exp_avg_sq=state["exp_avg_sq"],
-                    module=role.module,
-                    expert=role.expert,
-                    lr=lora_lr if role.is_lora else lr,
-                    weight_decay=decay if role.decays else 0.0,
-                    step=state["step"],
-                )
-            )
-        return segments, candidates
+    def advance_state(self, tensor: torch.Tensor) -> dict:
+        """``tensor``'s state, created on first use, with its step count advanced by one."""
+        state = self.state[tensor]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(tensor, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(tensor, memory_format=torch.preserve_format)
+        state["step"] += 1
+        return state
 
     def _record(self, decision: RoutingDecision) -> RoutingRecord:
         return RoutingRecord(
@@ -206,6 +183,58 @@ class MoLFAdamW(torch.optim.Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("fused", None)
+
+
+def _parameter_segments(
+    optimizer: MoLFAdamW, group: dict
+) -> tuple[list[Segment], list[list[bool]]]:
+    """One segment per parameter with a gradient; advances those parameters' step counts.
+
+    An expert is a candidate when any of its parameters has a gradient; parameters without
+    one are skipped entirely, as ``torch.optim.AdamW`` skips them. This runs every step for
+    every parameter, so it stays free of tensor ops (the step count is a Python int).
+    """
+    segments, candidates = [], [[False] * len(row) for row in optimizer.plan.expert_numel]
+    for param, role in zip(group["params"], optimizer.plan.roles, strict=True):
+        grad = param.grad
+        if grad is None:
+            continue
+        if grad.is_sparse:
+            raise MoLFConfigError("MoLFAdamW does not support sparse gradients")
+        state = optimizer.advance_state(param)
+        if role.module >= 0:
+            candidates[role.module][role.expert] = True
+        grad = grad if grad.is_contiguous() else grad.contiguous()
+        segments.append(make_segment(group, role, param, grad, state))
+    return segments, candidates
+
+
+def make_segment(
+    group: dict,
+    role: ParamRole,
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict,
+    piece: tuple[int, int] | None = None,
+) -> Segment:
+    """The segment of ``param`` (or of its ``piece=(start, numel)`` when ``param`` is a flat
+    partition) with the learning rate and weight decay its role takes from ``group``."""
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        return t if piece is None else t.narrow(0, *piece)
+
+    decay = group["lora_weight_decay"] if role.is_lora else group["weight_decay"]
+    return Segment(
+        param=cut(param),
+        grad=cut(grad),
+        exp_avg=cut(state["exp_avg"]),
+        exp_avg_sq=cut(state["exp_avg_sq"]),
+        module=role.module,
+        expert=role.expert,
+        lr=group["lr"] * group["lora_lr_ratio"] if role.is_lora else group["lr"],
+        weight_decay=decay if role.decays else 0.0,
+        step=state["step"],
+    )
 
 
 def _check_non_negative(name: str, value: float) -> None:

@@ -35,10 +35,11 @@ std::vector<Chunk> make_chunks(int64_t n_segments, const int64_t* numels) {
 
 enum ScoreKind : int32_t { kNone = -1, kEpd = 0, kPfn = 1 };
 
+// w1 = 1 - beta1 and w2 = 1 - beta2 come in computed in double: in float, 1 - 0.999f loses
+// five digits to cancellation.
 double moments_chunk(const float* __restrict g, float* __restrict m, float* __restrict v,
-                     int64_t n, int32_t kind, float beta1, float beta2, float eps) {
-  const float w1 = 1.0f - beta1;
-  const float w2 = 1.0f - beta2;
+                     int64_t n, int32_t kind, float beta1, float beta2, float w1, float w2,
+                     float eps) {
   double acc = 0.0;
   if (kind == kNone) {
 #pragma omp simd
@@ -80,7 +81,8 @@ extern "C" {
 // partials[s] receives the segment's unweighted score sum.
 void molf_moments_and_partials(int64_t n_segments, float* const* grads, float* const* exp_avgs,
                                float* const* exp_avg_sqs, const int64_t* numels,
-                               const int32_t* score_kinds, float beta1, float beta2, float eps,
+                               const int32_t* score_kinds, float beta1, float beta2,
+                               float one_minus_beta1, float one_minus_beta2, float eps,
                                double* partials, int32_t n_threads) {
   const std::vector<Chunk> chunks = make_chunks(n_segments, numels);
   std::vector<double> chunk_sums(chunks.size(), 0.0);
@@ -91,7 +93,7 @@ void molf_moments_and_partials(int64_t n_segments, float* const* grads, float* c
     const int64_t s = ch.segment;
     chunk_sums[c] = moments_chunk(grads[s] + ch.begin, exp_avgs[s] + ch.begin,
                                   exp_avg_sqs[s] + ch.begin, ch.end - ch.begin, score_kinds[s],
-                                  beta1, beta2, eps);
+                                  beta1, beta2, one_minus_beta1, one_minus_beta2, eps);
   }
   for (int64_t s = 0; s < n_segments; ++s) partials[s] = 0.0;
   for (int64_t c = 0; c < n_chunks; ++c) partials[chunks[c].segment] += chunk_sums[c];
