@@ -14,6 +14,7 @@ from molf_ds.errors import MoLFConfigError, MoLFError, NoMatchingModulesError
 from molf_ds.layer import MoLFLinear
 from molf_ds.model import merge, wrap
 from molf_ds.optimizer import MoLFAdamW, RoutingRecord
+from molf_ds.zero import initialize
 
 __all__ = [
     "MoLFAdamW",
@@ -23,6 +24,7 @@ __all__ = [
     "MoLFLinear",
     "NoMatchingModulesError",
     "RoutingRecord",
+    "initialize",
     "merge",
     "wrap",
 ]

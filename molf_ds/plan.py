@@ -64,14 +64,15 @@ class RoutingPlan:
                 for param in params:
                     if param is None or not param.requires_grad:
                         continue
-                    role_of[id(param)] = ParamRole(
-                        module, expert, expert != FFT_EXPERT, param.ndim >= 2
-                    )
-                    numel[module][expert] += param.numel()
+                    is_lora = expert != FFT_EXPERT
+                    role_of[id(param)] = ParamRole(module, expert, is_lora, _full_ndim(param) >= 2)
+                    numel[module][expert] += _full_numel(param)
         params, roles = [], []
         for param in _unique_trainable(model):
             params.append(param)
-            roles.append(role_of.get(id(param), ParamRole(UNROUTED, 0, False, param.ndim >= 2)))
+            roles.append(
+                role_of.get(id(param), ParamRole(UNROUTED, 0, False, _full_ndim(param) >= 2))
+            )
         if not params:
             raise MoLFError("model has no trainable parameters")
         return cls(
@@ -83,9 +84,30 @@ class RoutingPlan:
         )
 
     @property
+    def total_numel(self) -> int:
+        """Elements of all trainable parameters (full sizes, also under ZeRO-3)."""
+        return sum(_full_numel(p) for p in self.params)
+
+    @property
+    def largest_lora_numel(self) -> int:
+        """Elements of the largest LoRA factor (0 when there is none)."""
+        sizes = [_full_numel(p) for p, r in zip(self.params, self.roles, strict=True) if r.is_lora]
+        return max(sizes, default=0)
+
+    @property
     def num_candidates(self) -> int:
         """The fewest trainable experts of any module: the largest valid ``top_k``."""
         return min(sum(1 for n in row if n > 0) for row in self.expert_numel)
+
+
+# Under ZeRO-3 (`deepspeed.zero.Init`) a parameter's local shape is (0,); its real size and shape
+# are DeepSpeed's documented ``ds_numel`` / ``ds_shape`` attributes.
+def _full_numel(param: nn.Parameter) -> int:
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def _full_ndim(param: nn.Parameter) -> int:
+    return len(getattr(param, "ds_shape", param.shape))
 
 
 def _unique_trainable(model: nn.Module) -> list[nn.Parameter]:

@@ -25,6 +25,73 @@ from molf_ds.optimizer import MoLFAdamW
 logger = logging.getLogger(__name__)
 
 
+def initialize(
+    model: torch.nn.Module | None = None,
+    optimizer: MoLFAdamW | None = None,
+    config: dict | str | Path | None = None,
+    **kwargs: Any,
+) -> tuple[Any, Any, Any, Any]:
+    """`deepspeed.initialize` for a `MoLFAdamW`: same arguments, same return value
+    ``(engine, optimizer, dataloader, lr_scheduler)``.
+
+    Fills what DeepSpeed needs for a client optimizer (every changed value is logged once on
+    rank 0), refuses settings MoLF cannot honour before anything starts, and connects the
+    optimizer to the engine's partitions.
+
+    Raises:
+        MoLFConfigError: a missing `MoLFAdamW`, or a config MoLF cannot run (naming the key).
+    """
+    import deepspeed
+
+    if not isinstance(optimizer, MoLFAdamW):
+        raise MoLFConfigError(
+            "molf_ds.initialize needs `optimizer=MoLFAdamW(model, ...)`, "
+            f"got {type(optimizer).__name__}"
+        )
+    if config is None:
+        config = kwargs.pop("config_params", None)
+    if config is None:
+        raise MoLFConfigError("molf_ds.initialize needs `config` (a dict or a JSON file path)")
+    ds_config, changes = prepare_ds_config(config, optimizer)
+    engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config, **kwargs
+    )
+    if changes and _is_rank_zero():
+        logger.warning("molf_ds.initialize set in the DeepSpeed config: %s", ", ".join(changes))
+    connect(engine, optimizer)
+    return engine, ds_optimizer, loader, scheduler
+
+
+def connect(engine: Any, optimizer: MoLFAdamW) -> None:
+    """Point ``optimizer`` at the engine's partitions and its data-parallel group.
+
+    Segments are read from DeepSpeed's mappings at every step, so nothing here goes stale when
+    ``engine.load_checkpoint`` rebuilds them.
+    """
+    from molf_ds import ds_partitions
+
+    zero_optimizer = engine.optimizer
+    if zero_optimizer is optimizer:
+        # No ZeRO: every rank holds every parameter and the averaged gradient, so every rank
+        # computes identical scores without a reduction.
+        optimizer.segment_source, optimizer.reduce_scores = None, None
+        return
+    if getattr(zero_optimizer, "optimizer", None) is not optimizer:
+        raise MoLFConfigError(
+            f"DeepSpeed wrapped MoLFAdamW in {type(zero_optimizer).__name__}, which molf_ds "
+            "cannot run (fp16 without ZeRO?): use bf16 or fp32, or ZeRO stage >= 1"
+        )
+    dp_group = zero_optimizer.dp_process_group
+    if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        ds_partitions.check_single_sub_group(zero_optimizer)
+        ds_partitions.gather_persistent_parameters(zero_optimizer)
+        dp_rank = torch.distributed.get_rank(group=dp_group)
+        optimizer.segment_source = ds_partitions.Stage3Segments(zero_optimizer, dp_rank)
+    else:  # ZeRO-1/2, BF16_Optimizer
+        optimizer.segment_source = ds_partitions.hp_mapping_segments
+    optimizer.reduce_scores = ds_partitions.all_reduce_sum(dp_group)
+
+
 def prepare_ds_config(config: dict | str | Path, optimizer: MoLFAdamW) -> tuple[dict, list[str]]:
     """A copy of ``config`` with what DeepSpeed needs to run `MoLFAdamW` as a client optimizer.
 
@@ -75,14 +142,13 @@ def prepare_ds_config(config: dict | str | Path, optimizer: MoLFAdamW) -> tuple[
     if stage == 3:
         # LoRA factors must never be partitioned, so that they are not gathered and released
         # around every forward: persist every parameter up to the largest LoRA factor.
-        largest_lora = max(
-            (
-                p.numel()
-                for p, role in zip(optimizer.plan.params, optimizer.plan.roles, strict=True)
-                if role.is_lora
-            ),
-            default=0,
-        )
+        largest_lora = optimizer.plan.largest_lora_numel
+        # One sub-group per rank, so that each step routes whole modules with one all-reduce.
+        sub_group = zero.get("sub_group_size")
+        if sub_group is None or sub_group == "auto":
+            zero.pop("sub_group_size", None)
+            total = optimizer.plan.total_numel
+            set_default(zero, "sub_group_size", max(int(1e9), total), "zero_optimization.")
         threshold = zero.get("stage3_param_persistence_threshold")
         if threshold is None or threshold == "auto":
             zero.pop("stage3_param_persistence_threshold", None)

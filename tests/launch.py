@@ -1,0 +1,49 @@
+"""Start real multi-rank jobs for the tests: the `deepspeed` launcher with CPU ranks over gloo."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORKERS = REPO / "tests" / "workers"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"  # several ranks share 2 cores
+    return env
+
+
+def run(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``command``; fail the test with the end of its output if it exits non-zero."""
+    result = subprocess.run(
+        command, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout
+    )
+    if result.returncode != 0:
+        tail = (result.stdout + result.stderr)[-6000:]
+        raise AssertionError(f"{' '.join(command)} exited {result.returncode}:\n{tail}")
+    return result
+
+
+def deepspeed(ranks: int, script: str, *args: str, timeout: float = 600):
+    """``deepspeed --num_gpus RANKS tests/workers/SCRIPT ARGS`` on CPU ranks."""
+    command = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port())]
+    return run([*command, str(WORKERS / script), *args], timeout=timeout)
+
+
+def python(script: str, *args: str, timeout: float = 600):
+    """``python tests/workers/SCRIPT ARGS`` in one plain process."""
+    return run([sys.executable, str(WORKERS / script), *args], timeout=timeout)

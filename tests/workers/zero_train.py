@@ -1,0 +1,248 @@
+"""Train a tiny MoLF model under DeepSpeed (or in one plain process) and save what happened.
+
+Multi-rank (real processes, gloo on CPU):
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/workers/zero_train.py --out OUT --cases z2,z3
+One plain process, no DeepSpeed (the reference the ranks must match):
+    python tests/workers/zero_train.py --reference --out OUT --cases z2,z3
+
+Every rank trains on its slice of the same global batches, so the parameters after each step
+must equal those of one process training on the whole global batch. Rank 0 saves, per case, the
+full fp32 parameters and every rank's winners of every step to OUT/<case>.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+
+import torch
+from torch import nn
+
+import molf_ds
+
+VOCAB, DIM, MLP = 17, 24, 40
+MICRO_BATCH, SEQ = 2, 5
+GRAD_ACCUM = 2
+CLIP = 0.05
+LR, LORA_LR, WD, LORA_WD = 2e-2, 2e-2, 0.1, 0.01
+# Adam's update g / (|g| + eps) is most sensitive to the summation order of the reduced gradient
+# where |g| ~ eps; with eps above every such gradient, fp32 order effects stay ~1e-7.
+EPS = 1e-3
+
+CASES: dict[str, dict] = {
+    "z0": {"zero": {"stage": 0}},
+    "z1": {"zero": {"stage": 1}},
+    "z2": {"zero": {"stage": 2}},
+    "z3": {"zero": {"stage": 3}},
+    "z1_offload": {"zero": {"stage": 1, "offload_optimizer": {"device": "cpu"}}},
+    "z2_offload": {"zero": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+    "z3_offload": {"zero": {"stage": 3, "offload_optimizer": {"device": "cpu"}}},
+    "z3_offload_param": {
+        "zero": {
+            "stage": 3,
+            "offload_optimizer": {"device": "cpu"},
+            "offload_param": {"device": "cpu"},
+        }
+    },
+    "z0_efficient": {"zero": {"stage": 0}, "efficient": True},
+    "z1_efficient": {"zero": {"stage": 1}, "efficient": True},
+    "z2_efficient": {"zero": {"stage": 2}, "efficient": True},
+    "z3_efficient": {"zero": {"stage": 3}, "efficient": True},
+    "bf16_z1": {"zero": {"stage": 1}, "bf16": True},
+    "bf16_z2": {"zero": {"stage": 2}, "bf16": True},
+}
+
+
+class TinyDecoder(nn.Module):
+    """Odd sizes on purpose: flat partitions split parameters across ranks and get padded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.q_proj = nn.Linear(DIM, DIM, bias=True)
+        self.up_proj = nn.Linear(DIM, MLP, bias=False)
+        self.down_proj = nn.Linear(MLP, DIM, bias=False)
+        self.norm = nn.LayerNorm(DIM)
+        self.lm_head = nn.Linear(DIM, VOCAB, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        h = h + torch.tanh(self.q_proj(h))
+        h = h + self.down_proj(torch.tanh(self.up_proj(h)))
+        return self.lm_head(self.norm(h))
+
+
+def build(case: dict) -> tuple[nn.Module, molf_ds.MoLFAdamW]:
+    torch.manual_seed(1234)
+    model = TinyDecoder()
+    efficient = case.get("efficient", False)
+    config = molf_ds.MoLFConfig(
+        lora_ranks=(2, 6) if efficient else (3,), lora_alpha=4.0, train_base=not efficient
+    )
+    molf_ds.wrap(model, config)
+    with torch.no_grad():  # non-zero B so LoRA experts matter from the first step
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    optimizer = molf_ds.MoLFAdamW(
+        model, lr=LR, lora_lr=LORA_LR, eps=EPS, weight_decay=WD, lora_weight_decay=LORA_WD
+    )
+    return model, optimizer
+
+
+def global_batch(step: int, micro: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 * step + micro)
+    tokens = torch.randint(0, VOCAB, (MICRO_BATCH * world, SEQ + 1), generator=generator)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def loss_fn(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = model(inputs)
+    return nn.functional.cross_entropy(logits.float().reshape(-1, VOCAB), targets.reshape(-1))
+
+
+def ds_config(case: dict, micro_batch: int, world: int) -> dict:
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": GRAD_ACCUM,
+        "train_batch_size": micro_batch * GRAD_ACCUM * world,
+        "gradient_clipping": CLIP,
+        "zero_optimization": copy.deepcopy(case["zero"]),
+        "steps_per_print": 10_000,
+    }
+    if case.get("bf16"):
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
+    import deepspeed.comm as dist
+
+    case = CASES[name]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    micro_batch = MICRO_BATCH * world_of_data // world  # same global batch on any world size
+    model, optimizer = build(case)
+    engine, _, _, _ = molf_ds.initialize(
+        model=model, optimizer=optimizer, config=ds_config(case, micro_batch, world)
+    )
+    winners, residency = [], []
+    for step in range(steps):
+        for micro in range(GRAD_ACCUM):
+            inputs, targets = global_batch(step, micro, world_of_data)
+            mine = slice(rank * micro_batch, (rank + 1) * micro_batch)
+            loss = loss_fn(engine, inputs[mine], targets[mine])
+            residency.append(zero3_residency(engine.module))
+            engine.backward(loss)
+            engine.step()
+            residency.append(zero3_residency(engine.module))
+        winners.append(optimizer.last_routing.winners.tolist())
+    params = {name: full_param(param) for name, param in engine.module.named_parameters()}
+    every_rank = [None] * world
+    dist.all_gather_object(every_rank, winners)
+    return {"params": params, "winners": every_rank, "world": world, "residency": residency}
+
+
+def zero3_residency(model: nn.Module) -> dict | None:
+    """Under ZeRO-3: are all LoRA factors whole and available (never released), while the
+    base weights are released to their partitions between forwards?"""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    params = dict(model.named_parameters())
+    if not any(hasattr(p, "ds_id") for p in params.values()):
+        return None
+    lora = [p for n, p in params.items() if "lora_" in n]
+    base = [p for n, p in params.items() if ".base.weight" in n]
+    return {
+        "lora_resident": all(
+            p.ds_status == ZeroParamStatus.AVAILABLE and p.numel() == p.ds_numel for p in lora
+        ),
+        "base_released": all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in base),
+    }
+
+
+def full_param(param: torch.nn.Parameter) -> torch.Tensor:
+    """The whole fp32 parameter: the optimizer's master copy when it has one (ZeRO-1/2/3,
+    bf16), else the gathered (ZeRO-3) or plain weight of a frozen parameter."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full = safe_get_full_fp32_param(param) if param.requires_grad else None
+    if full is None and hasattr(param, "ds_id"):
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.detach().float().cpu().clone()
+    return (param.detach() if full is None else full).float().cpu().clone()
+
+
+def run_reference(name: str, steps: int, world_of_data: int) -> dict:
+    case = CASES[name]
+    model, optimizer = build(case)
+    if case.get("bf16"):
+        raise SystemExit("the plain reference is fp32; run bf16 cases under deepspeed")
+    winners, clipped = [], 0
+    for step in range(steps):
+        for micro in range(GRAD_ACCUM):
+            inputs, targets = global_batch(step, micro, world_of_data)
+            (loss_fn(model, inputs, targets) / GRAD_ACCUM).backward()
+        norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], CLIP)
+        clipped += int(norm > CLIP)
+        optimizer.step()
+        optimizer.zero_grad()
+        winners.append(optimizer.last_routing.winners.tolist())
+    params = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    return {"params": params, "winners": [winners], "world": 1, "clipped_steps": clipped}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--data-world", type=int, default=0, help="ranks the batch is cut for")
+    parser.add_argument("--reference", action="store_true")
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+
+    if args.reference:
+        for name in args.cases.split(","):
+            result = run_reference(name, args.steps, args.data_world)
+            torch.save(result, os.path.join(args.out, f"{name}.pt"))
+        return
+
+    import deepspeed
+    import deepspeed.comm as dist
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    data_world = args.data_world or dist.get_world_size()
+    code = 0
+    try:
+        for name in args.cases.split(","):
+            result = run_deepspeed(name, args.steps, data_world)
+            if dist.get_rank() == 0:
+                torch.save(result, os.path.join(args.out, f"{name}.pt"))
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        clean_exit(code)
+
+
+def clean_exit(code: int) -> None:
+    """DESIGN.md's shutdown: gloo can abort at interpreter exit, so leave with os._exit."""
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        if code == 0:
+            tdist.barrier()
+        tdist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
