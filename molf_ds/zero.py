@@ -125,6 +125,12 @@ def prepare_ds_config(config: dict | str | Path, optimizer: MoLFAdamW) -> tuple[
         )
     set_default(ds_config, "zero_allow_untested_optimizer", True, "")
 
+    if zero.get("round_robin_gradients"):
+        # DeepSpeed 0.19's round-robin layout leaves param._hp_mapping pointing at the wrong
+        # slices of the flat partition, which the routed step reads.
+        raise MoLFConfigError(
+            "`zero_optimization.round_robin_gradients` is not supported by MoLF: remove it"
+        )
     offload = zero.get("offload_optimizer") or {}
     if offload.get("device", "none") not in ("none", None):
         if float(offload.get("ratio", 1.0)) < 1.0:

@@ -100,6 +100,17 @@ def test_zero_bf16_ranks_match_single_bf16_process(runs: dict, case: str, ranks:
         torch.testing.assert_close(got["params"][name], expected, rtol=0, atol=BF16_ATOL, msg=name)
 
 
+def test_zero_cases_ran_the_intended_deepspeed_optimizer(runs: dict) -> None:
+    expected = {
+        "z0": "MoLFAdamW",
+        "z1": "DeepSpeedZeroOptimizer",
+        "z3_offload": "DeepSpeedZeroOptimizer_Stage3",
+        "bf16_z1": "BF16_Optimizer",
+    }
+    for case, name in expected.items():
+        assert _load(runs["w2"], case)["ds_optimizer"] == name, case
+
+
 @pytest.mark.parametrize("case", ["z3", "z3_offload_param", "z3_efficient"])
 def test_zero3_lora_factors_stay_resident(runs: dict, case: str) -> None:
     """After every forward and every step, LoRA factors are whole and available on the rank,

@@ -50,7 +50,8 @@ CASES: dict[str, dict] = {
     "z1_efficient": {"zero": {"stage": 1}, "efficient": True},
     "z2_efficient": {"zero": {"stage": 2}, "efficient": True},
     "z3_efficient": {"zero": {"stage": 3}, "efficient": True},
-    "bf16_z1": {"zero": {"stage": 1}, "bf16": True},
+    # fp32 gradient accumulation sends bf16 + ZeRO-1 through DeepSpeed's BF16_Optimizer.
+    "bf16_z1": {"zero": {"stage": 1}, "bf16": True, "grad_accum_dtype": "fp32"},
     "bf16_z2": {"zero": {"stage": 2}, "bf16": True},
 }
 
@@ -114,6 +115,8 @@ def ds_config(case: dict, micro_batch: int, world: int) -> dict:
     }
     if case.get("bf16"):
         config["bf16"] = {"enabled": True}
+    if "grad_accum_dtype" in case:
+        config["data_types"] = {"grad_accum_dtype": case["grad_accum_dtype"]}
     return config
 
 
@@ -141,7 +144,13 @@ def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
     params = {name: full_param(param) for name, param in engine.module.named_parameters()}
     every_rank = [None] * world
     dist.all_gather_object(every_rank, winners)
-    return {"params": params, "winners": every_rank, "world": world, "residency": residency}
+    return {
+        "params": params,
+        "winners": every_rank,
+        "world": world,
+        "residency": residency,
+        "ds_optimizer": type(engine.optimizer).__name__,
+    }
 
 
 def zero3_residency(model: nn.Module) -> dict | None:
