@@ -168,7 +168,60 @@ def prepare_ds_config(config: dict | str | Path, optimizer: MoLFAdamW) -> tuple[
                 threshold,
                 largest_lora,
             )
+    remaining = _remaining_auto(ds_config)
+    if remaining:
+        raise MoLFConfigError(
+            f'DeepSpeed config still has "auto" values ({", ".join(remaining)}): fill them with '
+            "molf_ds.zero.fill_auto (molf-train does) or set numbers"
+        )
     return ds_config, changes
+
+
+def fill_auto(
+    config: dict | str | Path,
+    *,
+    micro_batch_size: int,
+    gradient_accumulation_steps: int,
+    world_size: int,
+    gradient_clipping: float,
+    bf16: bool,
+) -> dict:
+    """A copy of a ``ds_configs/`` file with its ``"auto"`` fields set from the job's settings.
+
+    A field that is *not* ``"auto"`` must agree with the job: a mismatch is a `MoLFConfigError`
+    naming both values, rather than a DeepSpeed assertion later.
+    """
+    ds_config = _load(config)
+    wanted = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "train_batch_size": micro_batch_size * gradient_accumulation_steps * world_size,
+        "gradient_clipping": gradient_clipping,
+    }
+    for key, value in wanted.items():
+        current = ds_config.get(key, "auto")
+        if current == "auto":
+            ds_config[key] = value
+        elif current != value:
+            raise MoLFConfigError(
+                f"DeepSpeed config has `{key}`={current!r} but the job's settings give {value!r}: "
+                f'set it to "auto" or make them agree'
+            )
+    section = ds_config.setdefault("bf16", {})
+    if section.get("enabled", "auto") == "auto":
+        section["enabled"] = bf16
+    elif bool(section["enabled"]) != bf16:
+        raise MoLFConfigError(
+            f"DeepSpeed config has `bf16.enabled`={section['enabled']!r} but the job asks for "
+            f'bf16={bf16}: set it to "auto" or make them agree'
+        )
+    return ds_config
+
+
+def _remaining_auto(node: Any, path: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _remaining_auto(v, f"{path}{key}.")]
+    return [path.rstrip(".")] if node == "auto" else []
 
 
 def _load(config: dict | str | Path) -> dict:

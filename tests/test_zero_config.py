@@ -1,0 +1,156 @@
+"""`molf_ds.initialize`'s config handling: what it fills, what it refuses, the shipped configs.
+
+Expected values come from DESIGN.md's DeepSpeed facts: a client optimizer needs
+`zero_allow_untested_optimizer`, offload needs `zero_force_ds_cpu_optimizer: false`, ZeRO-3 keeps
+LoRA factors resident through `stage3_param_persistence_threshold`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+import molf_ds
+from molf_ds.zero import fill_auto, prepare_ds_config
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+RANK, IN, OUT = 4, 16, 24
+
+
+def _optimizer() -> molf_ds.MoLFAdamW:
+    model = nn.Sequential(nn.Linear(IN, OUT), nn.Linear(OUT, IN))
+    config = molf_ds.MoLFConfig(lora_ranks=(RANK,), target_modules=("0", "1"), exclude_modules=())
+    return molf_ds.MoLFAdamW(molf_ds.wrap(model, config), lr=1e-3)
+
+
+def _filled(name: str) -> dict:
+    return fill_auto(
+        CONFIG_DIR / name,
+        micro_batch_size=2,
+        gradient_accumulation_steps=3,
+        world_size=4,
+        gradient_clipping=1.0,
+        bf16=False,
+    )
+
+
+def test_prepare_client_optimizer_flag_is_set_and_reported() -> None:
+    config, changes = prepare_ds_config({"zero_optimization": {"stage": 2}}, _optimizer())
+    assert config["zero_allow_untested_optimizer"] is True
+    assert changes == ["zero_allow_untested_optimizer=true"]
+
+
+def test_prepare_offload_turns_off_forced_ds_cpu_adam() -> None:
+    user = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    config, changes = prepare_ds_config(user, _optimizer())
+    assert config["zero_force_ds_cpu_optimizer"] is False
+    assert "zero_force_ds_cpu_optimizer=false" in changes
+    assert "zero_force_ds_cpu_optimizer" not in user  # the caller's dict is not modified
+
+
+def test_prepare_stage3_persists_largest_lora_factor_and_one_sub_group() -> None:
+    config, _ = prepare_ds_config({"zero_optimization": {"stage": 3}}, _optimizer())
+    zero = config["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == RANK * OUT  # the larger LoRA factor
+    trainable = sum(p.numel() for p in _optimizer().plan.params)
+    assert zero["sub_group_size"] >= trainable
+
+
+def test_prepare_stage3_keeps_user_persistence_threshold() -> None:
+    user = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 10_000}}
+    config, changes = prepare_ds_config(user, _optimizer())
+    assert config["zero_optimization"]["stage3_param_persistence_threshold"] == 10_000
+    assert not any("persistence" in change for change in changes)
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        (
+            {
+                "zero_optimization": {
+                    "stage": 3,
+                    "offload_optimizer": {"device": "cpu", "ratio": 0.5},
+                }
+            },
+            "ratio",
+        ),
+        ({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}, "`optimizer`"),
+        ({"zero_optimization": {"stage": 2, "round_robin_gradients": True}}, "round_robin"),
+        ({"zero_optimization": {"stage": 4}}, "stage"),
+        ({"zero_allow_untested_optimizer": False}, "zero_allow_untested_optimizer"),
+        (
+            {
+                "zero_force_ds_cpu_optimizer": True,
+                "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+            },
+            "zero_force_ds_cpu_optimizer",
+        ),
+        ({"train_batch_size": "auto"}, "auto"),
+    ],
+)
+def test_prepare_unsupported_settings_raise_before_training(config: dict, match: str) -> None:
+    with pytest.raises(molf_ds.MoLFConfigError, match=match):
+        prepare_ds_config(config, _optimizer())
+
+
+def test_prepare_missing_or_broken_file_raises(tmp_path: Path) -> None:
+    with pytest.raises(molf_ds.MoLFConfigError, match="not found"):
+        prepare_ds_config(tmp_path / "nope.json", _optimizer())
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(molf_ds.MoLFConfigError, match="not valid JSON"):
+        prepare_ds_config(broken, _optimizer())
+
+
+def test_initialize_refuses_a_plain_torch_optimizer() -> None:
+    model = nn.Linear(4, 4)
+    with pytest.raises(molf_ds.MoLFConfigError, match="MoLFAdamW"):
+        molf_ds.initialize(model=model, optimizer=None, config={})
+
+
+EXPECTED_LAYOUT = {
+    "zero0.json": (0, None, None),
+    "zero1.json": (1, None, None),
+    "zero2.json": (2, None, None),
+    "zero3.json": (3, None, None),
+    "zero1_offload.json": (1, "cpu", None),
+    "zero2_offload.json": (2, "cpu", None),
+    "zero3_offload.json": (3, "cpu", None),
+    "zero3_offload_all.json": (3, "cpu", "cpu"),
+}
+
+
+def test_shipped_configs_are_exactly_the_documented_set() -> None:
+    assert sorted(p.name for p in CONFIG_DIR.glob("*.json")) == sorted(EXPECTED_LAYOUT)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_LAYOUT))
+def test_shipped_config_fills_and_prepares(name: str) -> None:
+    stage, offload_optimizer, offload_param = EXPECTED_LAYOUT[name]
+    raw = json.loads((CONFIG_DIR / name).read_text())
+    assert raw["train_micro_batch_size_per_gpu"] == "auto"
+    config, _ = prepare_ds_config(_filled(name), _optimizer())
+    zero = config["zero_optimization"]
+    assert zero["stage"] == stage
+    assert (zero.get("offload_optimizer") or {}).get("device") == offload_optimizer
+    assert (zero.get("offload_param") or {}).get("device") == offload_param
+    assert config["train_batch_size"] == 2 * 3 * 4
+    assert config["bf16"]["enabled"] is False
+
+
+def test_fill_auto_mismatch_names_both_values(tmp_path: Path) -> None:
+    path = tmp_path / "fixed.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8}))
+    with pytest.raises(molf_ds.MoLFConfigError, match=r"train_micro_batch_size_per_gpu.*8.*2"):
+        fill_auto(
+            path,
+            micro_batch_size=2,
+            gradient_accumulation_steps=1,
+            world_size=1,
+            gradient_clipping=1.0,
+            bf16=False,
+        )
