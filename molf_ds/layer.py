@@ -70,10 +70,10 @@ class MoLFLinear(nn.Module):
         out = self.base(x)
         lora_in = self.lora_dropout(x)
         for lora_a, lora_b, scale in zip(self.lora_A, self.lora_B, self.scaling, strict=True):
-            out = (
-                out
-                + (lora_in @ lora_a.t().to(lora_in.dtype)) @ lora_b.t().to(lora_in.dtype) * scale
-            )
+            # Scale the rank-r activation, not the wide output, and add in place: the base
+            # output is not saved for backward, so this costs no extra pass over it.
+            hidden = (lora_in @ lora_a.t().to(lora_in.dtype)).mul_(scale)
+            out.add_(hidden @ lora_b.t().to(lora_in.dtype))
         return out
 
     @torch.no_grad()

@@ -24,6 +24,9 @@ from molf_ds.optimizer import MoLFAdamW
 
 logger = logging.getLogger(__name__)
 
+# DeepSpeed 0.19's default `stage3_param_persistence_threshold` (DeepSpeedZeroConfig).
+DS_DEFAULT_PERSISTENCE_THRESHOLD = 100_000
+
 
 def initialize(
     model: torch.nn.Module | None = None,
@@ -158,9 +161,10 @@ def prepare_ds_config(config: dict | str | Path, optimizer: MoLFAdamW) -> tuple[
         threshold = zero.get("stage3_param_persistence_threshold")
         if threshold is None or threshold == "auto":
             zero.pop("stage3_param_persistence_threshold", None)
-            set_default(
-                zero, "stage3_param_persistence_threshold", largest_lora, "zero_optimization."
-            )
+            # Never below DeepSpeed's own default: lowering it would partition (and gather
+            # every forward) small parameters DeepSpeed keeps whole for plain AdamW.
+            persist = max(DS_DEFAULT_PERSISTENCE_THRESHOLD, largest_lora)
+            set_default(zero, "stage3_param_persistence_threshold", persist, "zero_optimization.")
         elif int(threshold) < largest_lora:
             logger.warning(
                 "zero_optimization.stage3_param_persistence_threshold=%s is below the largest "

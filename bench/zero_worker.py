@@ -1,0 +1,267 @@
+"""One rank of the ZeRO benchmark (started by bench/zero_scale.py through the deepspeed launcher).
+
+For each requested run (``method:stage[:offload]``) it builds the same Qwen2-like model, trains a
+few steps under DeepSpeed, and rank 0 writes one JSON record per run with every rank's
+measurements: optimizer-state bytes (fp32 master + moments) and where they live, the FFT experts'
+share, collectives per training step, and step times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+
+import torch
+import torch.distributed as tdist
+
+import molf_ds
+from molf_ds.zero import fill_auto
+
+COLLECTIVES = (
+    "all_reduce",
+    "inference_all_reduce",
+    "all_reduce_coalesced",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_base",
+    "all_gather_coalesced",
+    "all_to_all_single",
+)
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "ds_configs")
+
+
+class CollectiveCounter:
+    """Counts collectives (and all-reduce sizes) while ``active``, at two doors: DeepSpeed's
+    communication backend (which may bypass torch.distributed, e.g. its shared-memory
+    all-reduce on CPU) and torch.distributed itself (which molf_ds's routing all-reduce uses).
+    A call that enters through DeepSpeed's door is counted once, there."""
+
+    def __init__(self, ds_backend) -> None:
+        self.active = False
+        self.depth = 0
+        self.calls: Counter[str] = Counter()
+        self.all_reduce_numels: list[int] = []
+        for name in COLLECTIVES:
+            if hasattr(ds_backend, name):
+                setattr(ds_backend, name, self._wrap(name, getattr(ds_backend, name)))
+            if hasattr(tdist, name):
+                setattr(tdist, name, self._wrap(name, getattr(tdist, name)))
+
+    def _wrap(self, name, fn):
+        def counted(*args, **kwargs):
+            if self.active and self.depth == 0:
+                self.calls[name] += 1
+                tensor = args[0] if args else kwargs.get("tensor")
+                if "all_reduce" in name and isinstance(tensor, torch.Tensor):
+                    self.all_reduce_numels.append(tensor.numel())
+            self.depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
+
+        return counted
+
+
+def build_model(args, method: str):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        hidden_size=args.hidden,
+        intermediate_size=args.mlp,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=args.vocab,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    if method == "fft":
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=args.rank, lora_alpha=16, target_modules=list(molf_ds.MoLFConfig().target_modules)
+        )
+        model = get_peft_model(model, lora)
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    if method == "ds-cpu-adam":
+        return model, None
+    efficient = method == "molf-efficient"
+    ranks = (args.rank // 2, args.rank) if efficient else (args.rank,)
+    molf_ds.wrap(model, molf_ds.MoLFConfig(lora_ranks=ranks, train_base=not efficient))
+    return model, molf_ds.MoLFAdamW(model, lr=1e-4, lora_lr=1e-3)
+
+
+def state_bytes(engine, optimizer) -> dict:
+    """fp32 master + moments this rank holds, by device, and the FFT experts' part."""
+    zero = engine.optimizer
+    masters = []
+    for attribute in (
+        "fp32_partitioned_groups_flat",
+        "single_partition_of_fp32_groups",
+        "fp32_groups_flat_partition",
+    ):
+        if hasattr(zero, attribute):
+            masters = list(getattr(zero, attribute))
+            break
+    inner = getattr(zero, "optimizer", zero)
+    by_device: Counter[str] = Counter()
+    for tensor in masters:
+        by_device[tensor.device.type] += tensor.numel() * tensor.element_size()
+    for state in inner.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                by_device[value.device.type] += value.numel() * value.element_size()
+    fft_elements = fft_partition_elements(engine, optimizer)
+    return {
+        "optimizer_state_bytes": sum(by_device.values()),
+        "by_device": dict(by_device),
+        "fft_expert_state_bytes": None if fft_elements is None else 12 * fft_elements,
+    }
+
+
+def fft_partition_elements(engine, optimizer) -> int | None:
+    """Elements of FFT-expert parameters in this rank's partition (master + 2 moments each)."""
+    if not isinstance(optimizer, molf_ds.MoLFAdamW):
+        return None
+    zero = engine.optimizer
+    total = 0
+    for param, role in zip(optimizer.plan.params, optimizer.plan.roles, strict=True):
+        if role.is_lora or role.module < 0:
+            continue
+        if hasattr(zero, "grad_position"):  # ZeRO-3
+            _, _, partition = zero.grad_position[zero.get_param_id(param)]
+            rank = tdist.get_rank(group=zero.dp_process_group)
+            total += max(0, min(partition, param.ds_numel - rank * partition))
+        elif getattr(param, "_hp_mapping", None) is not None:
+            total += param._hp_mapping.hp_fragment_address.numel
+        elif zero is optimizer:
+            total += param.numel()
+    return total
+
+
+def run(args, spec: str, counter: CollectiveCounter) -> dict:
+    method, stage, *rest = spec.split(":")
+    offload = bool(rest and rest[0] == "offload")
+    world = tdist.get_world_size()
+    name = f"zero{stage}" + ("_offload" if offload else "") + ".json"
+    config = fill_auto(
+        os.path.join(CONFIGS, name),
+        micro_batch_size=args.micro,
+        gradient_accumulation_steps=1,
+        world_size=world,
+        gradient_clipping=1.0,
+        bf16=False,
+    )
+    model, optimizer = build_model(args, method)
+    import deepspeed
+
+    if isinstance(optimizer, molf_ds.MoLFAdamW):
+        engine, *_ = molf_ds.initialize(model=model, optimizer=optimizer, config=config)
+    else:
+        config["zero_allow_untested_optimizer"] = True
+        if method == "ds-cpu-adam":
+            config["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-4}}
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            config=config,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+        )
+    generator = torch.Generator().manual_seed(tdist.get_rank())
+    times, step_times = [], []
+    counter.calls.clear()
+    counter.all_reduce_numels.clear()
+    for step in range(args.warmup + args.steps):
+        tokens = torch.randint(0, args.vocab, (args.micro, args.seq + 1), generator=generator)
+        measured = step >= args.warmup
+        counter.active = measured and step == args.warmup  # count one whole training step
+        start = time.perf_counter()
+        loss = engine(input_ids=tokens[:, :-1], labels=tokens[:, 1:]).loss
+        engine.backward(loss)
+        before_step = time.perf_counter()
+        engine.step()
+        end = time.perf_counter()
+        counter.active = False
+        if measured:
+            times.append(end - start)
+            step_times.append(end - before_step)
+    record = {
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "collectives_per_step": dict(counter.calls),
+        "all_reduce_numels": list(counter.all_reduce_numels),
+        "median_train_step_s": statistics.median(times),
+        "median_engine_step_s": statistics.median(step_times),
+        **state_bytes(engine, optimizer),
+    }
+    if isinstance(optimizer, molf_ds.MoLFAdamW):
+        record["routing_numbers"] = optimizer.last_routing.scores.numel()
+    per_rank = [None] * world
+    tdist.all_gather_object(per_rank, record)
+    del engine, model, optimizer
+    return {
+        "run": spec,
+        "method": method,
+        "stage": int(stage),
+        "offload": offload,
+        "world": world,
+        "ranks": per_rank,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", required=True, help="comma list of method:stage[:offload]")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--mlp", type=int, default=704)
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--micro", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    from deepspeed.comm import comm as ds_comm
+
+    counter = CollectiveCounter(ds_comm.cdb)
+    code = 0
+    try:
+        results = [run(args, spec, counter) for spec in args.runs.split(",")]
+        if tdist.get_rank() == 0:
+            with open(args.out, "w") as f:
+                json.dump(results, f)
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        if code == 0:
+            tdist.barrier()
+        tdist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
