@@ -1,4 +1,4 @@
-"""MoLF under DeepSpeed ZeRO: memory per rank, collectives per step, step time. Prints one JSON line.
+"""MoLF under DeepSpeed ZeRO: memory per rank, collectives and time per step; prints JSON.
 
     DS_ACCELERATOR=cpu .venv/bin/python bench/zero_scale.py      # CPU ranks over gloo (~5 min)
 

@@ -23,6 +23,8 @@ FP32_CASES = [
     "z2_offload",
     "z3_offload",
     "z3_offload_param",
+    "file_zero2_offload",
+    "file_zero3_offload_all",
     "z2_efficient",
     "z3_efficient",
 ]

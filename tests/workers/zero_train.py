@@ -16,11 +16,15 @@ import argparse
 import copy
 import os
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import molf_ds
+from molf_ds.zero import fill_auto
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 VOCAB, DIM, MLP = 17, 24, 40
 MICRO_BATCH, SEQ = 2, 5
@@ -46,6 +50,9 @@ CASES: dict[str, dict] = {
             "offload_param": {"device": "cpu"},
         }
     },
+    # The shipped ds_configs/ files, "auto" fields filled the way molf-train fills them.
+    "file_zero2_offload": {"file": "zero2_offload.json"},
+    "file_zero3_offload_all": {"file": "zero3_offload_all.json"},
     "z0_efficient": {"zero": {"stage": 0}, "efficient": True},
     "z1_efficient": {"zero": {"stage": 1}, "efficient": True},
     "z2_efficient": {"zero": {"stage": 2}, "efficient": True},
@@ -105,6 +112,15 @@ def loss_fn(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> to
 
 
 def ds_config(case: dict, micro_batch: int, world: int) -> dict:
+    if "file" in case:
+        return fill_auto(
+            CONFIG_DIR / case["file"],
+            micro_batch_size=micro_batch,
+            gradient_accumulation_steps=GRAD_ACCUM,
+            world_size=world,
+            gradient_clipping=CLIP,
+            bf16=False,
+        )
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": GRAD_ACCUM,
