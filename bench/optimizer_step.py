@@ -30,7 +30,7 @@ import molf_ds
 LR = 1e-6
 
 
-def build_model(layers: int, hidden: int, mlp: int, rank: int) -> torch.nn.Module:
+def build_model(layers: int, hidden: int, mlp: int, rank: int, device: str) -> torch.nn.Module:
     config = Qwen2Config(
         hidden_size=hidden,
         intermediate_size=mlp,
@@ -41,7 +41,7 @@ def build_model(layers: int, hidden: int, mlp: int, rank: int) -> torch.nn.Modul
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(config).to(device)
     molf_ds.wrap(model, molf_ds.MoLFConfig(lora_ranks=(rank,)))
     with torch.no_grad():
         for p in model.parameters():
@@ -91,9 +91,16 @@ def transient_peak_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def time_step(optimizer: torch.optim.Optimizer) -> float:
+    synchronize()
     start = time.perf_counter()
     optimizer.step()
+    synchronize()
     return time.perf_counter() - start
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def bench_case(model: torch.nn.Module, lora_lr: float, repeats: int, burn_in: int) -> dict:
@@ -142,15 +149,17 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--burn-in", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
 
-    model = build_model(args.layers, args.hidden, args.mlp, args.rank)
+    model = build_model(args.layers, args.hidden, args.mlp, args.rank, args.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     routed = molf_ds.MoLFAdamW(model, lr=LR).plan
     routed_numel = sum(n for row in routed.expert_numel for n in row)
     largest_module = max(sum(row) for row in routed.expert_numel) * 4
     result = {
         "benchmark": "optimizer_step",
+        "device": args.device,
         "threads": torch.get_num_threads(),
         "trainable_params": sum(p.numel() for p in trainable),
         "routed_params": routed_numel,

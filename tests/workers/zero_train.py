@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 from pathlib import Path
@@ -151,7 +152,8 @@ def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
         for micro in range(GRAD_ACCUM):
             inputs, targets = global_batch(step, micro, world_of_data)
             mine = slice(rank * micro_batch, (rank + 1) * micro_batch)
-            loss = loss_fn(engine, inputs[mine], targets[mine])
+            device = engine.device
+            loss = loss_fn(engine, inputs[mine].to(device), targets[mine].to(device))
             residency.append(zero3_residency(engine.module))
             engine.backward(loss)
             engine.step()
@@ -219,6 +221,18 @@ def run_reference(name: str, steps: int, world_of_data: int) -> dict:
     return {"params": params, "winners": [winners], "world": 1, "clipped_steps": clipped}
 
 
+def compare(reference_dir: str, run_dir: str, cases: list[str]) -> dict:
+    """Largest parameter difference and winner agreement of each case against the reference."""
+    report = {}
+    for case in cases:
+        ref = torch.load(os.path.join(reference_dir, f"{case}.pt"), weights_only=False)
+        got = torch.load(os.path.join(run_dir, f"{case}.pt"), weights_only=False)
+        diff = max((got["params"][n] - p).abs().max().item() for n, p in ref["params"].items())
+        same = all(w == ref["winners"][0] for w in got["winners"])
+        report[case] = {"max_abs_diff": diff, "same_winners": same, "ok": same and diff < 1e-5}
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", required=True)
@@ -226,10 +240,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--data-world", type=int, default=0, help="ranks the batch is cut for")
     parser.add_argument("--reference", action="store_true")
+    parser.add_argument("--compare", help="directory of reference results: compare --out to it")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
+    if args.compare:
+        print(json.dumps(compare(args.compare, args.out, args.cases.split(","))))
+        return
     if args.reference:
         for name in args.cases.split(","):
             result = run_reference(name, args.steps, args.data_world)
