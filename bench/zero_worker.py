@@ -141,7 +141,7 @@ def fft_partition_elements(engine, optimizer) -> int | None:
     for param, role in zip(optimizer.plan.params, optimizer.plan.roles, strict=True):
         if role.is_lora or role.module < 0:
             continue
-        if hasattr(zero, "grad_position"):  # ZeRO-3
+        if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3
             _, _, partition = zero.grad_position[zero.get_param_id(param)]
             rank = tdist.get_rank(group=zero.dp_process_group)
             total += max(0, min(partition, param.ds_numel - rank * partition))

@@ -11,6 +11,7 @@ Public API::
 
 from molf_ds.config import MoLFConfig
 from molf_ds.errors import MoLFConfigError, MoLFError, NoMatchingModulesError
+from molf_ds.estimate import estimate_memory
 from molf_ds.layer import MoLFLinear
 from molf_ds.model import merge, wrap
 from molf_ds.optimizer import MoLFAdamW, RoutingRecord
@@ -24,6 +25,7 @@ __all__ = [
     "MoLFLinear",
     "NoMatchingModulesError",
     "RoutingRecord",
+    "estimate_memory",
     "initialize",
     "merge",
     "wrap",
