@@ -105,7 +105,7 @@ def build_model(args, method: str):
 
 
 def state_bytes(engine, optimizer) -> dict:
-    """fp32 master + moments this rank holds, by device, and the FFT experts' part."""
+    """fp32 master + moments this rank holds, by device, and the full-rank part."""
     zero = engine.optimizer
     masters = []
     for attribute in (
@@ -124,22 +124,23 @@ def state_bytes(engine, optimizer) -> dict:
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and key != "step":
                 by_device[value.device.type] += value.numel() * value.element_size()
-    fft_elements = fft_partition_elements(engine, optimizer)
+    full_rank = full_rank_partition_elements(engine, optimizer)
     return {
         "optimizer_state_bytes": sum(by_device.values()),
         "by_device": dict(by_device),
-        "fft_expert_state_bytes": None if fft_elements is None else 12 * fft_elements,
+        "full_rank_state_bytes": None if full_rank is None else 12 * full_rank,
     }
 
 
-def fft_partition_elements(engine, optimizer) -> int | None:
-    """Elements of FFT-expert parameters in this rank's partition (master + 2 moments each)."""
+def full_rank_partition_elements(engine, optimizer) -> int | None:
+    """Elements of full-rank parameters (FFT experts, embeddings, norms: everything but LoRA
+    factors) in this rank's partition; each holds an fp32 master and two moments."""
     if not isinstance(optimizer, molf_ds.MoLFAdamW):
         return None
     zero = engine.optimizer
     total = 0
     for param, role in zip(optimizer.plan.params, optimizer.plan.roles, strict=True):
-        if role.is_lora or role.module < 0:
+        if role.is_lora:
             continue
         if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3
             _, _, partition = zero.grad_position[zero.get_param_id(param)]
