@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from molf_ds.estimate import optimizer_state_bytes_per_rank
 from tests import launch
 
 FP32_CASES = [
@@ -100,6 +101,17 @@ def test_zero_bf16_ranks_match_single_bf16_process(runs: dict, case: str, ranks:
     assert agree >= 0.75, f"only {agree:.0%} of routing decisions match one bf16 process"
     for name, expected in single["params"].items():
         torch.testing.assert_close(got["params"][name], expected, rtol=0, atol=BF16_ATOL, msg=name)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("case", ["z1", "z2", "z3", "z2_offload", "z3_efficient"])
+def test_zero_state_bytes_per_rank_match_estimate(runs: dict, case: str, ranks: int) -> None:
+    """molf-estimate's per-rank optimizer state (fp32 master + 2 moments over 1/N of the
+    trainable elements) against what each real rank holds: within 5 %."""
+    got = _load(runs[f"w{ranks}"], case)
+    expected = optimizer_state_bytes_per_rank(got["trainable_numel"], ranks, master_weights=True)
+    for rank, measured in enumerate(got["state_bytes"]):
+        assert abs(measured / expected - 1) < 0.05, (rank, measured, expected)
 
 
 def test_zero_cases_ran_the_intended_deepspeed_optimizer(runs: dict) -> None:

@@ -160,15 +160,36 @@ def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
             residency.append(zero3_residency(engine.module))
         winners.append(optimizer.last_routing.winners.tolist())
     params = {name: full_param(param) for name, param in engine.module.named_parameters()}
-    every_rank = [None] * world
+    every_rank, every_state = [None] * world, [None] * world
     dist.all_gather_object(every_rank, winners)
+    dist.all_gather_object(every_state, state_bytes(engine, optimizer))
     return {
         "params": params,
         "winners": every_rank,
         "world": world,
         "residency": residency,
         "ds_optimizer": type(engine.optimizer).__name__,
+        "state_bytes": every_state,
+        "trainable_numel": sum(
+            p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in optimizer.plan.params
+        ),
     }
+
+
+def state_bytes(engine, optimizer: molf_ds.MoLFAdamW) -> int:
+    """fp32 master partition(s) + the optimizer's moments that this rank holds."""
+    zero = engine.optimizer
+    masters = []
+    for name in (
+        "fp32_partitioned_groups_flat",
+        "single_partition_of_fp32_groups",
+        "fp32_groups_flat_partition",
+    ):
+        masters = list(getattr(zero, name, []))
+        if masters:
+            break
+    moments = [t for state in optimizer.state.values() for k, t in state.items() if k != "step"]
+    return sum(t.numel() * t.element_size() for t in masters + moments)
 
 
 def zero3_residency(model: nn.Module) -> dict | None:
