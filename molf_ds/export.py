@@ -1,0 +1,191 @@
+"""Export a trained MoLF model as a plain Hugging Face model or as a PEFT LoRA adapter.
+
+Both exports load without molf_ds: `export_merged` writes ``AutoModelForCausalLM`` weights,
+`export_peft_adapter` writes an adapter for ``PeftModel.from_pretrained`` on the original base.
+The training model is never modified, so training can go on after an export.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from molf_ds.errors import MoLFError
+from molf_ds.layer import MoLFLinear
+from molf_ds.model import merge, molf_layers
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def export_merged(model: nn.Module, output_dir: str | Path, tokenizer: Any = None) -> Path:
+    """Save a merged copy of ``model`` (and ``tokenizer``) with ``save_pretrained``.
+
+    A deep copy is merged, not ``model`` itself, so the training model keeps its MoLF layers
+    (and its optimizer's references to them). Pass ``engine.module`` under DeepSpeed; under
+    ZeRO-3 gather the weights first (``zero_to_fp32``), since a partitioned copy holds none.
+
+    Returns:
+        the output directory.
+    """
+    _molf_layers_or_raise(model)
+    _check_not_partitioned(model.parameters())
+    merged = merge(copy.deepcopy(model))
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def export_peft_adapter(
+    model: nn.Module, output_dir: str | Path, base_model_name_or_path: str
+) -> Path:
+    """Save a MoLF-Efficient model's LoRA experts as one PEFT LoRA adapter.
+
+    Experts of ranks ``r_1, r_2, ...`` with scalings ``s_i`` are exactly one LoRA of rank
+    ``R = sum(r_i)``: ``A = cat(A_i)`` (rows), ``B = cat(s_i B_i)`` (columns), since
+    ``B A = sum_i s_i B_i A_i``. The scalings are folded into ``B`` and the adapter is written
+    with ``lora_alpha = r = R`` (PEFT's scaling ``alpha / r = 1``, no rsLoRA), in float32.
+
+    Only the LoRA experts may have been trained: a model whose base (or any parameter outside
+    the LoRA factors) is trainable raises `MoLFError` -- use `export_merged` for it.
+
+    Args:
+        model: the wrapped model (``engine.module`` under DeepSpeed).
+        output_dir: where ``adapter_config.json`` and ``adapter_model.safetensors`` go.
+        base_model_name_or_path: the base model the adapter applies to, recorded in the config.
+
+    Returns:
+        the output directory.
+    """
+    layers = _molf_layers_or_raise(model)
+    _check_only_lora_trainable(model, layers)
+    _check_not_partitioned(p for _, layer in layers for p in _lora_params(layer))
+    rank = _total_rank(layers)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = _lora_config(model, layers, rank, base_model_name_or_path)
+    config.save_pretrained(str(out))
+    _save_safetensors(_adapter_state_dict(layers), out / ADAPTER_WEIGHTS)
+    return out
+
+
+def fold_experts(layer: MoLFLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` of the one LoRA equal to ``layer``'s experts: ``B @ A = sum_i s_i B_i A_i``.
+
+    Computed in float32 (or wider when the factors are), so bf16 factors lose nothing more.
+    """
+    dtype = torch.promote_types(layer.lora_A[0].dtype, torch.float32)
+    with torch.no_grad():
+        lora_a = torch.cat([a.detach().to(dtype) for a in layer.lora_A], dim=0)
+        lora_b = torch.cat(
+            [b.detach().to(dtype) * s for b, s in zip(layer.lora_B, layer.scaling, strict=True)],
+            dim=1,
+        )
+    return lora_a.cpu().contiguous(), lora_b.cpu().contiguous()
+
+
+def _molf_layers_or_raise(model: nn.Module) -> list[tuple[str, MoLFLinear]]:
+    layers = list(molf_layers(model))
+    if not layers:
+        raise MoLFError(
+            "model has no MoLF layers to export; pass the model molf_ds.wrap returned "
+            "(engine.module under DeepSpeed)"
+        )
+    return layers
+
+
+def _lora_params(layer: MoLFLinear) -> list[nn.Parameter]:
+    return [*layer.lora_A, *layer.lora_B]
+
+
+def _check_only_lora_trainable(model: nn.Module, layers: list[tuple[str, MoLFLinear]]) -> None:
+    """A LoRA adapter holds only LoRA factors: any other trained parameter would be lost."""
+    lora_ids = {id(p) for _, layer in layers for p in _lora_params(layer)}
+    if any(p.requires_grad for _, layer in layers for p in layer.base.parameters()):
+        raise MoLFError(
+            "the base weights were trained (train_base=True), which a LoRA adapter cannot "
+            "represent; use export_merged (molf_ds.export) instead"
+        )
+    trained = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora_ids]
+    if trained:
+        raise MoLFError(
+            f"parameters outside the LoRA experts were trained (e.g. {trained[0]}, "
+            "train_non_target=True), which a LoRA adapter cannot hold; use export_merged "
+            "(molf_ds.export) instead"
+        )
+
+
+def _check_not_partitioned(params: Iterable[torch.Tensor]) -> None:
+    # ZeRO-3 leaves each rank's module parameters empty (numel 0) outside a gather.
+    if any(hasattr(p, "ds_id") and p.numel() == 0 for p in params):
+        raise MoLFError(
+            "parameters are ZeRO-3 partitioned; gather them first (zero_to_fp32 or "
+            "deepspeed.zero.GatheredParameters) and export the gathered model"
+        )
+
+
+def _total_rank(layers: list[tuple[str, MoLFLinear]]) -> int:
+    totals = {sum(layer.ranks) for _, layer in layers}
+    if len(totals) != 1:
+        raise MoLFError(
+            f"layers have different total LoRA ranks {sorted(totals)}; one adapter needs one "
+            "rank: wrap with one MoLFConfig or use export_merged"
+        )
+    return totals.pop()
+
+
+def _lora_config(model: nn.Module, layers, rank: int, base_model_name_or_path: str):
+    from peft import LoraConfig
+
+    dropouts = {_dropout_p(layer) for _, layer in layers}
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        use_rslora=False,
+        lora_dropout=max(dropouts),
+        target_modules=_target_modules(model, [name for name, _ in layers]),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    config.base_model_name_or_path = base_model_name_or_path
+    config.inference_mode = True  # as PeftModel.save_pretrained writes it
+    return config
+
+
+def _dropout_p(layer: MoLFLinear) -> float:
+    return float(getattr(layer.lora_dropout, "p", 0.0))
+
+
+def _target_modules(model: nn.Module, wrapped: list[str]) -> list[str]:
+    """Leaf names (``q_proj``, ...) when under PEFT's suffix rule they select exactly the
+    wrapped modules, else the full dotted names (e.g. when some layers were excluded)."""
+    leaves = sorted({name.rpartition(".")[2] for name in wrapped})
+    selected = {
+        name
+        for name, _ in model.named_modules()
+        if any(name == leaf or name.endswith("." + leaf) for leaf in leaves)
+    }
+    return leaves if selected == set(wrapped) else list(wrapped)
+
+
+def _adapter_state_dict(layers: list[tuple[str, MoLFLinear]]) -> dict[str, torch.Tensor]:
+    """PEFT's on-disk key names: ``base_model.model.<module path>.lora_{A,B}.weight``."""
+    state = {}
+    for name, layer in layers:
+        lora_a, lora_b = fold_experts(layer)
+        state[f"base_model.model.{name}.lora_A.weight"] = lora_a
+        state[f"base_model.model.{name}.lora_B.weight"] = lora_b
+    return state
+
+
+def _save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(state, str(path), metadata={"format": "pt"})

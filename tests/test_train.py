@@ -1,0 +1,173 @@
+"""`molf-train` end to end: bad input, a real 2-rank ZeRO-2 run, resume, launchers, modes.
+
+Every run is a real job (`launch/*.sh` → deepspeed / torchrun / mpirun with CPU ranks over gloo,
+or one plain process). Expected values come from the job itself run another way: a resumed run
+must end with the parameters of a straight run, every launcher with those of the deepspeed one.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.launch import REPO, cpu_env, free_port
+
+SMALL = [
+    "max_steps=6",
+    "micro_batch_size=2",
+    "eval_examples=2",
+    "log_every=2",
+    "max_length=224",
+    "warmup_steps=2",
+    "lr=3e-3",
+]
+
+
+def _train(args: list[str], launcher: str | None = None, timeout: float = 400):
+    """Run molf-train; ``launcher`` is None (one process) or a launch/ script name."""
+    env = cpu_env()
+    env["MASTER_PORT"] = str(free_port())
+    if launcher is None:
+        command = [sys.executable, "-m", "molf_ds.train", *args]
+    else:
+        env["PYTHON"] = sys.executable
+        command = ["bash", str(REPO / "launch" / launcher), *args]
+    return subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "merged" / "model.safetensors"))
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6, msg=name)
+
+
+# ---- bad input: one line, non-zero exit, no traceback, nothing written -----------------------
+BAD_INPUT = [
+    (["lrr=1e-3"], "unknown config key `lrr`; did you mean `lr`"),
+    (["lr=fast"], "`lr` must be float"),
+    (["mode=sgd"], "unknown `mode`"),
+    (["model=./no/such/model"], "`model` path ./no/such/model does not exist"),
+    (["data=./missing.jsonl"], "missing.jsonl"),
+    (["top_k=3"], "`top_k`=3 is larger than the 2 experts"),
+    (["batch_size=7", "micro_batch_size=2"], "`batch_size`=7 is not divisible"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUT)
+def test_train_bad_input_one_line_error_and_writes_nothing(tmp_path, args, message) -> None:
+    out = tmp_path / "run"
+    result = _train([f"output_dir={out}", *args])
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "molf-train: error" in line]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("", "no records"), ('{"question": "q", "answer": "a"}\n', "prompt")],
+)
+def test_train_bad_dataset_file_one_line_error(tmp_path, content, message) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    out = tmp_path / "run"
+    result = _train([f"output_dir={out}", f"data={data}"])
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "molf-train: error" in line]
+    assert len(errors) == 1 and message in errors[0].lower(), result.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_train_refuses_someone_elses_output_dir(tmp_path) -> None:
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    result = _train([f"output_dir={out}"])
+    assert result.returncode != 0 and "is not empty" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_train_help_lists_every_option_with_default() -> None:
+    from dataclasses import fields
+
+    from molf_ds.train_config import TrainConfig
+
+    result = _train(["--help"])
+    assert result.returncode == 0
+    for f in fields(TrainConfig):
+        assert f"  {f.name} " in result.stdout, f.name
+
+
+# ---- real runs ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """The main job, small: 2 CPU ranks, ZeRO-2, molf, embedded SQL task."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    result = _train([f"output_dir={out}", *SMALL], launcher="deepspeed.sh")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+def test_train_two_ranks_writes_every_output(straight_run: Path) -> None:
+    outputs = json.loads((straight_run / "outputs.json").read_text())
+    for key in ("checkpoint", "merged_model", "metrics", "routing_log", "figures", "eval"):
+        assert Path(outputs[key]).exists(), key
+    metrics = [
+        json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [m["step"] for m in metrics] == [2, 4, 6]
+    assert all(0.0 <= m["fft_share"] <= 1.0 and m["tokens_per_s"] > 0 for m in metrics)
+    assert list((straight_run / "tensorboard").rglob("events.out.tfevents.*"))
+    routing = (straight_run / "routing.jsonl").read_text().splitlines()
+    assert len(routing) == 1 + 6  # header + one line per step
+    pngs = sorted(p.name for p in (straight_run / "figures").glob("*.png"))
+    assert "loss.png" in pngs and "routing_share.png" in pngs
+    assert any(name.startswith("routing_heatmap_") for name in pngs)
+    evaluation = json.loads((straight_run / "eval.json").read_text())
+    assert evaluation["examples"] == 2 and 0.0 <= evaluation["exact_match"] <= 1.0
+
+
+def test_train_resume_auto_ends_like_a_straight_run(tmp_path, straight_run: Path) -> None:
+    out = tmp_path / "run"
+    first = _train([f"output_dir={out}", *SMALL, "stop_after=3"], launcher="deepspeed.sh")
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert not (out / "merged").exists()
+    second = _train([f"output_dir={out}", *SMALL, "resume=auto"], launcher="deepspeed.sh")
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resumed from" in second.stdout
+    _assert_same_weights(out, straight_run)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun.sh", "mpirun.sh"])
+def test_train_other_launchers_match_deepspeed_launcher(tmp_path, straight_run, launcher) -> None:
+    out = tmp_path / "run"
+    result = _train([f"output_dir={out}", *SMALL], launcher=launcher)
+    assert result.returncode == 0, result.stderr[-4000:]
+    _assert_same_weights(out, straight_run)
+
+
+@pytest.mark.parametrize("mode", ["fft", "lora", "adalora", "molf-efficient"])
+def test_train_every_mode_runs_and_exports(tmp_path, mode: str) -> None:
+    out = tmp_path / "run"
+    extra = {"molf-efficient": ["lora_ranks=[4,8]"], "adalora": ["ds_config=zero0"]}.get(mode, [])
+    result = _train([f"output_dir={out}", *SMALL, "max_steps=4", f"mode={mode}", *extra])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (out / "merged" / "model.safetensors").exists()
+    if mode == "molf-efficient":
+        assert (out / "adapter" / "adapter_config.json").exists()
