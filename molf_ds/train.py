@@ -241,12 +241,14 @@ class Recipe:
 
         cfg = self.config
         progress = _progress(cfg.max_steps, self.start_step, self.is_main)
-        tokens_done, started, losses = 0, time.perf_counter(), []
+        tokens_done, started, losses, waited = 0, time.perf_counter(), [], 0.0
         stream = self._micro_batches(self.start_step * cfg.gradient_accumulation_steps)
         self.engine.train()
         for step in range(self.start_step, cfg.max_steps):
             for _ in range(cfg.gradient_accumulation_steps):
+                fetch = time.perf_counter()
                 batch = {k: v.to(self.engine.device) for k, v in next(stream).items()}
+                waited += time.perf_counter() - fetch
                 loss = self.engine(**batch).loss
                 self.engine.backward(loss)
                 if cfg.mode == "adalora" and self.engine.is_gradient_accumulation_boundary():
@@ -266,6 +268,8 @@ class Recipe:
                     "loss": mean_loss,
                     "lr": self.engine.get_lr()[0],
                     "tokens_per_s": tokens_done / max(elapsed, 1e-9),
+                    # share of wall time spent waiting for batches: the data pipeline's cost
+                    "data_wait_share": waited / max(elapsed, 1e-9),
                 }
                 if cfg.mode in ("molf", "molf-efficient"):
                     record["fft_share"] = self.optimizer.last_routing.fft_share()
