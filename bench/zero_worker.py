@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from collections import Counter
 
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as tdist
 
 import molf_ds
+from molf_ds.runtime import shutdown
 from molf_ds.zero import fill_auto
 
 COLLECTIVES = (
@@ -256,12 +256,7 @@ def main() -> None:
         traceback.print_exc()
         code = 1
     finally:
-        if code == 0:
-            tdist.barrier()
-        tdist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        shutdown(code)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from molf_ds.errors import MoLFError
+from molf_ds.runtime import shutdown
 from molf_ds.train_config import TrainConfig, help_text, load_config
 
 TINY_PRESETS = {
@@ -605,26 +606,6 @@ def _clear_run_dir(path: Path) -> None:
         shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
-def _shutdown(code: int) -> None:
-    """DESIGN.md's exit sequence: gloo can abort at interpreter exit, so leave with os._exit."""
-    try:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            if code == 0:
-                dist.barrier()
-            dist.destroy_process_group()
-        if "mpi4py.MPI" in sys.modules:
-            from mpi4py import MPI
-
-            if MPI.Is_initialized() and not MPI.Is_finalized():
-                MPI.Finalize()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher's
@@ -662,7 +643,7 @@ def main(argv: list[str] | None = None) -> None:
         code = 1
     finally:
         recipe.cleanup()
-        _shutdown(code)
+        shutdown(code)
 
 
 def _fail(message: str) -> None:

@@ -29,6 +29,9 @@ SMALL = [
 ]
 
 
+EXIT_CRASH = "terminate called"  # gloo's abort at interpreter exit (DESIGN.md "exit crash")
+
+
 def _train(args: list[str], launcher: str | None = None, timeout: float = 400):
     """Run molf-train; ``launcher`` is None (one process) or a launch/ script name."""
     env = cpu_env()
@@ -121,6 +124,7 @@ def straight_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("straight") / "run"
     result = _train([f"output_dir={out}", *SMALL], launcher="deepspeed.sh")
     assert result.returncode == 0, result.stderr[-4000:]
+    assert EXIT_CRASH not in result.stderr
     return out
 
 
@@ -151,6 +155,7 @@ def test_train_resume_auto_ends_like_a_straight_run(tmp_path, straight_run: Path
     second = _train([f"output_dir={out}", *SMALL, "resume=auto"], launcher="deepspeed.sh")
     assert second.returncode == 0, second.stderr[-4000:]
     assert "resumed from" in second.stdout
+    assert EXIT_CRASH not in first.stderr + second.stderr
     _assert_same_weights(out, straight_run)
 
 
@@ -159,7 +164,60 @@ def test_train_other_launchers_match_deepspeed_launcher(tmp_path, straight_run, 
     out = tmp_path / "run"
     result = _train([f"output_dir={out}", *SMALL], launcher=launcher)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert EXIT_CRASH not in result.stderr
     _assert_same_weights(out, straight_run)
+
+
+@pytest.mark.parametrize("repeat", [1, 2])
+@pytest.mark.parametrize("launcher", ["deepspeed.sh", "torchrun.sh", "mpirun.sh"])
+def test_train_launchers_exit_cleanly_every_time(tmp_path, launcher: str, repeat: int) -> None:
+    """Together with the runs above, every launcher runs the job at least three times."""
+    out = tmp_path / "run"
+    args = [f"output_dir={out}", *SMALL, "max_steps=2", "eval_examples=1"]
+    result = _train(args, launcher=launcher)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert EXIT_CRASH not in result.stderr + result.stdout
+    assert (out / "outputs.json").exists()
+
+
+def test_train_local_model_dir_and_jsonl_data(tmp_path) -> None:
+    """A Hugging Face model directory and a local JSONL file, as users bring them."""
+    from molf_ds.train import load_model
+
+    tokenizer, model = load_model("tiny-llama")
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "data.jsonl"
+    rows = [{"prompt": f"add {i} and {i}:", "completion": f" {2 * i}"} for i in range(40)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    result = _train(
+        [
+            f"output_dir={out}",
+            f"model={model_dir}",
+            f"data={data}",
+            *SMALL,
+            "max_steps=2",
+            "max_length=32",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert "exact_match" not in evaluation and evaluation["examples"] == 2
+
+
+def test_train_ds_config_that_disagrees_with_the_job_is_one_line(tmp_path) -> None:
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text(
+        json.dumps({"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 2}})
+    )
+    out = tmp_path / "run"
+    result = _train([f"output_dir={out}", f"ds_config={ds_config}", "micro_batch_size=2"])
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "molf-train: error" in line]
+    assert len(errors) == 1 and "train_micro_batch_size_per_gpu" in errors[0]
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("mode", ["fft", "lora", "adalora", "molf-efficient"])

@@ -40,7 +40,6 @@ from zero_train import (  # tests/workers is sys.path[0] when this runs as a scr
     SEQ,
     WD,
     build,
-    clean_exit,
     ds_config,
     full_param,
     global_batch,
@@ -48,6 +47,7 @@ from zero_train import (  # tests/workers is sys.path[0] when this runs as a scr
 )
 
 import molf_ds
+from molf_ds.runtime import shutdown
 
 STEPS, SPLIT = 4, 2
 TAG = f"step{SPLIT}"
@@ -250,7 +250,7 @@ def main() -> None:
         traceback.print_exc()
         code = 1
     finally:
-        clean_exit(code)
+        shutdown(code)
 
 
 if __name__ == "__main__":

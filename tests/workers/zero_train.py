@@ -16,13 +16,13 @@ import argparse
 import copy
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import molf_ds
+from molf_ds.runtime import shutdown
 from molf_ds.zero import fill_auto
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -292,20 +292,7 @@ def main() -> None:
         traceback.print_exc()
         code = 1
     finally:
-        clean_exit(code)
-
-
-def clean_exit(code: int) -> None:
-    """DESIGN.md's shutdown: gloo can abort at interpreter exit, so leave with os._exit."""
-    import torch.distributed as tdist
-
-    if tdist.is_initialized():
-        if code == 0:
-            tdist.barrier()
-        tdist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        shutdown(code)
 
 
 if __name__ == "__main__":
