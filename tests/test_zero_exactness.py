@@ -29,7 +29,7 @@ FP32_CASES = [
     "z2_efficient",
     "z3_efficient",
 ]
-BF16_CASES = ["bf16_z1", "bf16_z2"]
+BF16_CASES = ["bf16_z1", "bf16_z2", "bf16_z3"]
 DATA_WORLD = 6  # global micro-batch of 12 sequences: divides evenly over 1, 2 and 3 ranks
 ATOL = 1e-5
 BF16_ATOL = 3e-2  # a few bf16 ulps of O(1) weights, or one flipped near-tie update (lr=2e-2)

@@ -61,6 +61,7 @@ CASES: dict[str, dict] = {
     # fp32 gradient accumulation sends bf16 + ZeRO-1 through DeepSpeed's BF16_Optimizer.
     "bf16_z1": {"zero": {"stage": 1}, "bf16": True, "grad_accum_dtype": "fp32"},
     "bf16_z2": {"zero": {"stage": 2}, "bf16": True},
+    "bf16_z3": {"zero": {"stage": 3}, "bf16": True},
 }
 
 
