@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,9 @@ TINY_SHAPE = {
     "tie_word_embeddings": True,
 }
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+# Exit status of a run stopped by SIGUSR1/SIGTERM after checkpointing: EX_TEMPFAIL ("try again"),
+# which slurm/train.sbatch turns into `scontrol requeue`; `resume=auto` then continues.
+PREEMPTED_EXIT = 75
 
 
 class Recipe:
@@ -52,6 +56,7 @@ class Recipe:
         self.rank = int(os.environ.get("RANK", "0"))
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.start_step = 0
+        self.preempted = False
 
     @property
     def is_main(self) -> bool:
@@ -238,13 +243,24 @@ class Recipe:
 
     # ---- the loop ---------------------------------------------------------------------------
     def train(self) -> None:
+        cfg = self.config
+        progress = _progress(cfg.max_steps, self.start_step, self.is_main)
+        stream = self._micro_batches(self.start_step * cfg.gradient_accumulation_steps)
+        self.engine.train()
+        self.signals = _PreemptionSignals()
+        try:
+            self._loop(stream, progress, self.signals)
+        finally:
+            if not self.preempted:  # else kept until cleanup: a second signal must not cut
+                self.signals.restore()  # the checkpoint finish() writes short
+        progress.close()
+
+    def _loop(self, stream, progress, signals) -> None:
         import torch
 
         cfg = self.config
-        progress = _progress(cfg.max_steps, self.start_step, self.is_main)
         tokens_done, started, losses, waited = 0, time.perf_counter(), [], 0.0
-        stream = self._micro_batches(self.start_step * cfg.gradient_accumulation_steps)
-        self.engine.train()
+        self.final_step = self.start_step
         for step in range(self.start_step, cfg.max_steps):
             for _ in range(cfg.gradient_accumulation_steps):
                 fetch = time.perf_counter()
@@ -277,12 +293,24 @@ class Recipe:
                 self.metrics.log(step + 1, record)
                 progress.update_postfix(record)
             progress.advance()
+            self.final_step = step + 1
+            if step + 1 < cfg.max_steps and self._agree(signals.received):
+                self.preempted = True  # finish() checkpoints here, resume=auto continues
+                break
             if cfg.stop_after and step + 1 == cfg.stop_after and step + 1 < cfg.max_steps:
                 break  # as if preempted: finish() checkpoints here, resume=auto continues
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
                 self.save_checkpoint(step + 1)
-        progress.close()
-        self.final_step = step + 1
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank if any rank got a stop signal: the signal reaches ranks at
+        different moments, but all must checkpoint the same step and leave together."""
+        import torch
+        import torch.distributed as dist
+
+        value = torch.tensor([int(flag)], dtype=torch.int32, device=self.engine.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
     def _micro_batches(self, start: int):
         """This rank's micro-batches from micro-step ``start`` on, epoch after epoch; batch ``k``
@@ -324,6 +352,14 @@ class Recipe:
         self.save_checkpoint(self.final_step)
         dist.barrier()
         self.outputs = {"checkpoint": str(self.ckpt_dir / f"step{self.final_step}")}
+        if self.preempted:
+            if self.is_main:
+                print(
+                    f"molf-train: preempted: checkpoint saved at step {self.final_step}; "
+                    "continue with resume=auto",
+                    flush=True,
+                )
+            return
         if self.final_step < self.config.max_steps:  # stopped early: no exports yet
             if self.is_main:
                 print(f"molf-train: stopped at step {self.final_step}; continue with resume=auto")
@@ -407,6 +443,9 @@ class Recipe:
         return {"figures": str(self.output_dir / "figures")} if figures else {}
 
     def cleanup(self) -> None:
+        signals = getattr(self, "signals", None)
+        if signals is not None:
+            signals.restore()
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.close()
@@ -537,6 +576,27 @@ class _progress:
             self.bar.close()
 
 
+class _PreemptionSignals:
+    """SIGUSR1 (Slurm's ``--signal`` warning before the time limit) and SIGTERM (``scancel``,
+    ``scontrol requeue``, preemption) only set a flag during the loop; the loop checkpoints at the
+    next step boundary. Repeats change nothing; a run that hangs is still ended by the SIGKILL
+    Slurm sends ``KillWait`` seconds after SIGTERM."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
 def _has_gpu() -> bool:
     return os.environ.get("DS_ACCELERATOR", "") not in ("", "cpu") or _cuda()
 
@@ -633,6 +693,8 @@ def main(argv: list[str] | None = None) -> None:
         recipe.setup()
         recipe.train()
         recipe.finish()
+        if recipe.preempted:
+            code = PREEMPTED_EXIT
     except MoLFError as err:
         print(f"molf-train: error: {err}", file=sys.stderr)
         code = 1
