@@ -19,7 +19,7 @@ import torch
 import torch.distributed as tdist
 
 import molf_ds
-from molf_ds.runtime import shutdown
+from molf_ds.runtime import run_then_exit
 from molf_ds.zero import fill_auto
 
 COLLECTIVES = (
@@ -244,19 +244,14 @@ def main() -> None:
     from deepspeed.comm import comm as ds_comm
 
     counter = CollectiveCounter(ds_comm.cdb)
-    code = 0
-    try:
+
+    def work() -> None:
         results = [run(args, spec, counter) for spec in args.runs.split(",")]
         if tdist.get_rank() == 0:
             with open(args.out, "w") as f:
                 json.dump(results, f)
-    except Exception:
-        import traceback
 
-        traceback.print_exc()
-        code = 1
-    finally:
-        shutdown(code)
+    run_then_exit(work)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
+from collections.abc import Callable
 
 
 def shutdown(code: int) -> None:
@@ -27,3 +29,15 @@ def shutdown(code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def run_then_exit(work: Callable[[], None]) -> None:
+    """Run this rank's ``work``, print its traceback if it fails, then `shutdown` with 0 or 1."""
+    code = 1
+    try:
+        work()
+        code = 0
+    except Exception:
+        traceback.print_exc()
+    finally:
+        shutdown(code)

@@ -47,7 +47,7 @@ from zero_train import (  # tests/workers is sys.path[0] when this runs as a scr
 )
 
 import molf_ds
-from molf_ds.runtime import shutdown
+from molf_ds.runtime import run_then_exit
 
 STEPS, SPLIT = 4, 2
 TAG = f"step{SPLIT}"
@@ -238,19 +238,14 @@ def main() -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     data_world = args.data_world or dist.get_world_size()
-    code = 0
-    try:
+
+    def work() -> None:
         for kind, name, directory in tasks:
             result = run_task(kind, name, directory, data_world)
             if dist.get_rank() == 0:
                 torch.save(result, os.path.join(args.out, f"{kind}_{name}.pt"))
-    except Exception:
-        import traceback
 
-        traceback.print_exc()
-        code = 1
-    finally:
-        shutdown(code)
+    run_then_exit(work)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import molf_ds
-from molf_ds.runtime import shutdown
+from molf_ds.runtime import run_then_exit
 from molf_ds.zero import fill_auto
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -281,19 +281,14 @@ def main() -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     data_world = args.data_world or dist.get_world_size()
-    code = 0
-    try:
+
+    def work() -> None:
         for name in args.cases.split(","):
             result = run_deepspeed(name, args.steps, data_world)
             if dist.get_rank() == 0:
                 torch.save(result, os.path.join(args.out, f"{name}.pt"))
-    except Exception:
-        import traceback
 
-        traceback.print_exc()
-        code = 1
-    finally:
-        shutdown(code)
+    run_then_exit(work)
 
 
 if __name__ == "__main__":
