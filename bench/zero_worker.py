@@ -238,9 +238,7 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
 
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
+    molf_ds.init_distributed()
     from deepspeed.comm import comm as ds_comm
 
     counter = CollectiveCounter(ds_comm.cdb)

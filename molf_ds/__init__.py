@@ -14,7 +14,7 @@ from molf_ds.errors import MoLFConfigError, MoLFError, NoMatchingModulesError
 from molf_ds.layer import MoLFLinear
 from molf_ds.model import merge, wrap
 from molf_ds.optimizer import MoLFAdamW, RoutingRecord
-from molf_ds.zero import initialize
+from molf_ds.zero import init_distributed, initialize
 
 __all__ = [
     "MoLFAdamW",
@@ -25,6 +25,7 @@ __all__ = [
     "NoMatchingModulesError",
     "RoutingRecord",
     "estimate_memory",
+    "init_distributed",
     "initialize",
     "merge",
     "wrap",

@@ -9,6 +9,7 @@ Written against DeepSpeed 0.19.8; it relies on
   that partition it occupies on this rank, or ``None``. ``link_hp_params`` sets it, and
   ``load_checkpoint`` replaces it, so it is read at every step, never cached.
 - ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): see `Stage3Segments`.
+- The CPU accelerator's comm op: see `turn_off_cpu_shm_comm`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,21 @@ import torch
 
 from molf_ds.optimizer import MoLFAdamW, make_segment
 from molf_ds.routed_step import Segment
+
+
+def turn_off_cpu_shm_comm() -> None:
+    """Keep DeepSpeed's CPU shared-memory all-reduce op out of this process; gloo does the work.
+
+    On the CPU accelerator ``deepspeed.comm.torch.TorchBackend`` builds ``deepspeed_shm_comm``
+    (``build_shm_op``) unless ``deepspeed.ops.__compatible_ops__`` marks it incompatible. That op
+    compiles for minutes on first use (a rank killed mid-compile leaves a build lock that stalls
+    every later job), never unlinks its 69 MB-per-rank ``/dev/shm`` buffers, and spins forever
+    waiting for a peer that died. ``__compatible_ops__`` is one module-level dict that DeepSpeed
+    keeps after its first probe, so marking the op here holds for the process.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def static_candidates(optimizer: MoLFAdamW) -> list[list[bool]]:

@@ -97,9 +97,9 @@ class Recipe:
         _ensure_launch_env()
         self.rank = int(os.environ["RANK"])
         self.world_size = int(os.environ["WORLD_SIZE"])
-        import deepspeed
+        from molf_ds.zero import init_distributed
 
-        deepspeed.init_distributed(dist_backend=None if _has_gpu() else "gloo")
+        init_distributed()
 
     def _setup_model(self):
 
@@ -595,10 +595,6 @@ class _PreemptionSignals:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
-
-
-def _has_gpu() -> bool:
-    return os.environ.get("DS_ACCELERATOR", "") not in ("", "cpu") or _cuda()
 
 
 def _cuda() -> bool:

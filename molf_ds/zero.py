@@ -28,6 +28,25 @@ logger = logging.getLogger(__name__)
 DS_DEFAULT_PERSISTENCE_THRESHOLD = 100_000
 
 
+def init_distributed(**kwargs: Any) -> None:
+    """`deepspeed.init_distributed` (same keyword arguments); on DeepSpeed's CPU accelerator it
+    uses gloo and leaves out DeepSpeed's shared-memory all-reduce op (see
+    `molf_ds.ds_partitions.turn_off_cpu_shm_comm` for why). Does nothing when already initialized.
+    """
+    import deepspeed
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from molf_ds import ds_partitions
+
+    if dist.is_initialized():
+        return
+    if get_accelerator().device_name() == "cpu":
+        ds_partitions.turn_off_cpu_shm_comm()
+        kwargs.setdefault("dist_backend", "gloo")
+    deepspeed.init_distributed(**kwargs)
+
+
 def initialize(
     model: torch.nn.Module | None = None,
     optimizer: MoLFAdamW | None = None,
@@ -56,6 +75,7 @@ def initialize(
     if config is None:
         raise MoLFConfigError("molf_ds.initialize needs `config` (a dict or a JSON file path)")
     ds_config, changes = prepare_ds_config(config, optimizer)
+    init_distributed()
     engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, **kwargs
     )

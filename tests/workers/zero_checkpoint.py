@@ -233,10 +233,9 @@ def main() -> None:
             )
         return
 
-    import deepspeed
     import deepspeed.comm as dist
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    molf_ds.init_distributed()
     data_world = args.data_world or dist.get_world_size()
 
     def work() -> None:

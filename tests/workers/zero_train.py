@@ -276,10 +276,9 @@ def main() -> None:
             torch.save(result, os.path.join(args.out, f"{name}.pt"))
         return
 
-    import deepspeed
     import deepspeed.comm as dist
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    molf_ds.init_distributed()
     data_world = args.data_world or dist.get_world_size()
 
     def work() -> None:
