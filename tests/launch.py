@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,23 +28,49 @@ def cpu_env() -> dict[str, str]:
     return env
 
 
-def run(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+def run_group(
+    command: list[str], env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess:
+    """``subprocess.run`` in a process group of its own; on timeout the whole group is killed.
+
+    A launcher's ranks are its grandchildren: killing only the launcher would leave a hung rank
+    spinning on both cores for the rest of the suite.
+    """
+    with subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            raise AssertionError(
+                f"{' '.join(command)} ran past {timeout} s:\n{(stdout + stderr)[-6000:]}"
+            ) from None
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``command``; fail the test with the end of its output if it exits non-zero."""
-    result = subprocess.run(
-        command, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout
-    )
+    result = run_group(command, cpu_env(), timeout)
     if result.returncode != 0:
         tail = (result.stdout + result.stderr)[-6000:]
         raise AssertionError(f"{' '.join(command)} exited {result.returncode}:\n{tail}")
     return result
 
 
-def deepspeed(ranks: int, script: str, *args: str, timeout: float = 600):
+def deepspeed(ranks: int, script: str, *args: str, timeout: float = 300):
     """``deepspeed --num_gpus RANKS tests/workers/SCRIPT ARGS`` on CPU ranks."""
     command = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port())]
     return run([*command, str(WORKERS / script), *args], timeout=timeout)
 
 
-def python(script: str, *args: str, timeout: float = 600):
+def python(script: str, *args: str, timeout: float = 300):
     """``python tests/workers/SCRIPT ARGS`` in one plain process."""
     return run([sys.executable, str(WORKERS / script), *args], timeout=timeout)

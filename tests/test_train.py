@@ -8,7 +8,6 @@ must end with the parameters of a straight run, every launcher with those of the
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.launch import REPO, cpu_env, free_port
+from tests.launch import REPO, cpu_env, free_port, run_group
 
 SMALL = [
     "max_steps=6",
@@ -32,7 +31,7 @@ SMALL = [
 EXIT_CRASH = "terminate called"  # gloo's abort at interpreter exit (DESIGN.md "exit crash")
 
 
-def _train(args: list[str], launcher: str | None = None, timeout: float = 400):
+def _train(args: list[str], launcher: str | None = None, timeout: float = 300):
     """Run molf-train; ``launcher`` is None (one process) or a launch/ script name."""
     env = cpu_env()
     env["MASTER_PORT"] = str(free_port())
@@ -41,9 +40,7 @@ def _train(args: list[str], launcher: str | None = None, timeout: float = 400):
     else:
         env["PYTHON"] = sys.executable
         command = ["bash", str(REPO / "launch" / launcher), *args]
-    return subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return run_group(command, env, timeout)
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
