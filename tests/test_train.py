@@ -31,10 +31,12 @@ SMALL = [
 EXIT_CRASH = "terminate called"  # gloo's abort at interpreter exit (DESIGN.md "exit crash")
 
 
-def _train(args: list[str], launcher: str | None = None, timeout: float = 300):
+def _train(
+    args: list[str], launcher: str | None = None, timeout: float = 300, port: int | None = None
+):
     """Run molf-train; ``launcher`` is None (one process) or a launch/ script name."""
     env = cpu_env()
-    env["MASTER_PORT"] = str(free_port())
+    env["MASTER_PORT"] = str(port or free_port())
     if launcher is None:
         command = [sys.executable, "-m", "molf_ds.train", *args]
     else:
@@ -119,9 +121,12 @@ def test_train_help_lists_every_option_with_default() -> None:
 def straight_run(tmp_path_factory) -> Path:
     """The main job, small: 2 CPU ranks, ZeRO-2, molf, embedded SQL task."""
     out = tmp_path_factory.mktemp("straight") / "run"
-    result = _train([f"output_dir={out}", *SMALL], launcher="deepspeed.sh")
+    port = free_port()
+    result = _train([f"output_dir={out}", *SMALL], launcher="deepspeed.sh", port=port)
     assert result.returncode == 0, result.stderr[-4000:]
     assert EXIT_CRASH not in result.stderr
+    (out.parent / "launch.log").write_text(result.stdout + result.stderr)
+    (out.parent / "master_port").write_text(str(port))
     return out
 
 
@@ -142,6 +147,15 @@ def test_train_two_ranks_writes_every_output(straight_run: Path) -> None:
     assert any(name.startswith("routing_heatmap_") for name in pngs)
     evaluation = json.loads((straight_run / "eval.json").read_text())
     assert evaluation["examples"] == 2 and 0.0 <= evaluation["exact_match"] <= 1.0
+
+
+def test_train_cpu_ranks_leave_deepspeeds_shm_op_out(straight_run: Path) -> None:
+    """On the CPU accelerator the ranks talk over plain gloo: DeepSpeed's shared-memory op is
+    neither built nor loaded, so no ``/dev/shm`` buffer of this job outlives it."""
+    log = (straight_run.parent / "launch.log").read_text()
+    assert "deepspeed_shm_comm" not in log
+    port = (straight_run.parent / "master_port").read_text()
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def test_train_resume_auto_ends_like_a_straight_run(tmp_path, straight_run: Path) -> None:
