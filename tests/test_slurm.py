@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import REPO, cpu_env, free_port
+from tests.launch import REPO, cpu_env, free_port, run_group
 from tests.slurm_cluster import SlurmCluster
 from tests.test_train import SMALL, _assert_same_weights
 
@@ -76,13 +76,8 @@ def deepspeed_run(tmp_path_factory) -> Path:
     """The reference: the same job through the deepspeed launcher on 4 ranks, one node."""
     out = tmp_path_factory.mktemp("deepspeed") / "run"
     env = {**cpu_env(), "PYTHON": sys.executable, "NUM_GPUS": "4", "MASTER_PORT": str(free_port())}
-    result = subprocess.run(
-        ["bash", str(REPO / "launch" / "deepspeed.sh"), f"output_dir={out}", *JOB],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
+    result = run_group(
+        ["bash", str(REPO / "launch" / "deepspeed.sh"), f"output_dir={out}", *JOB], env, 400
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return out
