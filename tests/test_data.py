@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from molf_ds import sql_task
-from molf_ds.data import (
+from molf_ds.train import sql_task
+from molf_ds.train.data import (
     IGNORE_INDEX,
     DataError,
     batches,
@@ -16,7 +16,7 @@ from molf_ds.data import (
     num_batches,
     tokenize,
 )
-from molf_ds.tokenizer import VOCAB_SIZE, byte_tokenizer
+from molf_ds.train.tokenizer import VOCAB_SIZE, byte_tokenizer
 
 RECORDS = [{"prompt": f"q{i}?", "completion": f" a{i};"} for i in range(20)]
 

@@ -170,7 +170,7 @@ def test_slurm_sweep_array_and_gather_table(cluster, tmp_path) -> None:
     names = sorted(p.name for p in sweep_dir.iterdir())
     assert names == ["fft-lr3e-3-seed1", "lora-lr3e-3-seed1", "molf-lr3e-3-seed1"]
     table = subprocess.run(
-        [sys.executable, "-m", "molf_ds.sweep", str(sweep_dir)],
+        [sys.executable, "-m", "molf_ds.train.sweep", str(sweep_dir)],
         cwd=REPO,
         capture_output=True,
         text=True,

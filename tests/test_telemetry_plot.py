@@ -1,4 +1,4 @@
-"""Tests of `molf_ds.telemetry` (metrics and routing logs) and `molf-plot` (`molf_ds.plot`).
+"""Tests of `molf_ds.train.telemetry` (metrics and routing logs) and `molf-plot`.
 
 Routing records are built by hand for a fake 2-layer run (q_proj and up_proj per layer), so every
 winner pattern the log must encode -- Top-1, Top-K, a module without a winner, non-candidates'
@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 import molf_ds
-from molf_ds import plot
 from molf_ds.optimizer import RoutingRecord
-from molf_ds.telemetry import (
+from molf_ds.train import plot
+from molf_ds.train.telemetry import (
     METRICS_FILE,
     ROUTING_FILE,
     MetricsWriter,
@@ -247,7 +247,7 @@ def test_molf_plot_cli(tmp_path):
     _write_run(run)
     out = tmp_path / "plots"
     result = subprocess.run(
-        [sys.executable, "-m", "molf_ds.plot", str(run), "--out", str(out)],
+        [sys.executable, "-m", "molf_ds.train.plot", str(run), "--out", str(out)],
         capture_output=True,
         text=True,
         check=False,
@@ -261,7 +261,7 @@ def test_molf_plot_cli(tmp_path):
 
 def test_molf_plot_bad_input_cli(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "molf_ds.plot", str(tmp_path / "missing")],
+        [sys.executable, "-m", "molf_ds.train.plot", str(tmp_path / "missing")],
         capture_output=True,
         text=True,
         check=False,

@@ -108,7 +108,7 @@ def test_train_refuses_someone_elses_output_dir(tmp_path) -> None:
 def test_train_help_lists_every_option_with_default() -> None:
     from dataclasses import fields
 
-    from molf_ds.train_config import TrainConfig
+    from molf_ds.train.config import TrainConfig
 
     result = _train(["--help"])
     assert result.returncode == 0
@@ -193,7 +193,7 @@ def test_train_launchers_exit_cleanly_every_time(tmp_path, launcher: str, repeat
 
 def test_train_local_model_dir_and_jsonl_data(tmp_path) -> None:
     """A Hugging Face model directory and a local JSONL file, as users bring them."""
-    from molf_ds.train import load_model
+    from molf_ds.train.recipe import load_model
 
     tokenizer, model = load_model("tiny-llama")
     model_dir = tmp_path / "model"

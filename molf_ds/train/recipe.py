@@ -25,7 +25,7 @@ from pathlib import Path
 
 from molf_ds.errors import MoLFError
 from molf_ds.runtime import shutdown
-from molf_ds.train_config import TrainConfig, help_text, load_config
+from molf_ds.train.config import TrainConfig, help_text, load_config
 
 TINY_PRESETS = {
     "tiny-qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
@@ -41,7 +41,7 @@ TINY_SHAPE = {
     "max_position_embeddings": 256,
     "tie_word_embeddings": True,
 }
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 # Exit status of a run stopped by SIGUSR1/SIGTERM after checkpointing: EX_TEMPFAIL ("try again"),
 # which slurm/train.sbatch turns into `scontrol requeue`; `resume=auto` then continues.
 PREEMPTED_EXIT = 75
@@ -137,7 +137,7 @@ class Recipe:
             cfg.gradient_accumulation_steps = cfg.batch_size // per_step
 
     def _setup_data(self):
-        from molf_ds import data
+        from molf_ds.train import data
 
         cfg = self.config
         train_records, eval_records = data.load_records(
@@ -231,7 +231,7 @@ class Recipe:
             print(f"molf-train: resumed from {path} at step {self.start_step}", flush=True)
 
     def _setup_telemetry(self) -> None:
-        from molf_ds.telemetry import MetricsWriter, RoutingLog
+        from molf_ds.train.telemetry import MetricsWriter, RoutingLog
 
         self.metrics = MetricsWriter(self.output_dir, enabled=self.is_main)
         self.routing_log = None
@@ -315,7 +315,7 @@ class Recipe:
     def _micro_batches(self, start: int):
         """This rank's micro-batches from micro-step ``start`` on, epoch after epoch; batch ``k``
         depends only on ``(seed, k)``, so a resumed run sees the data a straight run would."""
-        from molf_ds import data
+        from molf_ds.train import data
 
         cfg = self.config
         shape = {"micro_batch_size": cfg.micro_batch_size, "world_size": self.world_size}
@@ -423,7 +423,7 @@ class Recipe:
         return outputs
 
     def _evaluate(self) -> dict:
-        from molf_ds.evaluate import evaluate_merged
+        from molf_ds.train.evaluate import evaluate_merged
 
         result = evaluate_merged(
             self.output_dir / "merged",
@@ -437,7 +437,7 @@ class Recipe:
         }
 
     def _plot(self) -> dict:
-        from molf_ds import plot
+        from molf_ds.train import plot
 
         figures = plot.plot_run(self.output_dir, self.output_dir / "figures")
         return {"figures": str(self.output_dir / "figures")} if figures else {}
@@ -462,7 +462,7 @@ def load_model(name: str, seed: int = 0):
 
     if name in TINY_PRESETS:
         torch.manual_seed(seed)
-        from molf_ds.tokenizer import byte_tokenizer
+        from molf_ds.train.tokenizer import byte_tokenizer
 
         tokenizer = byte_tokenizer()
         config_cls, model_cls, extra = TINY_PRESETS[name]

@@ -21,7 +21,7 @@ def evaluate_merged(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from molf_ds import data
+    from molf_ds.train import data
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -46,8 +46,8 @@ def evaluate_merged(
 def _exact_match(model, tokenizer, records: list[dict], max_new_tokens: int) -> float:
     import torch
 
-    from molf_ds.data import encode_prompts
-    from molf_ds.sql_task import exact_match
+    from molf_ds.train.data import encode_prompts
+    from molf_ds.train.sql_task import exact_match
 
     hits = 0
     prompts = encode_prompts(tokenizer, [record["prompt"] for record in records])

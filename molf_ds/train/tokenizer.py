@@ -2,7 +2,7 @@
 
 Ids 0-255 are the byte values (any text encodes, nothing is unknown), 256-258 are ``<pad>``,
 ``<s>`` and ``</s>``: 259 ids, small enough for the tiny presets' 512-entry vocabularies. It
-adds no special tokens by itself (`molf_ds.data.tokenize` appends ``</s>``), and decoding is
+adds no special tokens by itself (`molf_ds.train.data.tokenize` appends ``</s>``), and decoding is
 the exact inverse of encoding, so generated SQL compares byte for byte.
 """
 

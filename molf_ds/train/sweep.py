@@ -1,7 +1,9 @@
 """Gather a sweep: one table of the finished runs under a directory.
 
-    python -m molf_ds.sweep runs/sweep            # mode, lr, seed, final loss, eval
-    python -m molf_ds.sweep runs/sweep --json     # the same rows as JSON
+    molf-sweep runs/sweep            # mode, lr, seed, final loss, eval
+    molf-sweep runs/sweep --json     # the same rows as JSON
+
+(also ``python -m molf_ds.train.sweep``.)
 
 A run is any directory with a ``run_config.json`` (what molf-train writes first); it counts as
 finished once it has ``outputs.json`` (written last). Unfinished runs — still running, requeued
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     as_json = "--json" in argv
     paths = [a for a in argv if a != "--json"]
     if len(paths) != 1 or paths[0].startswith("-"):
-        print("usage: python -m molf_ds.sweep RUNS_DIR [--json]", file=sys.stderr)
+        print("usage: molf-sweep RUNS_DIR [--json]", file=sys.stderr)
         sys.exit(2)
     root = Path(paths[0])
     if not root.is_dir():

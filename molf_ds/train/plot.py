@@ -1,6 +1,6 @@
 """``molf-plot RUN_DIR [--out DIR]``: PNG plots of a training run's loss and routing.
 
-Reads ``metrics.jsonl`` and ``routing.jsonl`` (see `molf_ds.telemetry`) and writes
+Reads ``metrics.jsonl`` and ``routing.jsonl`` (see `molf_ds.train.telemetry`) and writes
 
 * ``loss.png``: train loss, and eval loss when logged, over steps;
 * ``routing_share.png``: per expert, the share of modules it won at each step (for MoLF the
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from molf_ds.errors import MoLFError
-from molf_ds.telemetry import (
+from molf_ds.train.telemetry import (
     METRICS_FILE,
     ROUTING_FILE,
     RoutingStep,

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from molf_ds import sql_task
 from molf_ds.errors import MoLFError
+from molf_ds.train import sql_task
 
 logger = logging.getLogger(__name__)
 
