@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 
 def shutdown(code: int) -> None:
-    """Leave a multi-rank process without gloo's abort at interpreter exit (DESIGN.md "exit
-    crash"): barrier → destroy the process group → ``MPI.Finalize()`` if mpi4py started MPI →
-    flush → ``os._exit(code)``. Never returns."""
+    """Leave a multi-rank process without gloo's abort at interpreter exit (docs/design.md,
+    "The exit sequence"): barrier → destroy the process group → ``MPI.Finalize()`` if mpi4py
+    started MPI → flush → ``os._exit(code)``. Never returns."""
     try:
         import torch.distributed as dist
 
