@@ -28,7 +28,7 @@ SMALL = [
 ]
 
 
-EXIT_CRASH = "terminate called"  # gloo's abort at interpreter exit (DESIGN.md "exit crash")
+EXIT_CRASH = "terminate called"  # gloo's abort at interpreter exit (docs/design.md "exit crash")
 
 
 def _train(
@@ -106,14 +106,12 @@ def test_train_refuses_someone_elses_output_dir(tmp_path) -> None:
 
 
 def test_train_help_lists_every_option_with_default() -> None:
-    from dataclasses import fields
-
     from molf_ds.train.config import TrainConfig
 
     result = _train(["--help"])
     assert result.returncode == 0
-    for f in fields(TrainConfig):
-        assert f"  {f.name} " in result.stdout, f.name
+    for name in TrainConfig.model_fields:
+        assert f"  {name} " in result.stdout, name
 
 
 # ---- real runs ------------------------------------------------------------------------------

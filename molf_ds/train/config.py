@@ -1,147 +1,177 @@
-"""`TrainConfig`: every option of `molf-train`, with its default, type and meaning.
+"""`TrainConfig`: every option of `molf-train`, with its default, type, range and meaning.
 
 A run is configured by a YAML or JSON file (``--config FILE``) and then ``key=value`` overrides
-on the command line; a value's type must match the default's, an unknown key is an error that
-suggests the nearest valid one.
+on the command line (``parse_args``). Validation is pydantic's (strict types: a bool is no int,
+an int is a fine float); its errors become one line that names the key, the bad value and what
+is expected, and an unknown key suggests the nearest valid one. The validated config is frozen:
+what the job derives from it (ranks, accumulation steps, ZeRO stage) lives elsewhere.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+import sys
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from molf_ds.errors import MoLFConfigError
 
-MODES = ("fft", "lora", "adalora", "molf", "molf-efficient")
-SCHEDULES = ("constant", "linear", "cosine")
+Mode = Literal["fft", "lora", "adalora", "molf", "molf-efficient"]
+Schedule = Literal["constant", "linear", "cosine"]
+Score = Literal["epd", "pfn"]
+MODES: tuple[str, ...] = typing.get_args(Mode)
+SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
+ROUTED_MODES = ("molf", "molf-efficient")
+
+DESCRIPTION = "Fine-tune a causal LM by FFT, LoRA, AdaLoRA, MoLF or MoLF-Efficient on DeepSpeed."
+USAGE = "molf-train [--config FILE] [key=value ...]"
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(BaseModel):
     """Options of `molf-train` (defaults: the main job, 2 CPU ranks, ZeRO-2, MoLF, SQL task)."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
     # I/O
-    output_dir: str = field(default="runs/molf", metadata={"help": "where everything is written"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output_dir"})
-    resume: str = field(
-        default="no", metadata={"help": "'no', 'auto' (newest checkpoint in output_dir) or a path"}
+    output_dir: str = Field("runs/molf", description="where everything is written")
+    overwrite: bool = Field(False, description="replace a non-empty output_dir")
+    resume: str = Field(
+        "no", description="'no', 'auto' (newest checkpoint in output_dir) or a path"
     )
-    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: at end)"})
-    stop_after: int = field(
-        default=0, metadata={"help": "checkpoint and stop after N steps (0: run to max_steps)"}
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: at end)")
+    stop_after: int = Field(
+        0, ge=0, description="checkpoint and stop after N steps (0: run to max_steps)"
     )
     # model
-    model: str = field(
-        default="tiny-qwen2",
-        metadata={"help": "HF path or hub id, or tiny-qwen2 / tiny-llama / tiny-gemma3"},
+    model: str = Field(
+        "tiny-qwen2", description="HF path or hub id, or tiny-qwen2 / tiny-llama / tiny-gemma3"
     )
     # data
-    data: str = field(
-        default="sql", metadata={"help": "'sql' (embedded task), a .jsonl/.csv/.parquet or hub id"}
-    )
-    prompt_field: str = field(default="prompt", metadata={"help": "prompt column"})
-    completion_field: str = field(default="completion", metadata={"help": "completion column"})
-    max_length: int = field(default=224, metadata={"help": "tokens per example"})
-    eval_fraction: float = field(default=0.1, metadata={"help": "held-out share of the data"})
-    eval_examples: int = field(default=32, metadata={"help": "held-out examples generated at end"})
+    data: str = Field("sql", description="'sql' (embedded task), a .jsonl/.csv/.parquet or hub id")
+    prompt_field: str = Field("prompt", description="prompt column")
+    completion_field: str = Field("completion", description="completion column")
+    max_length: int = Field(224, ge=1, description="tokens per example")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="held-out share of the data")
+    eval_examples: int = Field(32, ge=1, description="held-out examples generated at end")
     # method
-    mode: str = field(default="molf", metadata={"help": "one of " + ", ".join(MODES)})
-    lora_ranks: list = field(default_factory=lambda: [16], metadata={"help": "LoRA expert ranks"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator"})
-    use_rslora: bool = field(default=True, metadata={"help": "alpha/sqrt(r) scaling"})
-    top_k: int = field(default=1, metadata={"help": "experts updated per module"})
-    score: str = field(default="epd", metadata={"help": "router score: epd or pfn"})
+    mode: Mode = Field("molf", description="one of " + ", ".join(MODES))
+    lora_ranks: tuple[Annotated[int, Field(gt=0)], ...] = Field(
+        (16,), min_length=1, description="LoRA expert ranks (one int or a list)"
+    )
+    lora_alpha: float = Field(16.0, description="LoRA scaling numerator")
+    use_rslora: bool = Field(True, description="alpha/sqrt(r) scaling")
+    top_k: int = Field(1, ge=1, description="experts updated per module")
+    score: Score = Field("epd", description="router score: epd or pfn")
     # optimizer
-    lr: float = field(default=3e-3, metadata={"help": "FFT (and plain AdamW) learning rate"})
-    lora_lr: float | None = field(default=None, metadata={"help": "LoRA lr (default: lr)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay"})
-    lora_weight_decay: float | None = field(default=None, metadata={"help": "LoRA weight decay"})
-    schedule: str = field(default="cosine", metadata={"help": "constant, linear or cosine"})
-    warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps"})
-    max_steps: int = field(default=600, metadata={"help": "optimizer steps"})
-    micro_batch_size: int = field(default=8, metadata={"help": "sequences per rank per micro-step"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per step"})
-    batch_size: int = field(
-        default=0,
-        metadata={"help": "global batch; 0 = micro x ranks x accumulation (else must divide)"},
+    lr: float = Field(3e-3, description="FFT (and plain AdamW) learning rate")
+    lora_lr: float | None = Field(None, description="LoRA lr (null: lr)")
+    weight_decay: float = Field(0.0, description="decoupled weight decay")
+    lora_weight_decay: float | None = Field(None, description="LoRA weight decay (null: same)")
+    schedule: Schedule = Field("cosine", description="constant, linear or cosine")
+    warmup_steps: int = Field(20, ge=0, description="linear warm-up steps")
+    max_steps: int = Field(600, ge=1, description="optimizer steps")
+    micro_batch_size: int = Field(8, ge=1, description="sequences per rank per micro-step")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps per step")
+    batch_size: int = Field(
+        0, ge=0, description="global batch; 0 = micro x ranks x accumulation (else must divide)"
     )
-    gradient_clipping: float = field(default=1.0, metadata={"help": "global grad-norm clip"})
-    seed: int = field(default=0, metadata={"help": "model init, data order"})
+    gradient_clipping: float = Field(1.0, description="global grad-norm clip")
+    seed: int = Field(0, description="model init, data order")
     # system
-    ds_config: str = field(
-        default="zero2", metadata={"help": "a ds_configs/ name (zero0..zero3_offload_all) or path"}
+    ds_config: str = Field(
+        "zero2", description="a ds_configs/ name (zero0..zero3_offload_all) or path"
     )
-    bf16: bool = field(default=False, metadata={"help": "bf16 weights (fp32 master)"})
-    log_every: int = field(default=5, metadata={"help": "log metrics every N steps"})
+    bf16: bool = Field(False, description="bf16 weights (fp32 master)")
+    log_every: int = Field(5, ge=1, description="log metrics every N steps")
 
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise MoLFConfigError(f"unknown `mode` {self.mode!r}: choose one of {', '.join(MODES)}")
-        if self.schedule not in SCHEDULES:
-            raise MoLFConfigError(
-                f"unknown `schedule` {self.schedule!r}: choose one of {', '.join(SCHEDULES)}"
-            )
-        if self.resume not in ("no", "auto") and not Path(self.resume).exists():
-            raise MoLFConfigError(f"`resume` checkpoint not found: {self.resume}")
-        for name in (
-            "max_length",
-            "max_steps",
-            "micro_batch_size",
-            "gradient_accumulation_steps",
-            "log_every",
-            "top_k",
-            "eval_examples",
-        ):
-            if getattr(self, name) < 1:
-                raise MoLFConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}")
-        for name in ("save_every", "warmup_steps", "batch_size", "stop_after"):
-            if getattr(self, name) < 0:
-                raise MoLFConfigError(f"`{name}` must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise MoLFConfigError(f"`eval_fraction` must be in [0, 1), got {self.eval_fraction}")
-        if not self.lora_ranks or not all(isinstance(r, int) and r > 0 for r in self.lora_ranks):
-            raise MoLFConfigError(f"`lora_ranks` must be positive integers, got {self.lora_ranks}")
+    # ---- what strict types would refuse but the command line means -------------------------
+    @field_validator("output_dir", "resume", "model", "data", "ds_config", mode="before")
+    @classmethod
+    def _number_as_name(cls, value: Any) -> Any:
+        """``model=123`` names a directory: a number is a fine string."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+    @field_validator("lora_ranks", mode="before")
+    @classmethod
+    def _ranks_as_tuple(cls, value: Any) -> Any:
+        """``lora_ranks=8`` is one expert; a YAML/JSON list becomes the (frozen) tuple."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            return (value,)
+        if isinstance(value, list):
+            return tuple(value)
+        return value
+
+    # ---- rules across fields --------------------------------------------------------------
+    @field_validator("resume")
+    @classmethod
+    def _resume_exists(cls, value: str) -> str:
+        if value not in ("no", "auto") and not Path(value).exists():
+            raise ValueError(f"`resume` checkpoint not found: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _top_k_within_experts(self) -> TrainConfig:
         experts = len(self.lora_ranks) + (1 if self.mode == "molf" else 0)
-        if self.mode in ("molf", "molf-efficient") and self.top_k > experts:
-            raise MoLFConfigError(
+        if self.mode in ROUTED_MODES and self.top_k > experts:
+            raise ValueError(
                 f"`top_k`={self.top_k} is larger than the {experts} experts of mode {self.mode!r}"
             )
+        return self
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The options as plain JSON values (``run_config.json``, checkpoints)."""
+        return self.model_dump(mode="json")
 
 
-def help_text() -> str:
-    """Every option with its default and meaning (``molf-train --help``)."""
-    lines = []
-    for f in fields(TrainConfig):
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
-        lines.append(f"  {f.name:<28} {json.dumps(default):<14} {f.metadata.get('help', '')}")
-    return "\n".join(lines)
+# ---- building the config: file, then overrides -------------------------------------------
+def load_config(
+    path: str | None, overrides: list[str], schema: type[BaseModel] = TrainConfig
+) -> Any:
+    """Build the config from a YAML/JSON file and ``key=value`` overrides (overrides win).
 
-
-def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
-    """Build the config from a YAML/JSON file and ``key=value`` overrides (overrides win)."""
+    Raises `MoLFConfigError` with one line naming the key, the value and what is expected.
+    """
     values: dict[str, Any] = {}
     if path is not None:
         values.update(_read_file(Path(path)))
+    values.update(parse_overrides(overrides))
+    try:
+        return schema.model_validate(values)
+    except ValidationError as err:
+        raise MoLFConfigError(describe(err, schema)) from None
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["lr=1e-4", "lora_ranks=[4,8]"]`` → ``{"lr": 0.0001, "lora_ranks": [4, 8]}``."""
+    values = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise MoLFConfigError(f"override {item!r} is not key=value (e.g. lr=1e-4)")
-        values[key.strip()] = _parse_value(raw)
-    known = {f.name: f for f in fields(TrainConfig)}
-    typed = {}
-    for key, value in values.items():
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean `{close[0]}`?" if close else ""
-            raise MoLFConfigError(f"unknown config key `{key}`{hint}")
-        typed[key] = _check_type(key, value, known[key])
-    return TrainConfig(**typed)
+        values[key.strip()] = parse_value(raw)
+    return values
+
+
+def parse_value(raw: str) -> Any:
+    """JSON first (YAML 1.1 reads ``1e-4`` as a string), then YAML, else the plain string."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        pass
+    import yaml
+
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def _read_file(path: Path) -> dict:
@@ -166,48 +196,95 @@ def _read_file(path: Path) -> dict:
     return loaded
 
 
-def _parse_value(raw: str) -> Any:
-    # JSON first: YAML 1.1 reads "1e-4" as a string.
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        pass
-    import yaml
-
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-
-
-def _check_type(key: str, value: Any, f) -> Any:
-    expected = _allowed_types(f)
-    if value is None and type(None) in expected:
-        return None
-    if float in expected and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if list in expected and isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    if str in expected and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)  # e.g. model=123 names a directory
-    if not isinstance(value, tuple(t for t in expected if t is not type(None))) or (
-        isinstance(value, bool) and bool not in expected
-    ):
-        names = " or ".join(t.__name__ for t in expected)
-        raise MoLFConfigError(f"`{key}` must be {names}, got {value!r}")
-    return value
-
-
-# The annotations above, as strings (``from __future__ import annotations``).
-_TYPES = {
-    "str": (str,),
-    "int": (int,),
-    "float": (float,),
-    "bool": (bool,),
-    "list": (list,),
-    "float | None": (float, type(None)),
+# ---- pydantic's errors as one line ---------------------------------------------------------
+_TYPE_NAMES = {
+    "int_type": "int",
+    "float_type": "float",
+    "bool_type": "bool (true or false)",
+    "string_type": "str",
+    "tuple_type": "a list",
 }
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
 
-def _allowed_types(f) -> tuple[type, ...]:
-    return _TYPES[f.type]
+def describe(err: ValidationError, schema: type[BaseModel] = TrainConfig) -> str:
+    """The first error of ``err`` as one line (and how many other keys are wrong)."""
+    errors = err.errors(include_url=False)
+    line = _describe_one(errors[0], schema)
+    others = {e["loc"][:1] for e in errors} - {errors[0]["loc"][:1]}
+    if others:
+        line += f" (and {len(others)} more wrong key{'s' if len(others) > 1 else ''})"
+    return line
+
+
+def _describe_one(error: dict, schema: type[BaseModel]) -> str:
+    kind, loc, value, ctx = error["type"], error["loc"], error["input"], error.get("ctx", {})
+    if kind == "value_error":  # our validators' messages name their keys already
+        return str(ctx["error"])
+    key = str(loc[0]) if loc else "config"
+    where = f"`{key}`" + (f" item {loc[1]}" if len(loc) > 1 else "")
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(key, list(schema.model_fields), n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        return f"unknown config key `{key}`{hint}"
+    if kind == "literal_error":
+        return f"unknown {where} {value!r}: choose one of {ctx['expected']}"
+    bound = next((b for b in _BOUNDS if b in ctx), None)
+    if bound is not None:
+        return f"{where} must be {_BOUNDS[bound]} {ctx[bound]}, got {value!r}"
+    if kind == "too_short":
+        return f"{where} must hold at least {ctx['min_length']} item(s), got {list(value)!r}"
+    if kind in _TYPE_NAMES:
+        expected = _TYPE_NAMES[kind]
+        if len(loc) == 1 and _allows_none(schema, key):
+            expected += " or null"
+        return f"{where} must be {expected}, got {value!r}"
+    return f"{where}: {error['msg'][0].lower()}{error['msg'][1:]}, got {value!r}"
+
+
+def _allows_none(schema: type[BaseModel], key: str) -> bool:
+    field = schema.model_fields.get(key)
+    annotation = field.annotation if field is not None else None
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return union and type(None) in typing.get_args(annotation)
+
+
+# ---- the command line ----------------------------------------------------------------------
+def help_text(schema: type[BaseModel] = TrainConfig) -> str:
+    """Every option with its default and meaning (the end of ``molf-train --help``)."""
+    lines = []
+    for name, field in schema.model_fields.items():
+        default = field.default
+        shown = json.dumps(list(default) if isinstance(default, tuple) else default)
+        lines.append(f"  {name:<28} {shown:<14} {field.description or ''}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="molf-train",
+        usage=USAGE,
+        description=DESCRIPTION,
+        epilog="options (key, default, meaning):\n" + help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="a YAML or JSON file of options; key=value ones win"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="options (below), e.g. lr=1e-4"
+    )
+    # The deepspeed launcher (and torch.distributed.launch) add one to every rank's arguments.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The validated config of a command line; a bad one exits 2 with one error line."""
+    parser = build_parser()
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return load_config(args.config, args.overrides)
+    except MoLFConfigError as err:
+        parser.exit(2, f"molf-train: error: {err}\n")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from molf_ds.errors import MoLFError
 from molf_ds.runtime import shutdown
-from molf_ds.train.config import TrainConfig, help_text, load_config
+from molf_ds.train.config import TrainConfig, parse_args
 
 TINY_PRESETS = {
     "tiny-qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
@@ -134,7 +134,9 @@ class Recipe:
                     f"`batch_size`={cfg.batch_size} is not divisible by micro_batch_size x ranks "
                     f"= {cfg.micro_batch_size} x {self.world_size}: change one of them"
                 )
-            cfg.gradient_accumulation_steps = cfg.batch_size // per_step
+            self.config = cfg.model_copy(
+                update={"gradient_accumulation_steps": cfg.batch_size // per_step}
+            )
 
     def _setup_data(self):
         from molf_ds.train import data
@@ -663,26 +665,7 @@ def _clear_run_dir(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher's
-    if "-h" in argv or "--help" in argv:
-        print(__doc__.split("\n\n")[0] + "\n\nusage: molf-train [--config FILE] [key=value ...]\n")
-        print("options (key, default, meaning):\n" + help_text())
-        return
-    config_path = None
-    if "--config" in argv:
-        index = argv.index("--config")
-        if index + 1 >= len(argv):
-            _fail("--config needs a file")
-        config_path = argv[index + 1]
-        argv = argv[:index] + argv[index + 2 :]
-    unknown_flags = [a for a in argv if a.startswith("-")]
-    if unknown_flags:
-        _fail(f"unknown option {unknown_flags[0]}: use --config FILE and key=value overrides")
-    try:
-        config = load_config(config_path, argv)
-    except MoLFError as err:
-        _fail(str(err))
+    config = parse_args(argv)
     recipe = Recipe(config)
     code = 0
     try:
@@ -702,11 +685,6 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         recipe.cleanup()
         shutdown(code)
-
-
-def _fail(message: str) -> None:
-    print(f"molf-train: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":
