@@ -6,11 +6,13 @@ MoLF-Efficient under DeepSpeed ZeRO 0-3, with and without CPU offload -- before 
 
 or from a shell: ``molf-estimate --preset qwen2.5-3b --gpus-per-node 8 --nodes 2``.
 
-Parameters are counted analytically from a Hugging Face config (Llama, Mistral, Qwen2, Qwen3,
-Gemma, Gemma2, Gemma3 text decoders), tensor by tensor, with the module names ``transformers``
-gives them, so target matching follows `molf_ds.wrap` exactly. The byte model follows DeepSpeed's
-`estimate_zero2_model_states_mem_needs` / `estimate_zero3_model_states_mem_needs` (and the
-allocations in ``stage_1_and_2.py`` / ``stage3.py`` they summarise), per method:
+Parameters are counted from the model class itself: ``transformers.AutoModelForCausalLM`` builds
+the model from its config on the meta device (no memory, no download; about a second for a 3B
+model), and its ``named_parameters()`` give every tensor once (tied weights once), so the counts
+are exact for every architecture ``transformers`` knows. LoRA targets are the ``nn.Linear``
+modules that `molf_ds.wrap` would replace, matched by the same function. The byte model follows
+DeepSpeed's `estimate_zero2_model_states_mem_needs` / `estimate_zero3_model_states_mem_needs`
+(and the allocations in ``stage_1_and_2.py`` / ``stage3.py`` they summarise), per method:
 
 * every parameter: its weights (2 bytes bf16/fp16, 4 fp32);
 * every trainable parameter also: a gradient (weight dtype), an fp32 master copy (4 bytes;
@@ -95,44 +97,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass(frozen=True)
-class _Family:
-    """What a ``model_type`` builds, and the defaults of its ``transformers`` config class."""
-
-    architecture: str
-    tie_word_embeddings: bool
-    head_dim: int | None  # None: hidden_size // num_attention_heads
-    qkv_bias: bool | None  # None: follows config.attention_bias (default False)
-    o_bias: bool | None  # None: follows config.attention_bias (default False)
-    mlp_bias: bool | None  # None: follows config.mlp_bias (default False)
-    norms_per_layer: int
-    qk_norm: bool
-
-
-_FAMILIES: dict[str, _Family] = {
-    "llama": _Family("LlamaForCausalLM", False, None, None, None, None, 2, False),
-    "mistral": _Family("MistralForCausalLM", False, None, False, False, False, 2, False),
-    "qwen2": _Family("Qwen2ForCausalLM", False, None, True, False, False, 2, False),
-    "qwen3": _Family("Qwen3ForCausalLM", False, 128, None, None, False, 2, True),
-    "gemma": _Family("GemmaForCausalLM", True, 256, None, None, False, 2, False),
-    "gemma2": _Family("Gemma2ForCausalLM", True, 256, None, None, False, 4, False),
-    "gemma3_text": _Family("Gemma3ForCausalLM", True, 256, None, None, False, 4, True),
-}
-_LAYER_NORMS = (
-    "input_layernorm",
-    "post_attention_layernorm",
-    "pre_feedforward_layernorm",
-    "post_feedforward_layernorm",
-)
-_REQUIRED_KEYS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "vocab_size",
-)
-
-
 class EstimateError(MoLFError):
     """The input to `estimate_memory` cannot be estimated (bad config, preset or setting)."""
 
@@ -155,7 +119,7 @@ class ParamTensor:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A decoder-only model resolved from its config: every parameter tensor and linear layer."""
+    """A model resolved from its config: every parameter tensor and every ``nn.Linear`` layer."""
 
     name: str
     model_type: str
@@ -517,103 +481,57 @@ def _row(
 
 def model_spec(config: Any) -> ModelSpec:
     """Resolve ``config`` (preset name, ``config.json`` path, ``PretrainedConfig`` or dict) into
-    a `ModelSpec`: every parameter tensor, named and shaped as ``transformers`` builds them."""
-    name, fields = _load_config(config)
-    model_type = fields.get("model_type")
-    family = _FAMILIES.get(model_type) if isinstance(model_type, str) else None
-    if family is None:
-        hint = " (a multimodal config? pass its text_config)" if "text_config" in fields else ""
-        raise EstimateError(
-            f"{name}: unsupported model_type {model_type!r}{hint}; supported: "
-            f"{', '.join(_FAMILIES)}"
-        )
-    missing = [key for key in _REQUIRED_KEYS if fields.get(key) is None]
-    if missing:
-        raise EstimateError(f"{name}: the config has no {', '.join(missing)}")
+    a `ModelSpec`: ``transformers.AutoModelForCausalLM`` builds the model on the meta device, and
+    its parameters and ``nn.Linear`` modules are read off it."""
+    import torch
+    from torch import nn
 
-    def integer(key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise EstimateError(f"{name}: `{key}` must be a positive integer, got {value!r}")
-        return value
+    name, hf_config = _load_config(config)
+    from transformers import AutoModelForCausalLM
 
-    def flag(key: str, default: bool) -> bool:
-        value = fields.get(key)
-        return default if value is None else bool(value)
-
-    hidden = integer("hidden_size", fields["hidden_size"])
-    inter = integer("intermediate_size", fields["intermediate_size"])
-    layers = integer("num_hidden_layers", fields["num_hidden_layers"])
-    heads = integer("num_attention_heads", fields["num_attention_heads"])
-    vocab = integer("vocab_size", fields["vocab_size"])
-    kv_heads = integer(
-        "num_key_value_heads", fields.get("num_key_value_heads") or fields["num_attention_heads"]
-    )
-    head_dim = fields.get("head_dim") or family.head_dim
-    if head_dim is None:
-        if hidden % heads:
+    try:
+        with torch.device("meta"):  # shapes only: no storage, no initialisation cost
+            model = AutoModelForCausalLM.from_config(hf_config)
+    except Exception as err:  # a config transformers accepts but cannot build a model from
+        if isinstance(err, ValueError) and "Unrecognized configuration class" in str(err):
             raise EstimateError(
-                f"{name}: hidden_size {hidden} is not divisible by num_attention_heads {heads}; "
-                "give head_dim"
-            )
-        head_dim = hidden // heads
-    head_dim = integer("head_dim", head_dim)
-    attention_bias = flag("attention_bias", False)
-    qkv_bias = attention_bias if family.qkv_bias is None else family.qkv_bias
-    o_bias = attention_bias if family.o_bias is None else family.o_bias
-    mlp_bias = flag("mlp_bias", False) if family.mlp_bias is None else family.mlp_bias
-    tied = flag("tie_word_embeddings", family.tie_word_embeddings)
-
-    params: list[ParamTensor] = []
-    linears: list[tuple[str, int, int]] = []
-
-    def linear(module: str, in_features: int, out_features: int, bias: bool) -> None:
-        linears.append((module, in_features, out_features))
-        params.append(ParamTensor(f"{module}.weight", module, (out_features, in_features)))
-        if bias:
-            params.append(ParamTensor(f"{module}.bias", module, (out_features,)))
-
-    def norm(module: str, dim: int) -> None:
-        params.append(ParamTensor(f"{module}.weight", module, (dim,)))
-
-    params.append(ParamTensor("model.embed_tokens.weight", "model.embed_tokens", (vocab, hidden)))
-    for i in range(layers):
-        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        linear(f"{attn}.q_proj", hidden, heads * head_dim, qkv_bias)
-        linear(f"{attn}.k_proj", hidden, kv_heads * head_dim, qkv_bias)
-        linear(f"{attn}.v_proj", hidden, kv_heads * head_dim, qkv_bias)
-        linear(f"{attn}.o_proj", heads * head_dim, hidden, o_bias)
-        if family.qk_norm:
-            norm(f"{attn}.q_norm", head_dim)
-            norm(f"{attn}.k_norm", head_dim)
-        linear(f"{mlp}.gate_proj", hidden, inter, mlp_bias)
-        linear(f"{mlp}.up_proj", hidden, inter, mlp_bias)
-        linear(f"{mlp}.down_proj", inter, hidden, mlp_bias)
-        for norm_name in _LAYER_NORMS[: family.norms_per_layer]:
-            norm(f"model.layers.{i}.{norm_name}", hidden)
-    norm("model.norm", hidden)
-    if tied:  # lm_head shares the embedding: a linear layer, but no parameter of its own
-        linears.append(("lm_head", hidden, vocab))
-    else:
-        linear("lm_head", hidden, vocab, False)
-    architectures = fields.get("architectures") or [family.architecture]
+                f"{name}: unsupported model_type {hf_config.model_type!r}: transformers has no "
+                "causal language model for it"
+            ) from None
+        raise EstimateError(
+            f"{name}: transformers cannot build the model: {_one_line(err)}"
+        ) from err
+    # named_parameters() lists a tied tensor once, under its first name (the embedding).
+    params = tuple(
+        ParamTensor(param_name, param_name.rpartition(".")[0], tuple(param.shape))
+        for param_name, param in model.named_parameters()
+    )
+    # What `molf_ds.wrap` replaces: modules whose type is exactly nn.Linear (a tied lm_head is
+    # one, although its weight is listed under the embedding).
+    linears = tuple(
+        (module_name, module.in_features, module.out_features)
+        for module_name, module in model.named_modules()
+        if type(module) is nn.Linear
+    )
     return ModelSpec(
         name=name,
-        model_type=model_type,
-        architecture=str(architectures[0]),
-        params=tuple(params),
-        linears=tuple(linears),
+        model_type=hf_config.model_type,
+        architecture=type(model).__name__,
+        params=params,
+        linears=linears,
     )
 
 
 def count_parameters(config: Any) -> int:
-    """Parameters of the model ``config`` describes (tied weights counted once)."""
+    """Parameters of the model ``config`` describes (tied weights counted once), as
+    ``sum(p.numel() for p in model.parameters())`` counts them."""
     return model_spec(config).num_params
 
 
-def _load_config(config: Any) -> tuple[str, dict[str, Any]]:
-    """``(display name, config fields)`` of a preset, path, ``PretrainedConfig`` or mapping."""
+def _load_config(config: Any) -> tuple[str, Any]:
+    """``(display name, transformers.PretrainedConfig)`` of a preset, path, config or mapping."""
     if isinstance(config, str) and config in PRESETS:
-        return config, dict(PRESETS[config])
+        return config, _config_from_fields(config, dict(PRESETS[config]))
     if isinstance(config, (str, Path)):
         path = Path(config)
         if path.is_dir():
@@ -629,18 +547,36 @@ def _load_config(config: Any) -> tuple[str, dict[str, Any]]:
             raise EstimateError(f"cannot read config {path}: {err}") from None
         if not isinstance(fields, dict):
             raise EstimateError(f"config {path} must hold a JSON object")
-        return str(path), fields
+        return str(path), _config_from_fields(str(path), fields)
     if isinstance(config, Mapping):
-        return str(config.get("_name_or_path") or config.get("model_type")), dict(config)
-    to_dict = getattr(config, "to_dict", None)
-    if callable(to_dict) and hasattr(config, "model_type"):  # transformers.PretrainedConfig
-        fields = to_dict()
-        fields.setdefault("model_type", config.model_type)
-        return str(getattr(config, "name_or_path", "") or config.model_type), fields
+        name = str(config.get("_name_or_path") or config.get("model_type"))
+        return name, _config_from_fields(name, dict(config))
+    if callable(getattr(config, "to_dict", None)) and hasattr(config, "model_type"):
+        return str(getattr(config, "name_or_path", "") or config.model_type), config
     raise EstimateError(
         "`config` must be a preset name, a config.json path, a transformers.PretrainedConfig "
         f"or a dict, got {type(config).__name__}"
     )
+
+
+def _config_from_fields(name: str, fields: dict[str, Any]) -> Any:
+    """The ``PretrainedConfig`` of ``fields`` (a ``config.json``'s content): fields it leaves
+    out take the config class's defaults, as ``from_pretrained`` would give them."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = fields.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        hint = " (custom code is not run)" if "auto_map" in fields else ""
+        raise EstimateError(f"{name}: model_type {model_type!r} is unknown to transformers{hint}")
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(fields)
+    except Exception as err:  # transformers validates fields and their combinations
+        raise EstimateError(f"{name}: invalid config: {_one_line(err)}") from None
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _ceil_div(a: int, b: int) -> int:

@@ -1,5 +1,6 @@
-"""`molf_ds.estimate`: parameter counts against real `transformers` models, the byte model
-against a measured `MoLFAdamW` state and DeepSpeed's own estimator formulas, and the CLI."""
+"""`molf_ds.estimate`: parameter counts and LoRA targets against real `transformers` models
+wrapped by `molf_ds.wrap`, the byte model against a measured `MoLFAdamW` state and DeepSpeed's
+own estimator formulas, and the CLI."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from molf_ds.estimate import (
     model_spec,
     optimizer_state_bytes_per_rank,
 )
-from molf_ds.model import wrap
+from molf_ds.model import molf_layers, wrap
 from molf_ds.optimizer import MoLFAdamW
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +36,11 @@ TINY = {
     "num_attention_heads": 4,
     "vocab_size": 128,
 }
-# Tiny versions of each supported architecture, with the options that change parameter counts.
+# Phi-3's default pad token (32000) lies outside a tiny vocabulary: nn.Embedding rejects it.
+PHI3_TOKENS = {"pad_token_id": 0, "eos_token_id": 1}
+# Tiny versions of several architectures, with the options that change parameter counts. Phi-3
+# fuses q/k/v and gate/up into one linear each; Mixtral's experts are fused 3-D tensors (no
+# nn.Linear) behind a router.
 TINY_CONFIGS = {
     "qwen2-tied": ("qwen2", {"num_key_value_heads": 2, "tie_word_embeddings": True}),
     "qwen2-untied": ("qwen2", {"num_key_value_heads": 1}),
@@ -53,6 +58,8 @@ TINY_CONFIGS = {
         "gemma3_text",
         {"num_key_value_heads": 2, "tie_word_embeddings": False, "attention_bias": True},
     ),
+    "phi3": ("phi3", {"num_key_value_heads": 2, **PHI3_TOKENS}),
+    "mixtral": ("mixtral", {"num_key_value_heads": 2, "num_local_experts": 4}),
 }
 
 
@@ -73,29 +80,78 @@ def _shapes(model) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
+def _real_model(config):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
 def test_parameter_tensors_match_transformers_exactly(name, tmp_path):
     model_type, extra = TINY_CONFIGS[name]
     config = _hf_config(model_type, **TINY, **extra)
-    expected = _shapes(_meta_model(config))
+    real = _real_model(config)  # built normally, on the CPU
+    expected = _shapes(real)
     assert model_spec(config).shapes() == expected  # a PretrainedConfig
     assert model_spec(config.to_dict()).shapes() == expected  # a dict
-    # save_pretrained leaves out values equal to the class defaults: the module's per-family
-    # defaults (tied embeddings, head_dim, biases) must fill them in as transformers does.
+    # save_pretrained leaves out values equal to the class defaults: they must come back as
+    # transformers fills them in (tied embeddings, head_dim, biases).
     config.save_pretrained(tmp_path)
     assert model_spec(tmp_path).shapes() == expected  # a folder
     assert model_spec(str(tmp_path / "config.json")).shapes() == expected  # a file
-    assert count_parameters(config) == sum(p.numel() for p in _meta_model(config).parameters())
+    assert count_parameters(config) == sum(p.numel() for p in real.parameters())
+    assert model_spec(config).architecture == type(real).__name__
 
 
 @pytest.mark.parametrize(
-    "model_type", ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma3_text"]
+    "model_type", ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma3_text", "phi3", "mixtral"]
 )
 def test_family_defaults_match_transformers(model_type):
-    # Only the required keys: tie_word_embeddings, head_dim, biases all from defaults.
-    fields = dict(TINY, num_key_value_heads=2)
+    # Only a few keys: tie_word_embeddings, head_dim, biases all from the class defaults.
+    fields = dict(TINY, num_key_value_heads=2, **(PHI3_TOKENS if model_type == "phi3" else {}))
     expected = _shapes(_meta_model(_hf_config(model_type, **fields)))
     assert model_spec({"model_type": model_type, **fields}).shapes() == expected
+
+
+# (method, ranks wrapped, train_base): what each method's model is; fft is not wrapped.
+_WRAPS = (("fft", None, True), ("lora", (4,), False), ("molf", (4, 8), True),
+          ("molf-efficient", (4, 8), False))  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["qwen2-tied", "gemma3-text", "phi3", "mixtral"])
+def test_trainable_counts_match_wrap_on_the_real_model(name):
+    model_type, extra = TINY_CONFIGS[name]
+    config = _hf_config(model_type, **TINY, **extra)
+    est = estimate_memory(config, lora_ranks=(4, 8), weight_dtype="fp32")
+    for method, ranks, train_base in _WRAPS:
+        model = _real_model(config)
+        if ranks is not None:
+            wrap(model, MoLFConfig(lora_ranks=ranks, train_base=train_base))
+            assert est.lora_modules == len(list(molf_layers(model))), method
+        row = est.row(method, 0)
+        assert row.total_params == sum(p.numel() for p in model.parameters()), method
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert row.trainable_params == trainable, method
+        assert row.gpu_weight_bytes == 4 * row.total_params
+    # Which layers the default targets reach, per layer: Phi-3's fused projections are
+    # qkv_proj / gate_up_proj (not targeted); Mixtral's experts are no nn.Linear.
+    per_layer = {"qwen2-tied": 7, "gemma3-text": 7, "phi3": 2, "mixtral": 4}[name]
+    assert est.lora_modules == per_layer * TINY["num_hidden_layers"]
+
+
+def test_targets_follow_wrap_for_custom_patterns():
+    config = _hf_config("mixtral", **TINY, **TINY_CONFIGS["mixtral"][1])
+    # Mixtral's router and experts are modules, but no nn.Linear: wrap finds nothing.
+    for targets in (("experts",), ("gate",), r".*\.mlp\..*"):
+        with pytest.raises(NoMatchingModulesError):
+            wrap(_real_model(config), MoLFConfig(target_modules=targets))
+        with pytest.raises(NoMatchingModulesError):
+            estimate_memory(config, target_modules=targets)
+    targets, excluded = r".*layers\.1\..*_proj", ("v_proj",)
+    model = wrap(_real_model(config), MoLFConfig(target_modules=targets, exclude_modules=excluded))
+    est = estimate_memory(config, target_modules=targets, exclude_modules=excluded)
+    assert est.lora_modules == len(list(molf_layers(model))) == 3
 
 
 def test_presets_match_transformers_and_published_sizes():
@@ -237,10 +293,13 @@ def test_bad_inputs_raise_named_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(EstimateError, match="cannot read config"):
         estimate_memory(tmp_path / "bad.json")
-    with pytest.raises(EstimateError, match="unsupported model_type 'bert'"):
-        estimate_memory({"model_type": "bert", **TINY})
-    with pytest.raises(EstimateError, match="no intermediate_size"):
-        estimate_memory({"model_type": "llama", "hidden_size": 8})
+    with pytest.raises(EstimateError, match="unsupported model_type 'clip'"):
+        estimate_memory({"model_type": "clip"})  # known to transformers, but no causal LM
+    with pytest.raises(EstimateError, match="'no-such-arch' is unknown to transformers"):
+        estimate_memory({"model_type": "no-such-arch", **TINY})
+    with pytest.raises(EstimateError, match="invalid config: .*not a multiple") as err:
+        estimate_memory({"model_type": "llama", "hidden_size": 30, "num_attention_heads": 4})
+    assert "\n" not in str(err.value)  # the CLI prints errors on one line
     with pytest.raises(EstimateError, match="num_nodes"):
         estimate_memory("qwen2.5-3b", num_nodes=0)
     with pytest.raises(EstimateError, match="weight_dtype"):
