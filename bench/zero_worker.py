@@ -9,67 +9,21 @@ share, collectives per training step, and step times.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import time
-from collections import Counter
 
 import torch
 import torch.distributed as tdist
 
 import molf_ds
+from molf_ds import ds_partitions
 from molf_ds.runtime import run_then_exit
 from molf_ds.zero import fill_auto
 
-COLLECTIVES = (
-    "all_reduce",
-    "inference_all_reduce",
-    "all_reduce_coalesced",
-    "reduce",
-    "reduce_scatter",
-    "reduce_scatter_tensor",
-    "broadcast",
-    "all_gather",
-    "all_gather_into_tensor",
-    "all_gather_base",
-    "all_gather_coalesced",
-    "all_to_all_single",
-)
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "ds_configs")
-
-
-class CollectiveCounter:
-    """Counts collectives (and all-reduce sizes) while ``active``, at two doors: DeepSpeed's
-    communication backend (which may bypass torch.distributed, e.g. its shared-memory
-    all-reduce on CPU) and torch.distributed itself (which molf_ds's routing all-reduce uses).
-    A call that enters through DeepSpeed's door is counted once, there."""
-
-    def __init__(self, ds_backend) -> None:
-        self.active = False
-        self.depth = 0
-        self.calls: Counter[str] = Counter()
-        self.all_reduce_numels: list[int] = []
-        for name in COLLECTIVES:
-            if hasattr(ds_backend, name):
-                setattr(ds_backend, name, self._wrap(name, getattr(ds_backend, name)))
-            if hasattr(tdist, name):
-                setattr(tdist, name, self._wrap(name, getattr(tdist, name)))
-
-    def _wrap(self, name, fn):
-        def counted(*args, **kwargs):
-            if self.active and self.depth == 0:
-                self.calls[name] += 1
-                tensor = args[0] if args else kwargs.get("tensor")
-                if "all_reduce" in name and isinstance(tensor, torch.Tensor):
-                    self.all_reduce_numels.append(tensor.numel())
-            self.depth += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.depth -= 1
-
-        return counted
 
 
 def build_model(args, method: str):
@@ -106,28 +60,11 @@ def build_model(args, method: str):
 
 def state_bytes(engine, optimizer) -> dict:
     """fp32 master + moments this rank holds, by device, and the full-rank part."""
-    zero = engine.optimizer
-    masters = []
-    for attribute in (
-        "fp32_partitioned_groups_flat",
-        "single_partition_of_fp32_groups",
-        "fp32_groups_flat_partition",
-    ):
-        if hasattr(zero, attribute):
-            masters = list(getattr(zero, attribute))
-            break
-    inner = getattr(zero, "optimizer", zero)
-    by_device: Counter[str] = Counter()
-    for tensor in masters:
-        by_device[tensor.device.type] += tensor.numel() * tensor.element_size()
-    for state in inner.state.values():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and key != "step":
-                by_device[value.device.type] += value.numel() * value.element_size()
+    by_device = ds_partitions.optimizer_state_bytes(engine)
     full_rank = full_rank_partition_elements(engine, optimizer)
     return {
         "optimizer_state_bytes": sum(by_device.values()),
-        "by_device": dict(by_device),
+        "by_device": by_device,
         "full_rank_state_bytes": None if full_rank is None else 12 * full_rank,
     }
 
@@ -137,23 +74,14 @@ def full_rank_partition_elements(engine, optimizer) -> int | None:
     factors) in this rank's partition; each holds an fp32 master and two moments."""
     if not isinstance(optimizer, molf_ds.MoLFAdamW):
         return None
-    zero = engine.optimizer
-    total = 0
-    for param, role in zip(optimizer.plan.params, optimizer.plan.roles, strict=True):
-        if role.is_lora:
-            continue
-        if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3
-            _, _, partition = zero.grad_position[zero.get_param_id(param)]
-            rank = tdist.get_rank(group=zero.dp_process_group)
-            total += max(0, min(partition, param.ds_numel - rank * partition))
-        elif getattr(param, "_hp_mapping", None) is not None:
-            total += param._hp_mapping.hp_fragment_address.numel
-        elif zero is optimizer:
-            total += param.numel()
-    return total
+    return sum(
+        ds_partitions.local_numel(engine, param)
+        for param, role in zip(optimizer.plan.params, optimizer.plan.roles, strict=True)
+        if not role.is_lora
+    )
 
 
-def run(args, spec: str, counter: CollectiveCounter) -> dict:
+def run(args, spec: str) -> dict:
     method, stage, *rest = spec.split(":")
     offload = bool(rest and rest[0] == "offload")
     world = tdist.get_world_size()
@@ -183,19 +111,19 @@ def run(args, spec: str, counter: CollectiveCounter) -> dict:
         )
     generator = torch.Generator().manual_seed(tdist.get_rank())
     times, step_times = [], []
-    counter.calls.clear()
-    counter.all_reduce_numels.clear()
+    counter = ds_partitions.CollectiveCounter()
     for step in range(args.warmup + args.steps):
         tokens = torch.randint(0, args.vocab, (args.micro, args.seq + 1), generator=generator)
         measured = step >= args.warmup
-        counter.active = measured and step == args.warmup  # count one whole training step
-        start = time.perf_counter()
-        loss = engine(input_ids=tokens[:, :-1], labels=tokens[:, 1:]).loss
-        engine.backward(loss)
-        before_step = time.perf_counter()
-        engine.step()
-        end = time.perf_counter()
-        counter.active = False
+        # count the collectives of one whole training step
+        counting = counter if step == args.warmup else contextlib.nullcontext()
+        with counting:
+            start = time.perf_counter()
+            loss = engine(input_ids=tokens[:, :-1], labels=tokens[:, 1:]).loss
+            engine.backward(loss)
+            before_step = time.perf_counter()
+            engine.step()
+            end = time.perf_counter()
         if measured:
             times.append(end - start)
             step_times.append(end - before_step)
@@ -239,12 +167,9 @@ def main() -> None:
     args = parser.parse_args()
 
     molf_ds.init_distributed()
-    from deepspeed.comm import comm as ds_comm
-
-    counter = CollectiveCounter(ds_comm.cdb)
 
     def work() -> None:
-        results = [run(args, spec, counter) for spec in args.runs.split(",")]
+        results = [run(args, spec) for spec in args.runs.split(",")]
         if tdist.get_rank() == 0:
             with open(args.out, "w") as f:
                 json.dump(results, f)

@@ -1,18 +1,28 @@
-"""Segments from DeepSpeed's flat fp32 partitions: the one module that reads DeepSpeed internals.
+"""The one module that reads DeepSpeed internals (written against DeepSpeed 0.19.8).
 
-Written against DeepSpeed 0.19.8; it relies on
+Everything else in molf_ds, and the test and benchmark workers, use DeepSpeed's public API
+(``deepspeed.initialize``, the engine's methods, ``deepspeed.utils.safe_get_*``,
+``deepspeed.zero.GatheredParameters``) plus the helpers here. What they rely on:
 
-- ZeRO-1/2 (``DeepSpeedZeroOptimizer``) and bf16 + ZeRO-1 (``BF16_Optimizer``): the client
-  optimizer's param group holds this rank's flat fp32 partition, with ``.grad`` set when ``step``
-  is called; each model parameter's ``param._hp_mapping`` (``deepspeed/utils/tensor_fragment.py``
-  ``tensor_fragment``: ``hp_fragment_address.start/numel``, ``param_group_index``) is the slice of
-  that partition it occupies on this rank, or ``None``. ``link_hp_params`` sets it, and
-  ``load_checkpoint`` replaces it, so it is read at every step, never cached.
-- ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): see `Stage3Segments`.
+- ZeRO-1/2 (``DeepSpeedZeroOptimizer``) and bf16 + ZeRO-1 with fp32 gradient accumulation
+  (``BF16_Optimizer``): the client optimizer's param group holds this rank's flat fp32 partition
+  (``single_partition_of_fp32_groups`` / ``fp32_groups_flat_partition``), with ``.grad`` set when
+  ``step`` is called; each model parameter's ``param._hp_mapping``
+  (``deepspeed/utils/tensor_fragment.py`` ``tensor_fragment``: ``hp_fragment_address.start/numel``)
+  is the slice of that partition it occupies on this rank, or ``None``. ``link_hp_params`` sets
+  it, and ``load_checkpoint`` replaces it, so it is read at every step, never cached.
+- ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): ``fp32_partitioned_groups_flat`` (one flat fp32
+  partition per sub-group), ``grad_position`` / ``get_param_id`` (see `stage3_slice`),
+  ``persistent_parameters``, and each parameter's ``ds_id`` / ``ds_status`` / ``ds_numel``.
+- Every ZeRO wrapper: ``.optimizer`` (the client optimizer it drives) and ``.dp_process_group``.
+- ``deepspeed.comm.comm.cdb``, the communication backend object (see `CollectiveCounter`).
 - The CPU accelerator's comm op: see `turn_off_cpu_shm_comm`.
 """
 
 from __future__ import annotations
+
+from collections import Counter
+from typing import Any
 
 import torch
 
@@ -35,6 +45,112 @@ def turn_off_cpu_shm_comm() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+# ---------------------------------------------------------------------------------------------
+# The engine's optimizer wrapper
+
+
+def client_optimizer(engine: Any) -> Any:
+    """The optimizer DeepSpeed's wrapper (``engine.optimizer``) drives; ``engine.optimizer``
+    itself when DeepSpeed did not wrap it (no ZeRO, fp32)."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def data_parallel_group(engine: Any) -> torch.distributed.ProcessGroup | None:
+    """The process group the ZeRO wrapper partitions over (ZeRO stage >= 1)."""
+    return engine.optimizer.dp_process_group
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a parameter's fp32 master lives on this rank
+
+
+def stage3_slice(
+    zero_optimizer: Any, param: torch.nn.Parameter, dp_rank: int
+) -> tuple[int, int] | None:
+    """ZeRO-3: ``(offset, numel)`` of ``param``'s elements in this rank's flat fp32 sub-group
+    partition, or ``None`` when this rank holds none of them.
+
+    ``grad_position[get_param_id(p)] = [sub_group, offset, partition_numel]``
+    (``set_grad_positions``): rank ``r`` holds elements ``[r * partition_numel, ...)`` of the
+    flattened parameter (``ds_numel`` of them in all), the last rank's share padded.
+    """
+    _, offset, partition_numel = zero_optimizer.grad_position[zero_optimizer.get_param_id(param)]
+    held = min(partition_numel, param.ds_numel - dp_rank * partition_numel)
+    return (offset, held) if held > 0 else None
+
+
+def hp_slice(param: torch.nn.Parameter) -> tuple[int, int] | None:
+    """ZeRO-1/2 and ``BF16_Optimizer``: ``(start, numel)`` of ``param``'s elements in this rank's
+    flat fp32 partition (``param._hp_mapping``), or ``None`` when this rank holds none."""
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    address = mapping.hp_fragment_address
+    return address.start, address.numel
+
+
+def local_numel(engine: Any, param: torch.nn.Parameter) -> int:
+    """Elements of ``param`` whose fp32 master (and optimizer state) this rank holds: all of
+    them without ZeRO, this rank's slice under ZeRO-1/2/3."""
+    if engine.zero_optimization_stage() == 3:
+        zero = engine.optimizer
+        dp_rank = torch.distributed.get_rank(group=zero.dp_process_group)
+        piece = stage3_slice(zero, param, dp_rank)
+    else:
+        piece = hp_slice(param)
+        if piece is None and engine.zero_optimization_stage() == 0:
+            return param.numel()
+    return 0 if piece is None else piece[1]
+
+
+def master_partitions(engine: Any) -> list[torch.Tensor]:
+    """This rank's flat fp32 master partitions (one per param group or ZeRO-3 sub-group); none
+    without ZeRO, where the optimizer updates the model's parameters themselves."""
+    zero = engine.optimizer
+    for name in (
+        "fp32_partitioned_groups_flat",  # ZeRO-3
+        "single_partition_of_fp32_groups",  # ZeRO-1/2
+        "fp32_groups_flat_partition",  # BF16_Optimizer
+    ):
+        if hasattr(zero, name):
+            return list(getattr(zero, name))
+    return []
+
+
+def optimizer_state_bytes(engine: Any) -> dict[str, int]:
+    """Bytes of optimizer state on this rank, by device type (``"cpu"``, ``"cuda"``...): the
+    fp32 master partitions plus every tensor in the client optimizer's state but ``step``."""
+    by_device: Counter[str] = Counter()
+    tensors = master_partitions(engine) + [
+        value
+        for state in client_optimizer(engine).state.values()
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor) and key != "step"
+    ]
+    for tensor in tensors:
+        by_device[tensor.device.type] += tensor.numel() * tensor.element_size()
+    return dict(by_device)
+
+
+def zero3_residency(param: torch.nn.Parameter) -> str | None:
+    """Where a ZeRO-3 parameter's data is on this rank: ``"whole"`` (gathered and available),
+    ``"released"`` (only this rank's partition kept), ``"partial"`` (in flight); ``None`` for a
+    parameter ZeRO-3 does not manage."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if not hasattr(param, "ds_id"):
+        return None
+    if param.ds_status == ZeroParamStatus.AVAILABLE and param.numel() == param.ds_numel:
+        return "whole"
+    if param.ds_status == ZeroParamStatus.NOT_AVAILABLE:
+        return "released"
+    return "partial"
+
+
+# ---------------------------------------------------------------------------------------------
+# The routed step's segments and reduction (set up by `molf_ds.zero.connect`)
+
+
 def static_candidates(optimizer: MoLFAdamW) -> list[list[bool]]:
     """Every trainable expert is a candidate on every rank.
 
@@ -54,13 +170,61 @@ def hp_mapping_segments(
     state = optimizer.advance_state(flat)
     segments = []
     for param, role in zip(optimizer.plan.params, optimizer.plan.roles, strict=True):
-        mapping = getattr(param, "_hp_mapping", None)
-        if mapping is None:
-            continue  # no slice of this parameter lives on this rank
-        address = mapping.hp_fragment_address
-        piece = (address.start, address.numel)
-        segments.append(make_segment(group, role, flat, flat.grad, state, piece))
+        piece = hp_slice(param)
+        if piece is not None:  # else no slice of this parameter lives on this rank
+            segments.append(make_segment(group, role, flat, flat.grad, state, piece))
     return segments, static_candidates(optimizer)
+
+
+class Stage3Segments:
+    """ZeRO-3: one segment per model-parameter slice (`stage3_slice`) in this rank's fp32
+    sub-group partition.
+
+    ZeRO-3 calls ``step`` once per sub-group; `molf_ds.initialize` sizes ``sub_group_size`` so
+    there is one, and `stage3_segments` refuses more, so routing sees whole modules.
+    """
+
+    def __init__(self, zero_optimizer: Any, dp_rank: int) -> None:
+        self.zero_optimizer = zero_optimizer
+        self.dp_rank = dp_rank
+
+    def __call__(self, optimizer: MoLFAdamW, group: dict) -> tuple[list[Segment], list[list[bool]]]:
+        (flat,) = group["params"]
+        if flat.grad is None:
+            return [], static_candidates(optimizer)
+        state = optimizer.advance_state(flat)
+        segments = []
+        for param, role in zip(optimizer.plan.params, optimizer.plan.roles, strict=True):
+            piece = stage3_slice(self.zero_optimizer, param, self.dp_rank)
+            if piece is not None:
+                segments.append(make_segment(group, role, flat, flat.grad, state, piece))
+        return segments, static_candidates(optimizer)
+
+
+def stage3_segments(engine: Any) -> Stage3Segments:
+    """The ZeRO-3 segment source of ``engine``, after checking that this rank's partition is one
+    sub-group and making the persistent parameters (the LoRA factors) whole on every rank.
+
+    Raises:
+        MoLFConfigError: ZeRO-3 split the partition into more than one sub-group.
+    """
+    from molf_ds.errors import MoLFConfigError
+
+    zero = engine.optimizer
+    count = len(zero.fp32_partitioned_groups_flat)
+    if count != 1:
+        raise MoLFConfigError(
+            f"ZeRO-3 split this rank's partition into {count} sub-groups; MoLF routes each step "
+            "over whole modules with one all-reduce: raise `zero_optimization.sub_group_size` "
+            "above the number of trainable parameters (or leave it unset)"
+        )
+    # DeepSpeed gathers persistent parameters at the end of each step (``_post_step``); until the
+    # first step they would be fetched on first use and released again. Gathering them once
+    # here, as ``_post_step`` does, keeps them resident from the first forward on.
+    persistent = zero.persistent_parameters
+    if persistent:
+        persistent[0].all_gather(persistent)
+    return Stage3Segments(zero, torch.distributed.get_rank(group=zero.dp_process_group))
 
 
 def all_reduce_sum(group: torch.distributed.ProcessGroup | None):
@@ -83,55 +247,77 @@ def all_reduce_sum(group: torch.distributed.ProcessGroup | None):
     return reduce
 
 
-class Stage3Segments:
-    """ZeRO-3: one segment per model-parameter slice in this rank's fp32 sub-group partition.
+# ---------------------------------------------------------------------------------------------
+# Counting collectives
 
-    Relies on ``DeepSpeedZeroOptimizer_Stage3.grad_position[get_param_id(p)] = [sub_group,
-    offset, partition_numel]`` (``set_grad_positions``) and ``p.ds_numel``: rank ``r`` holds
-    elements ``[r * partition_numel, ...)`` of the flattened parameter, the last rank padded.
-    ZeRO-3 calls ``step`` once per sub-group; `molf_ds.initialize` sizes ``sub_group_size`` so
-    there is one, and `check_single_sub_group` refuses more, so routing sees whole modules.
+COLLECTIVES = (
+    "all_reduce",
+    "inference_all_reduce",
+    "all_reduce_coalesced",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_base",
+    "all_gather_coalesced",
+    "all_to_all_single",
+)
+_ABSENT = object()
+
+
+class CollectiveCounter:
+    """Counts the collectives (and all-reduce sizes) started inside ``with counter:`` blocks.
+
+    Two doors are watched: DeepSpeed's communication backend (``deepspeed.comm.comm.cdb``, which
+    may bypass torch.distributed, e.g. its shared-memory all-reduce on CPU) and torch.distributed
+    itself (which molf_ds's routing all-reduce uses). A call that enters through DeepSpeed's door
+    is counted once, there. The counts add up over blocks; nothing is patched outside them.
+
+        counter = CollectiveCounter()
+        with counter:
+            train_one_step()
+        counter.calls  # Counter({"all_reduce": 3, ...})
     """
 
-    def __init__(self, zero_optimizer, dp_rank: int) -> None:
-        self.zero_optimizer = zero_optimizer
-        self.dp_rank = dp_rank
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.all_reduce_numels: list[int] = []
+        self._depth = 0
+        self._saved: list[tuple[Any, str, Any]] = []
 
-    def __call__(self, optimizer: MoLFAdamW, group: dict) -> tuple[list[Segment], list[list[bool]]]:
-        (flat,) = group["params"]
-        if flat.grad is None:
-            return [], static_candidates(optimizer)
-        state = optimizer.advance_state(flat)
-        zero = self.zero_optimizer
-        segments = []
-        for param, role in zip(optimizer.plan.params, optimizer.plan.roles, strict=True):
-            _, offset, partition_numel = zero.grad_position[zero.get_param_id(param)]
-            held = min(partition_numel, param.ds_numel - self.dp_rank * partition_numel)
-            if held > 0:
-                piece = (offset, held)
-                segments.append(make_segment(group, role, flat, flat.grad, state, piece))
-        return segments, static_candidates(optimizer)
+    def __enter__(self) -> CollectiveCounter:
+        from deepspeed.comm import comm as ds_comm
 
+        for owner in (ds_comm.cdb, torch.distributed):
+            if owner is None:
+                continue
+            for name in COLLECTIVES:
+                if hasattr(owner, name):
+                    self._saved.append((owner, name, vars(owner).get(name, _ABSENT)))
+                    setattr(owner, name, self._wrap(name, getattr(owner, name)))
+        return self
 
-def check_single_sub_group(zero_optimizer) -> None:
-    from molf_ds.errors import MoLFConfigError
+    def __exit__(self, *exc_info: object) -> None:
+        for owner, name, original in reversed(self._saved):
+            if original is _ABSENT:
+                delattr(owner, name)  # the class's method shows through again
+            else:
+                setattr(owner, name, original)
+        self._saved.clear()
 
-    count = len(zero_optimizer.fp32_partitioned_groups_flat)
-    if count != 1:
-        raise MoLFConfigError(
-            f"ZeRO-3 split this rank's partition into {count} sub-groups; MoLF routes each step "
-            "over whole modules with one all-reduce: raise `zero_optimization.sub_group_size` "
-            "above the number of trainable parameters (or leave it unset)"
-        )
+    def _wrap(self, name: str, fn):
+        def counted(*args, **kwargs):
+            if self._depth == 0:
+                self.calls[name] += 1
+                tensor = args[0] if args else kwargs.get("tensor")
+                if "all_reduce" in name and isinstance(tensor, torch.Tensor):
+                    self.all_reduce_numels.append(tensor.numel())
+            self._depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
 
-
-def gather_persistent_parameters(zero_optimizer) -> None:
-    """Make ZeRO-3's persistent parameters (the LoRA factors) whole on every rank right away.
-
-    DeepSpeed gathers them at the end of each step (``_post_step``); until the first step they
-    would be fetched on first use and released again. Gathering them once here, as
-    ``_post_step`` does, keeps them resident from the first forward on.
-    """
-    persistent = zero_optimizer.persistent_parameters
-    if persistent:
-        persistent[0].all_gather(persistent)
+        return counted

@@ -90,29 +90,30 @@ def connect(engine: Any, optimizer: MoLFAdamW) -> None:
 
     Segments are read from DeepSpeed's mappings at every step, so nothing here goes stale when
     ``engine.load_checkpoint`` rebuilds them.
+
+    Raises:
+        MoLFConfigError: DeepSpeed put a wrapper around MoLFAdamW that molf_ds cannot run.
     """
     from molf_ds import ds_partitions
 
-    zero_optimizer = engine.optimizer
-    if zero_optimizer is optimizer:
+    stage = engine.zero_optimization_stage()  # 1 also for bf16 + ZeRO-1's BF16_Optimizer
+    if stage == 0 and engine.optimizer is optimizer:
         # No ZeRO: every rank holds every parameter and the averaged gradient, so every rank
         # computes identical scores without a reduction.
         optimizer.segment_source, optimizer.reduce_scores = None, None
         return
-    if getattr(zero_optimizer, "optimizer", None) is not optimizer:
+    if stage == 0 or ds_partitions.client_optimizer(engine) is not optimizer:
         raise MoLFConfigError(
-            f"DeepSpeed wrapped MoLFAdamW in {type(zero_optimizer).__name__}, which molf_ds "
-            "cannot run (fp16 without ZeRO?): use bf16 or fp32, or ZeRO stage >= 1"
+            f"DeepSpeed wrapped MoLFAdamW in {type(engine.optimizer).__name__}, which molf_ds "
+            "cannot run (fp16 or bf16 without ZeRO?): use fp32 without ZeRO, or ZeRO stage >= 1"
         )
-    dp_group = zero_optimizer.dp_process_group
-    if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
-        ds_partitions.check_single_sub_group(zero_optimizer)
-        ds_partitions.gather_persistent_parameters(zero_optimizer)
-        dp_rank = torch.distributed.get_rank(group=dp_group)
-        optimizer.segment_source = ds_partitions.Stage3Segments(zero_optimizer, dp_rank)
+    if stage == 3:
+        optimizer.segment_source = ds_partitions.stage3_segments(engine)
     else:  # ZeRO-1/2, BF16_Optimizer
         optimizer.segment_source = ds_partitions.hp_mapping_segments
-    optimizer.reduce_scores = ds_partitions.all_reduce_sum(dp_group)
+    optimizer.reduce_scores = ds_partitions.all_reduce_sum(
+        ds_partitions.data_parallel_group(engine)
+    )
 
 
 def prepare_ds_config(config: dict | str | Path, optimizer: MoLFAdamW) -> tuple[dict, list[str]]:

@@ -1,6 +1,6 @@
 """`molf_ds.initialize`'s config handling: what it fills, what it refuses, the shipped configs.
 
-Expected values come from DESIGN.md's DeepSpeed facts: a client optimizer needs
+Expected values come from the DeepSpeed facts of docs/design.md: a client optimizer needs
 `zero_allow_untested_optimizer`, offload needs `zero_force_ds_cpu_optimizer: false`, ZeRO-3 keeps
 LoRA factors resident through `stage3_param_persistence_threshold`.
 """

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import molf_ds
+from molf_ds import ds_partitions
 from molf_ds.runtime import run_then_exit
 from molf_ds.zero import fill_auto
 
@@ -163,7 +164,7 @@ def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
     params = {name: full_param(param) for name, param in engine.module.named_parameters()}
     every_rank, every_state = [None] * world, [None] * world
     dist.all_gather_object(every_rank, winners)
-    dist.all_gather_object(every_state, state_bytes(engine, optimizer))
+    dist.all_gather_object(every_state, state_bytes(engine))
     return {
         "params": params,
         "winners": every_rank,
@@ -171,57 +172,39 @@ def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
         "residency": residency,
         "ds_optimizer": type(engine.optimizer).__name__,
         "state_bytes": every_state,
-        "trainable_numel": sum(
-            p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in optimizer.plan.params
-        ),
+        "trainable_numel": optimizer.plan.total_numel,
     }
 
 
-def state_bytes(engine, optimizer: molf_ds.MoLFAdamW) -> int:
+def state_bytes(engine) -> int:
     """fp32 master partition(s) + the optimizer's moments that this rank holds."""
-    zero = engine.optimizer
-    masters = []
-    for name in (
-        "fp32_partitioned_groups_flat",
-        "single_partition_of_fp32_groups",
-        "fp32_groups_flat_partition",
-    ):
-        masters = list(getattr(zero, name, []))
-        if masters:
-            break
-    moments = [t for state in optimizer.state.values() for k, t in state.items() if k != "step"]
-    return sum(t.numel() * t.element_size() for t in masters + moments)
+    return sum(ds_partitions.optimizer_state_bytes(engine).values())
 
 
 def zero3_residency(model: nn.Module) -> dict | None:
     """Under ZeRO-3: are all LoRA factors whole and available (never released), while the
     base weights are released to their partitions between forwards?"""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    params = dict(model.named_parameters())
-    if not any(hasattr(p, "ds_id") for p in params.values()):
+    residency = {name: ds_partitions.zero3_residency(p) for name, p in model.named_parameters()}
+    if all(where is None for where in residency.values()):
         return None
-    lora = [p for n, p in params.items() if "lora_" in n]
-    base = [p for n, p in params.items() if ".base.weight" in n]
     return {
-        "lora_resident": all(
-            p.ds_status == ZeroParamStatus.AVAILABLE and p.numel() == p.ds_numel for p in lora
-        ),
-        "base_released": all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in base),
+        "lora_resident": all(w == "whole" for n, w in residency.items() if "lora_" in n),
+        "base_released": all(w == "released" for n, w in residency.items() if ".base.weight" in n),
     }
 
 
 def full_param(param: torch.nn.Parameter) -> torch.Tensor:
     """The whole fp32 parameter: the optimizer's master copy when it has one (ZeRO-1/2/3,
-    bf16), else the gathered (ZeRO-3) or plain weight of a frozen parameter."""
+    bf16), else the plain or (ZeRO-3) gathered weight of a frozen parameter."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
     full = safe_get_full_fp32_param(param) if param.requires_grad else None
-    if full is None and hasattr(param, "ds_id"):
+    if full is None:
+        # a no-op for a parameter ZeRO-3 does not partition
         with deepspeed.zero.GatheredParameters([param]):
             return param.detach().float().cpu().clone()
-    return (param.detach() if full is None else full).float().cpu().clone()
+    return full.float().cpu().clone()
 
 
 def run_reference(name: str, steps: int, world_of_data: int) -> dict:
