@@ -1,9 +1,9 @@
 """A real two-node Slurm cluster on this machine for the Slurm tests.
 
 munged + slurmctld + two slurmd daemons posing as nodes ``n1`` and ``n2`` (both 127.0.0.1, one
-port each), all from Debian's packages (`.ci/run` installs them), configured by a generated
-slurm.conf in a temporary directory and stopped by PID at the end. No systemd: every daemon runs
-in the foreground (``-D``) as a child of the test process.
+port each), all from Debian's packages (`scripts/install-slurm` installs them), configured by a
+generated slurm.conf in a temporary directory and stopped by PID at the end. No systemd: every
+daemon runs in the foreground (``-D``) as a child of the test process. Needs root.
 """
 
 from __future__ import annotations
@@ -17,6 +17,22 @@ import time
 from pathlib import Path
 
 NODES = ("n1", "n2")
+PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+# every program the cluster and the tests run; the daemons and mungekey live in /usr/sbin, which
+# is not on a non-root user's PATH on Debian
+BINARIES = (
+    "slurmctld",
+    "slurmd",
+    "sbatch",
+    "sinfo",
+    "squeue",
+    "scontrol",
+    "scancel",
+    "munged",
+    "munge",
+    "mungekey",
+    "runuser",
+)
 CPUS_PER_NODE = 2  # the CI machine's cores: two 1-CPU ranks per node (tiny models oversubscribe)
 
 SLURM_CONF = """\
@@ -57,6 +73,23 @@ PartitionName=debug Nodes={node_list} Default=YES MaxTime=INFINITE State=UP Over
 """
 
 
+def _path() -> str:
+    return os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+
+
+def unusable() -> str | None:
+    """Why this machine cannot run the cluster, in one line (what to do about it), or None."""
+    missing = [name for name in BINARIES if shutil.which(name, path=_path()) is None]
+    if missing:
+        return (
+            f"Slurm is not installed: apt-get install {' '.join(PACKAGES)} "
+            f"(missing: {' '.join(missing)})"
+        )
+    if os.geteuid() != 0:
+        return "the Slurm tests need root: they run munged, slurmctld and slurmd as root"
+    return None
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -70,7 +103,7 @@ class SlurmCluster:
         self.root = root
         self.conf = root / "slurm.conf"
         self.procs: list[subprocess.Popen] = []
-        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf), PATH=_path())
 
     def start(self, timeout: float = 60) -> None:
         for sub in ("state", "spool/n1", "spool/n2"):
@@ -95,18 +128,18 @@ class SlurmCluster:
         """munged must run as the munge user, with a key only munge can read."""
         key = Path("/etc/munge/munge.key")
         if not key.exists():
-            subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True)
+            subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, env=self.env)
         shutil.chown(key, "munge", "munge")
         key.chmod(0o400)
         run_dir = Path("/run/munge")
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.chown(run_dir, "munge", "munge")
-        ping = subprocess.run(["munge", "-n"], capture_output=True)
+        ping = subprocess.run(["munge", "-n"], capture_output=True, env=self.env)
         if ping.returncode == 0:
             return  # a munged is already serving this machine: share it
         self._spawn(["runuser", "-u", "munge", "--", "munged", "-F", "--force"], "munged.out")
         deadline = time.monotonic() + 20
-        while subprocess.run(["munge", "-n"], capture_output=True).returncode != 0:
+        while subprocess.run(["munge", "-n"], capture_output=True, env=self.env).returncode:
             if time.monotonic() > deadline:
                 raise RuntimeError("munged did not start")
             time.sleep(0.1)

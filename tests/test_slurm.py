@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.launch import REPO, cpu_env, free_port, run_group
-from tests.slurm_cluster import SlurmCluster
+from tests.slurm_cluster import SlurmCluster, unusable
 from tests.test_train import SMALL, _assert_same_weights
+
+pytestmark = pytest.mark.slow  # a real Slurm cluster and multi-rank jobs
 
 # 20 steps, a checkpoint every 2: long enough for the requeue test to interrupt it twice.
 JOB = [*SMALL, "max_steps=20", "save_every=2"]
@@ -27,6 +29,9 @@ TWO_NODES = ["--nodes=2", "--ntasks-per-node=2"]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    problem = unusable()
+    if problem:  # one line saying what to install, not a traceback from inside the fixture
+        pytest.fail(problem, pytrace=False)
     slurm = SlurmCluster(tmp_path_factory.mktemp("slurm"))
     try:
         slurm.start()

@@ -1,0 +1,197 @@
+"""The package's layering: the library (``molf_ds/`` outside ``molf_ds/train/``: the optimizer and
+its DeepSpeed integration, ``pip install molf-ds``) never depends on the training job
+(``molf_ds/train/``, ``pip install molf-ds[train]``) nor on what only the training job needs, and
+only ``molf_ds/zero.py`` and ``molf_ds/ds_partitions.py`` touch DeepSpeed.
+
+Checked statically (every import statement in the library's source, top-level or inside a
+function, and ``importlib.import_module`` / ``__import__`` with a literal name) and at runtime
+(the library works in a process where the training-only packages cannot be imported).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "molf_ds"
+TRAIN_PACKAGE = "molf_ds.train"
+# The training job's own dependencies: the `train` extra in pyproject.toml (import names).
+TRAINING_ONLY = ("datasets", "tensorboard", "matplotlib", "tqdm", "yaml", "pydantic")
+DEEPSPEED_USERS = ("molf_ds/ds_partitions.py", "molf_ds/zero.py")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _library_files() -> list[Path]:
+    train_dir = PACKAGE / "train"
+    return sorted(p for p in PACKAGE.rglob("*.py") if train_dir not in p.parents)
+
+
+def imports_in(source: str, module: str, is_package: bool = False) -> list[tuple[int, str, str]]:
+    """Every module ``source`` (the text of ``module``) imports: (line, dotted name, statement).
+
+    ``from a import b`` yields both ``a`` and ``a.b`` (``b`` may be a submodule); relative
+    imports are resolved against ``module``'s package.
+    """
+    tree = ast.parse(source)
+    package = module if is_package else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base_parts = package.split(".")
+            if node.level:
+                base_parts = base_parts[: len(base_parts) - (node.level - 1)]
+                base = ".".join([*base_parts, *([node.module] if node.module else [])])
+            else:
+                base = node.module or ""
+            names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and (
+                (isinstance(node.func, ast.Name) and node.func.id == "__import__")
+                or (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+            )
+        ):
+            names = [node.args[0].value]
+        if names:
+            statement = " ".join((ast.get_source_segment(source, node) or "").split())
+            found += [(node.lineno, name, statement) for name in names]
+    return found
+
+
+def _under(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def _offences(predicate) -> list[str]:
+    """Every import in the library for which ``predicate(file, imported name)`` holds."""
+    offences = []
+    for path in _library_files():
+        relative = path.relative_to(REPO).as_posix()
+        module = _module_name(path)
+        found = imports_in(path.read_text(), module, is_package=path.name == "__init__.py")
+        offences += [
+            f"{relative}:{line} imports {name} (`{statement}`)"
+            for line, name, statement in found
+            if predicate(relative, name)
+        ]
+    return sorted(set(offences))
+
+
+def test_the_scanner_sees_every_form_of_import():
+    source = textwrap.dedent(
+        """
+        import molf_ds.train
+        from molf_ds.train import recipe
+        from molf_ds import train
+        from . import train as t
+        from .train.recipe import main
+        import importlib
+        def later():
+            import tqdm.auto
+            importlib.import_module("yaml")
+        """
+    )
+    names = {name for _, name, _ in imports_in(source, "molf_ds.zero")}
+    assert {"molf_ds.train", "molf_ds.train.recipe", "tqdm.auto", "yaml"} <= names
+    per_line = {
+        line
+        for line, name, _ in imports_in(source, "molf_ds.zero")
+        if _under(name, "molf_ds.train")
+    }
+    assert per_line == {2, 3, 4, 5, 6}, per_line
+    files = {p.relative_to(REPO).as_posix() for p in _library_files()}
+    assert {"molf_ds/__init__.py", *DEEPSPEED_USERS} <= files, files
+    assert not any(f.startswith("molf_ds/train/") for f in files), files
+
+
+def test_library_does_not_import_the_training_job():
+    offences = _offences(lambda _file, name: _under(name, TRAIN_PACKAGE))
+    assert not offences, (
+        "the library (molf_ds/ outside molf_ds/train/) must not import the training job:\n"
+        + "\n".join(offences)
+    )
+
+
+def test_only_zero_and_ds_partitions_import_deepspeed():
+    offences = _offences(
+        lambda file, name: _under(name, "deepspeed") and file not in DEEPSPEED_USERS
+    )
+    assert not offences, (
+        f"only {' and '.join(DEEPSPEED_USERS)} may import deepspeed:\n" + "\n".join(offences)
+    )
+
+
+def test_library_does_not_import_training_only_packages():
+    offences = _offences(lambda _file, name: any(_under(name, pkg) for pkg in TRAINING_ONLY))
+    assert not offences, (
+        f"the library must not import the training job's dependencies ({', '.join(TRAINING_ONLY)}"
+        "; the `train` extra):\n" + "\n".join(offences)
+    )
+
+
+# The user's side (torch, a transformers model) is set up first: transformers itself imports tqdm
+# and yaml. Then every training-only package, and whatever of it is loaded already, is blocked
+# (`sys.modules[name] = None` makes any later import of it raise ImportError naming it).
+WITHOUT_TRAINING_PACKAGES = """
+import sys
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+config = LlamaConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+)
+model = LlamaForCausalLM(config)
+blocked = {blocked!r}
+for name in list(sys.modules):
+    if name.split(".")[0] in blocked:
+        sys.modules[name] = None
+for name in blocked:
+    sys.modules[name] = None
+
+import molf_ds
+
+molf_ds.wrap(model, molf_ds.MoLFConfig(lora_ranks=(4,)))
+optimizer = molf_ds.MoLFAdamW(model, lr=1e-2, fused=False)
+before = [p.detach().clone() for p in model.parameters()]
+ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+model(input_ids=ids, labels=ids).loss.backward()
+optimizer.step()
+assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters())), "nothing moved"
+loaded = sorted(name for name in sys.modules if name.startswith("{train}"))
+assert not loaded, f"the library imported the training job: {{loaded}}"
+print("ok")
+"""
+
+
+def test_library_works_without_training_only_packages():
+    """`import molf_ds`, wrap a model, one MoLFAdamW step: none of it needs the `train` extra."""
+    script = WITHOUT_TRAINING_PACKAGES.format(blocked=TRAINING_ONLY, train=TRAIN_PACKAGE)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", (
+        f"with {', '.join(TRAINING_ONLY)} unimportable, the library must still import, wrap a "
+        f"model and step MoLFAdamW:\n{result.stderr[-4000:]}"
+    )
