@@ -340,6 +340,7 @@ def cli_runs():
     return results
 
 
+@pytest.mark.slow
 def test_exported_and_lazy(cli_runs):
     assert molf_ds.estimate_memory is estimate_memory
     assert "estimate_memory" in molf_ds.__all__
@@ -347,6 +348,7 @@ def test_exported_and_lazy(cli_runs):
     assert out.stdout.strip() == "[]", out.stderr  # `import molf_ds` loads neither
 
 
+@pytest.mark.slow
 def test_cli_table(cli_runs):
     out = cli_runs["table"]
     assert out.returncode == 0, out.stderr
@@ -365,6 +367,7 @@ def _assert_one_line_error(returncode: int, stdout: str, stderr: str, message: s
     assert stderr.startswith("molf-estimate: error:") and message in stderr, stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("run", "message"),
     [("missing", "neither a preset"), ("unknown", "invalid choice: 'gpt-17'")],

@@ -92,6 +92,7 @@ RELOAD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_adapter_and_merged_reload_without_molf_ds(tmp_path):
     model, base_dir = _wrapped(tmp_path, train_base=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}

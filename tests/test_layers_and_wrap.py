@@ -615,6 +615,7 @@ RELOAD_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_merge_save_pretrained_reloads_without_molf_ds(arch, tmp_path):
     """save_pretrained after merge reloads via AutoModelForCausalLM in a process that never
     imports molf_ds, and gives the unmerged model's logits."""

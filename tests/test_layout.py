@@ -17,6 +17,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "molf_ds"
 TRAIN_PACKAGE = "molf_ds.train"
@@ -179,6 +181,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # a subprocess
 def test_library_works_without_training_only_packages():
     """`import molf_ds`, wrap a model, one MoLFAdamW step: none of it needs the `train` extra."""
     script = WITHOUT_TRAINING_PACKAGES.format(blocked=TRAINING_ONLY, train=TRAIN_PACKAGE)

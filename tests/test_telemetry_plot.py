@@ -242,6 +242,7 @@ def _assert_png(path: Path) -> None:
     assert data.startswith(PNG_MAGIC) and len(data) > 1000, path
 
 
+@pytest.mark.slow
 def test_molf_plot_cli(tmp_path):
     run = tmp_path / "run"
     _write_run(run)
@@ -259,6 +260,7 @@ def test_molf_plot_cli(tmp_path):
         _assert_png(out / name)
 
 
+@pytest.mark.slow
 def test_molf_plot_bad_input_cli(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "molf_ds.train.plot", str(tmp_path / "missing")],

@@ -68,6 +68,7 @@ BAD_INPUT = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "message"), BAD_INPUT)
 def test_train_bad_input_one_line_error_and_writes_nothing(tmp_path, args, message) -> None:
     out = tmp_path / "run"
@@ -79,6 +80,7 @@ def test_train_bad_input_one_line_error_and_writes_nothing(tmp_path, args, messa
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("content", "message"),
     [("", "no records"), ('{"question": "q", "answer": "a"}\n', "prompt")],
@@ -94,6 +96,7 @@ def test_train_bad_dataset_file_one_line_error(tmp_path, content, message) -> No
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_train_refuses_someone_elses_output_dir(tmp_path) -> None:
     out = tmp_path / "taken"
     out.mkdir()
@@ -105,6 +108,7 @@ def test_train_refuses_someone_elses_output_dir(tmp_path) -> None:
     assert (out / "precious.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_train_help_lists_every_option_with_default() -> None:
     from molf_ds.train.config import TrainConfig
 
@@ -128,6 +132,7 @@ def straight_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_train_two_ranks_writes_every_output(straight_run: Path) -> None:
     outputs = json.loads((straight_run / "outputs.json").read_text())
     for key in ("checkpoint", "merged_model", "metrics", "routing_log", "figures", "eval"):
@@ -147,6 +152,7 @@ def test_train_two_ranks_writes_every_output(straight_run: Path) -> None:
     assert evaluation["examples"] == 2 and 0.0 <= evaluation["exact_match"] <= 1.0
 
 
+@pytest.mark.slow
 def test_train_cpu_ranks_leave_deepspeeds_shm_op_out(straight_run: Path) -> None:
     """On the CPU accelerator the ranks talk over plain gloo: DeepSpeed's shared-memory op is
     neither built nor loaded, so no ``/dev/shm`` buffer of this job outlives it."""
@@ -156,6 +162,7 @@ def test_train_cpu_ranks_leave_deepspeeds_shm_op_out(straight_run: Path) -> None
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
+@pytest.mark.slow
 def test_train_resume_auto_ends_like_a_straight_run(tmp_path, straight_run: Path) -> None:
     out = tmp_path / "run"
     first = _train([f"output_dir={out}", *SMALL, "stop_after=3"], launcher="deepspeed.sh")
@@ -168,6 +175,7 @@ def test_train_resume_auto_ends_like_a_straight_run(tmp_path, straight_run: Path
     _assert_same_weights(out, straight_run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun.sh", "mpirun.sh"])
 def test_train_other_launchers_match_deepspeed_launcher(tmp_path, straight_run, launcher) -> None:
     out = tmp_path / "run"
@@ -177,6 +185,7 @@ def test_train_other_launchers_match_deepspeed_launcher(tmp_path, straight_run, 
     _assert_same_weights(out, straight_run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("repeat", [1, 2])
 @pytest.mark.parametrize("launcher", ["deepspeed.sh", "torchrun.sh", "mpirun.sh"])
 def test_train_launchers_exit_cleanly_every_time(tmp_path, launcher: str, repeat: int) -> None:
@@ -189,6 +198,7 @@ def test_train_launchers_exit_cleanly_every_time(tmp_path, launcher: str, repeat
     assert (out / "outputs.json").exists()
 
 
+@pytest.mark.slow
 def test_train_local_model_dir_and_jsonl_data(tmp_path) -> None:
     """A Hugging Face model directory and a local JSONL file, as users bring them."""
     from molf_ds.train.recipe import load_model
@@ -216,6 +226,7 @@ def test_train_local_model_dir_and_jsonl_data(tmp_path) -> None:
     assert "exact_match" not in evaluation and evaluation["examples"] == 2
 
 
+@pytest.mark.slow
 def test_train_ds_config_that_disagrees_with_the_job_is_one_line(tmp_path) -> None:
     ds_config = tmp_path / "ds.json"
     ds_config.write_text(
@@ -229,6 +240,7 @@ def test_train_ds_config_that_disagrees_with_the_job_is_one_line(tmp_path) -> No
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fft", "lora", "adalora", "molf-efficient"])
 def test_train_every_mode_runs_and_exports(tmp_path, mode: str) -> None:
     out = tmp_path / "run"

@@ -25,6 +25,8 @@ import torch
 
 from tests import launch
 
+pytestmark = pytest.mark.slow  # real multi-rank DeepSpeed jobs
+
 RESUME_CASES = ["z2", "z3", "z1_offload"]
 UNIVERSAL_CASES = ["z2", "z3"]
 FP32_CASES = ["z2", "z3", "qwen2"]  # qwen2: a tiny transformers Qwen2ForCausalLM under ZeRO-2

@@ -15,6 +15,8 @@ import torch
 from molf_ds.estimate import optimizer_state_bytes_per_rank
 from tests import launch
 
+pytestmark = pytest.mark.slow  # real multi-rank DeepSpeed jobs
+
 FP32_CASES = [
     "z0",
     "z1",
