@@ -150,8 +150,8 @@ def prepare_ds_config(config: dict | str | Path, optimizer: MoLFAdamW) -> tuple[
     set_default(ds_config, "zero_allow_untested_optimizer", True, "")
 
     if zero.get("round_robin_gradients"):
-        # DeepSpeed 0.19's round-robin layout leaves param._hp_mapping pointing at the wrong
-        # slices of the flat partition, which the routed step reads.
+        # DeepSpeed 0.19's round-robin layout leaves each parameter's slice mapping
+        # (`ds_partitions.hp_slice`) pointing at the wrong part of the flat partition.
         raise MoLFConfigError(
             "`zero_optimization.round_robin_gradients` is not supported by MoLF: remove it"
         )
