@@ -250,3 +250,28 @@ def test_train_every_mode_runs_and_exports(tmp_path, mode: str) -> None:
     assert (out / "merged" / "model.safetensors").exists()
     if mode == "molf-efficient":
         assert (out / "adapter" / "adapter_config.json").exists()
+
+
+# ---- molf-sweep ------------------------------------------------------------------------------
+def test_sweep_table_json_and_errors(tmp_path, capsys) -> None:
+    from molf_ds.train import sweep
+
+    for name, lr, done in [("a", 1e-3, True), ("b", 3e-3, True), ("c", 1e-3, False)]:
+        run = tmp_path / name
+        run.mkdir()
+        (run / "run_config.json").write_text(json.dumps({"mode": "molf", "lr": lr, "seed": 0}))
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 4, "loss": 1.5}) + "\n")
+        if done:
+            (run / "outputs.json").write_text("{}")
+    sweep.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == list(sweep.COLUMNS)
+    assert "unfinished (1): c" in out
+    sweep.main([str(tmp_path), "--json"])
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [row["run"] for row in rows] == ["a", "b"] and rows[0]["final_loss"] == 1.5
+    for argv, message in [([], "required: RUNS_DIR"), ([str(tmp_path / "no")], "not a directory")]:
+        with pytest.raises(SystemExit) as info:
+            sweep.main(argv)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "molf-sweep: error:" in err and message in err

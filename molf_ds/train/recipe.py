@@ -12,6 +12,10 @@ Copy-paste launches (each starts the same job; add ``--config run.yaml`` and ``k
 ``molf-train --help`` lists every option with its default. Outputs in ``output_dir``:
 metrics.jsonl, tensorboard/, routing.jsonl (MoLF modes), figures (molf-plot), checkpoints/,
 merged/ (a plain Hugging Face model), adapter/ (PEFT LoRA, MoLF-Efficient), eval.json.
+
+Reading order: `Recipe` (set-up → loop → finish, the same for every mode), `main`, then the one
+table `METHODS` of what differs by mode (model, optimizer and engine, a per-micro-step hook,
+routing logs, exports) with the functions it names, then helpers.
 """
 
 from __future__ import annotations
@@ -21,7 +25,11 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from molf_ds.errors import MoLFError
 from molf_ds.runtime import shutdown
@@ -45,42 +53,95 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 # Exit status of a run stopped by SIGUSR1/SIGTERM after checkpointing: EX_TEMPFAIL ("try again"),
 # which slurm/train.sbatch turns into `scontrol requeue`; `resume=auto` then continues.
 PREEMPTED_EXIT = 75
+# What the progress bar shows of a metrics record: key -> (label, format).
+POSTFIX = {
+    "loss": ("loss", "{:.3f}"),
+    "lr": ("lr", "{:.2e}"),
+    "tokens_per_s": ("tok/s", "{:.0f}"),
+    "fft_share": ("fft", "{:.2f}"),
+}
 
 
-class Recipe:
-    """One training run: ``setup`` → ``train`` → ``finish``; ``cleanup`` always runs."""
+@dataclass(frozen=True)
+class Derived:
+    """What the job derives from the config and its launch. The validated config is never
+    changed: a global ``batch_size`` fixes the accumulation steps here, not in the config."""
 
-    def __init__(self, config: TrainConfig) -> None:
-        self.config = config
-        self.output_dir = Path(config.output_dir)
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.start_step = 0
-        self.preempted = False
+    rank: int
+    world_size: int
+    gradient_accumulation_steps: int
+    zero_stage: int  # from the DeepSpeed config
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+
+@dataclass(frozen=True)
+class Method:
+    """Everything that differs between the modes (`METHODS`); the recipe never reads ``mode``."""
+
+    # (config, freshly loaded model) -> the model to train: wrapped, adapted or as loaded;
+    # built again on a fresh model for the export.
+    build_model: Callable[[TrainConfig, Any], Any]
+    # (config, model, DeepSpeed config, ZeRO stage) -> (engine, optimizer)
+    build_engine: Callable[[TrainConfig, Any, dict, int], tuple[Any, Any]]
+    # (config, tokenizer, fresh base model, load_trained, output_dir) -> outputs; load_trained()
+    # builds this mode's model on the base and loads the final weights into it.
+    export: Callable[[TrainConfig, Any, Any, Callable[[], Any], Path], dict]
+    # (model, engine, step) after each micro-step's backward, before engine.step()
+    after_backward: Callable[[Any, Any, int], None] = lambda model, engine, step: None
+    # MoLF routing: routing.jsonl and the FFT share in the metrics
+    routed: bool = False
+
+
+class Recipe:
+    """One training run: ``setup`` → ``train`` → ``finish``; ``cleanup`` always runs.
+
+    Every attribute is born in ``__init__``; ``setup`` (and ``train``) assign what the
+    ``_setup_*`` helpers return.
+    """
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.method = METHODS[config.mode]
+        self.output_dir = Path(config.output_dir)
+        self.ckpt_dir = self.output_dir / "checkpoints"
+        # assigned by setup()
+        self.derived: Derived | None = None
+        self.tokenizer = None
+        self.model = None
+        self.train_examples: list | None = None
+        self.eval_records: list | None = None
+        self.engine = None
+        self.optimizer = None
+        self.start_step = 0
+        self.metrics = None
+        self.routing_log = None
+        # assigned by train()
+        self.signals: _PreemptionSignals | None = None
+        self.final_step = 0
+        self.preempted = False
+
     # ---- set-up: everything is checked before anything is written -------------------------
     def setup(self) -> None:
         cfg = self.config
         self._check_output_dir()
-        self._setup_distributed()
-        self._resolve_batch()
+        rank, world_size = self._setup_distributed()
+        self.derived, ds_config = self._setup_derived(rank, world_size)
         self.tokenizer, self.model = self._setup_model()
-        self.train_examples, self.eval_records = self._setup_data()
-        self.engine, self.optimizer = self._setup_engine()
-        self.ckpt_dir = self.output_dir / "checkpoints"
-        if cfg.resume != "no":
-            self._resume()
-        if self.is_main:  # every check passed: only now is anything written
+        self.train_examples, self.eval_records = self._setup_data(self.tokenizer)
+        self.engine, self.optimizer = self.method.build_engine(
+            cfg, self.model, ds_config, self.derived.zero_stage
+        )
+        self.start_step = self._resume()
+        if self.derived.is_main:  # every check passed: only now is anything written
             if cfg.overwrite and self.output_dir.is_dir():
                 _clear_run_dir(self.output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             _write_json(self.output_dir / "run_config.json", cfg.to_dict())
         _barrier()
-        self._setup_telemetry()
+        self.metrics, self.routing_log = self._setup_telemetry()
 
     def _check_output_dir(self) -> None:
         cfg = self.config
@@ -93,80 +154,29 @@ class Recipe:
                 "that run, overwrite=true to replace it, or choose another output_dir"
             )
 
-    def _setup_distributed(self) -> None:
-        _ensure_launch_env()
-        self.rank = int(os.environ["RANK"])
-        self.world_size = int(os.environ["WORLD_SIZE"])
+    def _setup_distributed(self) -> tuple[int, int]:
+        """``(rank, world_size)`` once the process group is up, whatever the launcher."""
         from molf_ds.zero import init_distributed
 
+        _ensure_launch_env()
         init_distributed()
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
-    def _setup_model(self):
-
-        cfg = self.config
-        tokenizer, model = load_model(cfg.model, seed=cfg.seed)
-        if cfg.mode in ("molf", "molf-efficient"):
-            import molf_ds
-
-            molf_ds.wrap(model, self._molf_config())
-        elif cfg.mode in ("lora", "adalora"):
-            model = _peft_model(model, cfg)
-        return tokenizer, model
-
-    def _molf_config(self):
-        import molf_ds
+    def _setup_derived(self, rank: int, world_size: int) -> tuple[Derived, dict]:
+        """The derived values and the filled DeepSpeed config. A global ``batch_size`` fixes
+        the accumulation steps: it must divide evenly."""
+        from molf_ds.zero import fill_auto
 
         cfg = self.config
-        return molf_ds.MoLFConfig(
-            lora_ranks=tuple(cfg.lora_ranks),
-            lora_alpha=cfg.lora_alpha,
-            use_rslora=cfg.use_rslora,
-            train_base=cfg.mode == "molf",
-        )
-
-    def _resolve_batch(self) -> None:
-        """``batch_size`` (global) fixes the accumulation steps: it must divide evenly."""
-        cfg = self.config
-        per_step = cfg.micro_batch_size * self.world_size
+        per_step = cfg.micro_batch_size * world_size
+        accumulation = cfg.gradient_accumulation_steps
         if cfg.batch_size:
             if cfg.batch_size % per_step:
                 raise MoLFError(
                     f"`batch_size`={cfg.batch_size} is not divisible by micro_batch_size x ranks "
-                    f"= {cfg.micro_batch_size} x {self.world_size}: change one of them"
+                    f"= {cfg.micro_batch_size} x {world_size}: change one of them"
                 )
-            self.config = cfg.model_copy(
-                update={"gradient_accumulation_steps": cfg.batch_size // per_step}
-            )
-
-    def _setup_data(self):
-        from molf_ds.train import data
-
-        cfg = self.config
-        train_records, eval_records = data.load_records(
-            None if cfg.data == "sql" else cfg.data,
-            prompt_field=cfg.prompt_field,
-            completion_field=cfg.completion_field,
-            eval_fraction=cfg.eval_fraction,
-            seed=cfg.seed,
-        )
-        examples = data.tokenize(train_records, self.tokenizer, cfg.max_length)
-        global_batch = cfg.micro_batch_size * self.world_size
-        if len(examples) < global_batch:
-            raise MoLFError(
-                f"{len(examples)} training examples cannot fill one global batch of "
-                f"{global_batch} (micro_batch_size={cfg.micro_batch_size} x {self.world_size} "
-                "ranks): lower micro_batch_size or add data"
-            )
-        return examples, eval_records
-
-    def _setup_engine(self):
-        import deepspeed
-        import torch
-
-        import molf_ds
-        from molf_ds.zero import fill_auto
-
-        cfg = self.config
+            accumulation = cfg.batch_size // per_step
         ds_path = Path(cfg.ds_config)
         if not ds_path.exists():
             ds_path = CONFIG_DIR / f"{cfg.ds_config.removesuffix('.json')}.json"
@@ -178,131 +188,141 @@ class Recipe:
         ds_config = fill_auto(
             ds_path,
             micro_batch_size=cfg.micro_batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            world_size=self.world_size,
+            gradient_accumulation_steps=accumulation,
+            world_size=world_size,
             gradient_clipping=cfg.gradient_clipping,
             bf16=cfg.bf16,
         )
         ds_config["steps_per_print"] = 10**9
-        stage = self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-        if cfg.mode == "adalora" and stage != 0:
-            raise MoLFError(
-                f"mode=adalora reads every parameter's full gradient, which ZeRO-{stage} "
-                "partitions away: use ds_config=zero0"
-            )
-        schedule = _lr_lambda(cfg)
+        stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        return Derived(rank, world_size, accumulation, stage), ds_config
 
-        def scheduler(optimizer):
-            return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    def _setup_model(self):
+        tokenizer, model = load_model(self.config.model, seed=self.config.seed)
+        return tokenizer, self.method.build_model(self.config, model)
 
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        if cfg.mode in ("molf", "molf-efficient"):
-            optimizer = molf_ds.MoLFAdamW(
-                self.model,
-                lr=cfg.lr,
-                lora_lr=cfg.lora_lr,
-                weight_decay=cfg.weight_decay,
-                lora_weight_decay=cfg.lora_weight_decay,
-                top_k=cfg.top_k,
-                score=cfg.score,
-            )
-            engine, _, _, _ = molf_ds.initialize(
-                model=self.model, optimizer=optimizer, config=ds_config, lr_scheduler=scheduler
-            )
-            return engine, optimizer
-        lr = cfg.lora_lr if cfg.mode != "fft" and cfg.lora_lr is not None else cfg.lr
-        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.weight_decay)
-        ds_config["zero_allow_untested_optimizer"] = True
-        if (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device"):
-            ds_config["zero_force_ds_cpu_optimizer"] = False
-        engine, _, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, config=ds_config, lr_scheduler=scheduler
+    def _setup_data(self, tokenizer) -> tuple[list, list]:
+        from molf_ds.train import data
+
+        cfg, world_size = self.config, self.derived.world_size
+        train_records, eval_records = data.load_records(
+            None if cfg.data == "sql" else cfg.data,
+            prompt_field=cfg.prompt_field,
+            completion_field=cfg.completion_field,
+            eval_fraction=cfg.eval_fraction,
+            seed=cfg.seed,
         )
-        return engine, optimizer
+        examples = data.tokenize(train_records, tokenizer, cfg.max_length)
+        global_batch = cfg.micro_batch_size * world_size
+        if len(examples) < global_batch:
+            raise MoLFError(
+                f"{len(examples)} training examples cannot fill one global batch of "
+                f"{global_batch} (micro_batch_size={cfg.micro_batch_size} x {world_size} "
+                "ranks): lower micro_batch_size or add data"
+            )
+        return examples, eval_records
 
-    def _resume(self) -> None:
+    def _resume(self) -> int:
+        """The step to start from: 0, or that of the checkpoint ``resume`` names."""
         cfg = self.config
+        if cfg.resume == "no":
+            return 0
         path = self.ckpt_dir if cfg.resume == "auto" else Path(cfg.resume)
         if not (path / "latest").exists():
             if cfg.resume == "auto":
-                return  # nothing to resume: start from step 0
+                return 0  # nothing to resume: start from step 0
             raise MoLFError(f"`resume` {path} holds no DeepSpeed checkpoint ('latest' missing)")
         _, client_state = self.engine.load_checkpoint(str(path))
-        self.start_step = int(client_state["step"])
-        if self.is_main:
-            print(f"molf-train: resumed from {path} at step {self.start_step}", flush=True)
+        step = int(client_state["step"])
+        if self.derived.is_main:
+            print(f"molf-train: resumed from {path} at step {step}", flush=True)
+        return step
 
-    def _setup_telemetry(self) -> None:
+    def _setup_telemetry(self):
+        """``(metrics, routing_log)``: metrics on rank 0; the routing log too, where routed."""
         from molf_ds.train.telemetry import MetricsWriter, RoutingLog
 
-        self.metrics = MetricsWriter(self.output_dir, enabled=self.is_main)
-        self.routing_log = None
-        if self.is_main and self.config.mode in ("molf", "molf-efficient"):
-            plan = self.optimizer.plan
-            self.routing_log = RoutingLog(
-                self.output_dir / "routing.jsonl", plan.module_names, plan.expert_names
-            )
+        is_main = self.derived.is_main
+        metrics = MetricsWriter(self.output_dir, enabled=is_main)
+        if not (is_main and self.method.routed):
+            return metrics, None
+        plan = self.optimizer.plan
+        routing_log = RoutingLog(
+            self.output_dir / "routing.jsonl", plan.module_names, plan.expert_names
+        )
+        return metrics, routing_log
 
     # ---- the loop ---------------------------------------------------------------------------
     def train(self) -> None:
-        cfg = self.config
-        progress = _progress(cfg.max_steps, self.start_step, self.is_main)
-        stream = self._micro_batches(self.start_step * cfg.gradient_accumulation_steps)
+        from tqdm import tqdm
+
+        cfg, derived = self.config, self.derived
+        progress = tqdm(
+            total=cfg.max_steps,
+            initial=self.start_step,
+            desc="molf-train",
+            dynamic_ncols=True,
+            disable=not derived.is_main,
+        )
+        stream = self._micro_batches(self.start_step * derived.gradient_accumulation_steps)
         self.engine.train()
         self.signals = _PreemptionSignals()
         try:
-            self._loop(stream, progress, self.signals)
+            self.final_step, self.preempted = self._loop(stream, progress)
         finally:
             if not self.preempted:  # else kept until cleanup: a second signal must not cut
                 self.signals.restore()  # the checkpoint finish() writes short
         progress.close()
 
-    def _loop(self, stream, progress, signals) -> None:
+    def _loop(self, stream, progress) -> tuple[int, bool]:
+        """Steps from ``start_step``; returns ``(final step, preempted)``."""
         import torch
 
-        cfg = self.config
+        cfg, derived, engine = self.config, self.derived, self.engine
         tokens_done, started, losses, waited = 0, time.perf_counter(), [], 0.0
-        self.final_step = self.start_step
+        final_step = self.start_step
         for step in range(self.start_step, cfg.max_steps):
-            for _ in range(cfg.gradient_accumulation_steps):
+            for _ in range(derived.gradient_accumulation_steps):
                 fetch = time.perf_counter()
-                batch = {k: v.to(self.engine.device) for k, v in next(stream).items()}
+                batch = {k: v.to(engine.device) for k, v in next(stream).items()}
                 waited += time.perf_counter() - fetch
-                loss = self.engine(**batch).loss
-                self.engine.backward(loss)
-                if cfg.mode == "adalora" and self.engine.is_gradient_accumulation_boundary():
-                    # AdaLoRA re-allocates ranks from the full, averaged gradients: they exist
-                    # between backward and step without ZeRO (checked in _setup_engine).
-                    self.model.base_model.update_and_allocate(step)
-                self.engine.step()
+                loss = engine(**batch).loss
+                engine.backward(loss)
+                self.method.after_backward(self.model, engine, step)
+                engine.step()
                 losses.append(loss.detach().float())
-                tokens_done += int(batch["attention_mask"].sum()) * self.world_size
+                tokens_done += int(batch["attention_mask"].sum()) * derived.world_size
+            final_step = step + 1
             if self.routing_log is not None:
-                self.routing_log.append(step + 1, self.optimizer.last_routing)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
+                self.routing_log.append(final_step, self.optimizer.last_routing)
+            if final_step % cfg.log_every == 0 or final_step == cfg.max_steps:
                 mean_loss = _mean_over_ranks(torch.stack(losses).mean())
                 losses.clear()
                 elapsed = time.perf_counter() - started
                 record = {
                     "loss": mean_loss,
-                    "lr": self.engine.get_lr()[0],
+                    "lr": engine.get_lr()[0],
                     "tokens_per_s": tokens_done / max(elapsed, 1e-9),
                     # share of wall time spent waiting for batches: the data pipeline's cost
                     "data_wait_share": waited / max(elapsed, 1e-9),
                 }
-                if cfg.mode in ("molf", "molf-efficient"):
+                if self.method.routed:
                     record["fft_share"] = self.optimizer.last_routing.fft_share()
-                self.metrics.log(step + 1, record)
-                progress.update_postfix(record)
-            progress.advance()
-            self.final_step = step + 1
-            if step + 1 < cfg.max_steps and self._agree(signals.received):
-                self.preempted = True  # finish() checkpoints here, resume=auto continues
+                self.metrics.log(final_step, record)
+                shown = {
+                    name: fmt.format(record[k]) for k, (name, fmt) in POSTFIX.items() if k in record
+                }
+                progress.set_postfix(shown)
+            progress.update(1)
+            if final_step == cfg.max_steps:
                 break
-            if cfg.stop_after and step + 1 == cfg.stop_after and step + 1 < cfg.max_steps:
+            if self._agree(self.signals.received):
+                return final_step, True  # finish() checkpoints here, resume=auto continues
+            if final_step == cfg.stop_after:  # (0: never)
                 break  # as if preempted: finish() checkpoints here, resume=auto continues
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
-                self.save_checkpoint(step + 1)
+            if cfg.save_every and final_step % cfg.save_every == 0:
+                self.save_checkpoint(final_step)
+        return final_step, False
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank if any rank got a stop signal: the signal reaches ranks at
@@ -319,8 +339,8 @@ class Recipe:
         depends only on ``(seed, k)``, so a resumed run sees the data a straight run would."""
         from molf_ds.train import data
 
-        cfg = self.config
-        shape = {"micro_batch_size": cfg.micro_batch_size, "world_size": self.world_size}
+        cfg, derived = self.config, self.derived
+        shape = {"micro_batch_size": cfg.micro_batch_size, "world_size": derived.world_size}
         per_epoch = data.num_batches(self.train_examples, **shape)
         k = start
         while True:
@@ -329,7 +349,7 @@ class Recipe:
                 self.train_examples,
                 **shape,
                 pad_id=self.tokenizer.pad_token_id,
-                rank=self.rank,
+                rank=derived.rank,
                 seed=cfg.seed,
                 epoch=epoch,
                 start_step=index,
@@ -351,11 +371,11 @@ class Recipe:
     def finish(self) -> None:
         import torch.distributed as dist
 
+        is_main = self.derived.is_main
         self.save_checkpoint(self.final_step)
         dist.barrier()
-        self.outputs = {"checkpoint": str(self.ckpt_dir / f"step{self.final_step}")}
         if self.preempted:
-            if self.is_main:
+            if is_main:
                 print(
                     f"molf-train: preempted: checkpoint saved at step {self.final_step}; "
                     "continue with resume=auto",
@@ -363,18 +383,19 @@ class Recipe:
                 )
             return
         if self.final_step < self.config.max_steps:  # stopped early: no exports yet
-            if self.is_main:
+            if is_main:
                 print(f"molf-train: stopped at step {self.final_step}; continue with resume=auto")
             return
-        if self.is_main:
-            self.outputs.update(self._export())
-            self.outputs.update(self._evaluate())
-            self.outputs["metrics"] = str(self.output_dir / "metrics.jsonl")
+        if is_main:
+            outputs = {"checkpoint": str(self.ckpt_dir / f"step{self.final_step}")}
+            outputs.update(self._export())
+            outputs.update(self._evaluate())
+            outputs["metrics"] = str(self.output_dir / "metrics.jsonl")
             if self.routing_log is not None:
-                self.outputs["routing_log"] = str(self.output_dir / "routing.jsonl")
-            self.outputs.update(self._plot())
-            _write_json(self.output_dir / "outputs.json", self.outputs)
-            for key, value in self.outputs.items():
+                outputs["routing_log"] = str(self.output_dir / "routing.jsonl")
+            outputs.update(self._plot())
+            _write_json(self.output_dir / "outputs.json", outputs)
+            for key, value in outputs.items():
                 print(f"molf-train: {key}: {value}", flush=True)
         dist.barrier()
 
@@ -383,11 +404,8 @@ class Recipe:
         zero_to_fp32 for ZeRO-1/2/3; without ZeRO, rank 0's weights) and write the exports."""
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        from molf_ds import export
-        from molf_ds.model import wrap
-
         cfg = self.config
-        if self.zero_stage == 0:  # no partitions: rank 0 holds every weight
+        if self.derived.zero_stage == 0:  # no partitions: rank 0 holds every weight
             state = {
                 k: v.detach().float().cpu() for k, v in self.engine.module.state_dict().items()
             }
@@ -395,34 +413,12 @@ class Recipe:
             state = get_fp32_state_dict_from_zero_checkpoint(
                 str(self.ckpt_dir), tag=f"step{self.final_step}"
             )
-        tokenizer, model = load_model(cfg.model, seed=cfg.seed)
-        outputs = {}
-        if cfg.mode == "molf-efficient":
-            base_dir = self.output_dir / "base"
-            model.save_pretrained(base_dir)  # what the adapter applies to
-            tokenizer.save_pretrained(base_dir)
-        if cfg.mode in ("molf", "molf-efficient"):
-            wrap(model, self._molf_config())
-        elif cfg.mode in ("lora", "adalora"):
-            model = _peft_model(model, cfg)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or any(not _is_frozen(model, name) for name in missing):
-            raise MoLFError(f"final checkpoint does not match the model: {missing or unexpected}")
-        merged_dir = self.output_dir / "merged"
-        if cfg.mode in ("lora", "adalora"):
-            model.merge_and_unload().save_pretrained(merged_dir)
-            tokenizer.save_pretrained(merged_dir)
-        elif cfg.mode == "fft":
-            model.save_pretrained(merged_dir)
-            tokenizer.save_pretrained(merged_dir)
-        else:
-            export.export_merged(model, merged_dir, tokenizer=tokenizer)
-        outputs["merged_model"] = str(merged_dir)
-        if cfg.mode == "molf-efficient":
-            base = cfg.model if cfg.model not in TINY_PRESETS else str(base_dir.resolve())
-            adapter = export.export_peft_adapter(model, self.output_dir / "adapter", base)
-            outputs["peft_adapter"] = str(adapter)
-        return outputs
+        tokenizer, base = load_model(cfg.model, seed=cfg.seed)
+
+        def load_trained():
+            return _with_state(self.method.build_model(cfg, base), state)
+
+        return self.method.export(cfg, tokenizer, base, load_trained, self.output_dir)
 
     def _evaluate(self) -> dict:
         from molf_ds.train.evaluate import evaluate_merged
@@ -445,17 +441,203 @@ class Recipe:
         return {"figures": str(self.output_dir / "figures")} if figures else {}
 
     def cleanup(self) -> None:
-        signals = getattr(self, "signals", None)
-        if signals is not None:
-            signals.restore()
-        metrics = getattr(self, "metrics", None)
-        if metrics is not None:
-            metrics.close()
-        routing_log = getattr(self, "routing_log", None)
-        if routing_log is not None:
-            routing_log.close()
+        if self.signals is not None:
+            self.signals.restore()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.routing_log is not None:
+            self.routing_log.close()
 
 
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)  # --help, or a bad option: exits here, before any rank starts
+    recipe = Recipe(config)
+    code = 0
+    try:
+        recipe.setup()
+        recipe.train()
+        recipe.finish()
+        if recipe.preempted:
+            code = PREEMPTED_EXIT
+    except MoLFError as err:
+        print(f"molf-train: error: {err}", file=sys.stderr)
+        code = 1
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        recipe.cleanup()
+        shutdown(code)
+
+
+# ---- the modes: what differs between them, and the one table ------------------------------
+def _as_loaded(cfg: TrainConfig, model):
+    """FFT trains the model as loaded."""
+    return model
+
+
+def _molf_model(cfg: TrainConfig, model, *, train_base: bool):
+    """MoLF (``train_base``: the base is the FFT expert) or MoLF-Efficient (base frozen)."""
+    import molf_ds
+
+    config = molf_ds.MoLFConfig(
+        lora_ranks=cfg.lora_ranks,
+        lora_alpha=cfg.lora_alpha,
+        use_rslora=cfg.use_rslora,
+        train_base=train_base,
+    )
+    return molf_ds.wrap(model, config)
+
+
+def _lora_model(cfg: TrainConfig, model):
+    from peft import LoraConfig, get_peft_model
+
+    from molf_ds.config import DEFAULT_TARGET_MODULES
+
+    peft_config = LoraConfig(
+        r=cfg.lora_ranks[0],
+        lora_alpha=cfg.lora_alpha,
+        use_rslora=cfg.use_rslora,
+        target_modules=list(DEFAULT_TARGET_MODULES),
+    )
+    return get_peft_model(model, peft_config)
+
+
+def _adalora_model(cfg: TrainConfig, model):
+    from peft import AdaLoraConfig, get_peft_model
+
+    from molf_ds.config import DEFAULT_TARGET_MODULES
+
+    peft_config = AdaLoraConfig(
+        init_r=cfg.lora_ranks[0],
+        target_r=max(1, cfg.lora_ranks[0] // 2),
+        lora_alpha=cfg.lora_alpha,
+        target_modules=list(DEFAULT_TARGET_MODULES),
+        total_step=cfg.max_steps,
+        tinit=min(cfg.warmup_steps, cfg.max_steps // 4),
+        tfinal=cfg.max_steps // 4,
+    )
+    return get_peft_model(model, peft_config)
+
+
+def _molf_engine(cfg: TrainConfig, model, ds_config: dict, zero_stage: int):
+    """`MoLFAdamW` (LoRA lr and weight decay of their own; routing) under `molf_ds.initialize`."""
+    import molf_ds
+
+    optimizer = molf_ds.MoLFAdamW(
+        model,
+        lr=cfg.lr,
+        lora_lr=cfg.lora_lr,
+        weight_decay=cfg.weight_decay,
+        lora_weight_decay=cfg.lora_weight_decay,
+        top_k=cfg.top_k,
+        score=cfg.score,
+    )
+    engine, _, _, _ = molf_ds.initialize(
+        model=model, optimizer=optimizer, config=ds_config, lr_scheduler=_scheduler(cfg)
+    )
+    return engine, optimizer
+
+
+def _adamw_engine(cfg: TrainConfig, model, ds_config: dict, zero_stage: int, *, lr: float):
+    """torch AdamW over the trainable parameters under `deepspeed.initialize`."""
+    import deepspeed
+    import torch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.weight_decay)
+    ds_config = {**ds_config, "zero_allow_untested_optimizer": True}
+    if (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device"):
+        ds_config["zero_force_ds_cpu_optimizer"] = False
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config, lr_scheduler=_scheduler(cfg)
+    )
+    return engine, optimizer
+
+
+def _fft_engine(cfg: TrainConfig, model, ds_config: dict, zero_stage: int):
+    return _adamw_engine(cfg, model, ds_config, zero_stage, lr=cfg.lr)
+
+
+def _lora_engine(cfg: TrainConfig, model, ds_config: dict, zero_stage: int):
+    lr = cfg.lr if cfg.lora_lr is None else cfg.lora_lr
+    return _adamw_engine(cfg, model, ds_config, zero_stage, lr=lr)
+
+
+def _adalora_engine(cfg: TrainConfig, model, ds_config: dict, zero_stage: int):
+    if zero_stage != 0:
+        raise MoLFError(
+            f"mode=adalora reads every parameter's full gradient, which ZeRO-{zero_stage} "
+            "partitions away: use ds_config=zero0"
+        )
+    return _lora_engine(cfg, model, ds_config, zero_stage)
+
+
+def _adalora_reallocate(model, engine, step: int) -> None:
+    """AdaLoRA re-allocates ranks from the full, averaged gradients: they exist between backward
+    and step without ZeRO (checked in `_adalora_engine`)."""
+    if engine.is_gradient_accumulation_boundary():
+        model.base_model.update_and_allocate(step)
+
+
+def _export_hf(cfg: TrainConfig, tokenizer, base, load_trained, out: Path) -> dict:
+    """FFT: the trained model is a plain Hugging Face model."""
+    return {"merged_model": _save_pretrained(load_trained(), tokenizer, out / "merged")}
+
+
+def _export_peft_merged(cfg: TrainConfig, tokenizer, base, load_trained, out: Path) -> dict:
+    """LoRA, AdaLoRA: PEFT merges the adapter into the base."""
+    merged = load_trained().merge_and_unload()
+    return {"merged_model": _save_pretrained(merged, tokenizer, out / "merged")}
+
+
+def _export_molf_merged(cfg: TrainConfig, tokenizer, base, load_trained, out: Path) -> dict:
+    """MoLF: every expert folded into the base weights."""
+    from molf_ds import export
+
+    merged = export.export_merged(load_trained(), out / "merged", tokenizer=tokenizer)
+    return {"merged_model": str(merged)}
+
+
+def _export_molf_adapter(cfg: TrainConfig, tokenizer, base, load_trained, out: Path) -> dict:
+    """MoLF-Efficient: the merged model, and one PEFT LoRA adapter for the (frozen) base."""
+    from molf_ds import export
+
+    base_dir = Path(_save_pretrained(base, tokenizer, out / "base"))  # before it is wrapped
+    model = load_trained()
+    merged = export.export_merged(model, out / "merged", tokenizer=tokenizer)
+    base_name = cfg.model if cfg.model not in TINY_PRESETS else str(base_dir.resolve())
+    adapter = export.export_peft_adapter(model, out / "adapter", base_name)
+    return {"merged_model": str(merged), "peft_adapter": str(adapter)}
+
+
+METHODS: dict[str, Method] = {
+    "fft": Method(build_model=_as_loaded, build_engine=_fft_engine, export=_export_hf),
+    "lora": Method(build_model=_lora_model, build_engine=_lora_engine, export=_export_peft_merged),
+    "adalora": Method(
+        build_model=_adalora_model,
+        build_engine=_adalora_engine,
+        export=_export_peft_merged,
+        after_backward=_adalora_reallocate,
+    ),
+    "molf": Method(
+        build_model=partial(_molf_model, train_base=True),
+        build_engine=_molf_engine,
+        export=_export_molf_merged,
+        routed=True,
+    ),
+    "molf-efficient": Method(
+        build_model=partial(_molf_model, train_base=False),
+        build_engine=_molf_engine,
+        export=_export_molf_adapter,
+        routed=True,
+    ),
+}
+
+
+# ---- helpers --------------------------------------------------------------------------------
 def load_model(name: str, seed: int = 0):
     """``(tokenizer, model)`` from a tiny preset (built from a config, no download; initialised
     from ``seed``) or from a local path / hub id with ``from_pretrained``."""
@@ -488,30 +670,12 @@ def load_model(name: str, seed: int = 0):
     return tokenizer, model
 
 
-def _peft_model(model, cfg: TrainConfig):
-    from peft import AdaLoraConfig, LoraConfig, get_peft_model
-
-    from molf_ds.config import DEFAULT_TARGET_MODULES
-
-    targets = list(DEFAULT_TARGET_MODULES)
-    if cfg.mode == "lora":
-        peft_config = LoraConfig(
-            r=cfg.lora_ranks[0],
-            lora_alpha=cfg.lora_alpha,
-            use_rslora=cfg.use_rslora,
-            target_modules=targets,
-        )
-    else:
-        peft_config = AdaLoraConfig(
-            init_r=cfg.lora_ranks[0],
-            target_r=max(1, cfg.lora_ranks[0] // 2),
-            lora_alpha=cfg.lora_alpha,
-            target_modules=targets,
-            total_step=cfg.max_steps,
-            tinit=min(cfg.warmup_steps, cfg.max_steps // 4),
-            tfinal=cfg.max_steps // 4,
-        )
-    return get_peft_model(model, peft_config)
+def _with_state(model, state: dict):
+    """``model`` with the trained weights of ``state``; frozen weights may be absent."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not _is_frozen(model, name) for name in missing):
+        raise MoLFError(f"final checkpoint does not match the model: {missing or unexpected}")
+    return model
 
 
 def _is_frozen(model, name: str) -> bool:
@@ -519,11 +683,25 @@ def _is_frozen(model, name: str) -> bool:
     return param is None or not param.requires_grad
 
 
+def _save_pretrained(model, tokenizer, path: Path) -> str:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def _barrier() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.barrier()
+
+
+def _scheduler(cfg: TrainConfig):
+    """DeepSpeed's ``lr_scheduler`` argument: optimizer → `LambdaLR` of the schedule."""
+    import torch
+
+    factor = _lr_lambda(cfg)
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _lr_lambda(cfg: TrainConfig):
@@ -546,36 +724,6 @@ def _mean_over_ranks(value) -> float:
     value = value.clone()
     dist.all_reduce(value)
     return float(value) / dist.get_world_size()
-
-
-class _progress:
-    """A tqdm bar on rank 0; nothing elsewhere."""
-
-    def __init__(self, total: int, start: int, enabled: bool) -> None:
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc="molf-train", dynamic_ncols=True)
-
-    def advance(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def update_postfix(self, record: dict) -> None:
-        if self.bar is not None:
-            shown = {
-                "loss": f"{record['loss']:.3f}",
-                "lr": f"{record['lr']:.2e}",
-                "tok/s": f"{record['tokens_per_s']:.0f}",
-            }
-            if "fft_share" in record:
-                shown["fft"] = f"{record['fft_share']:.2f}"
-            self.bar.set_postfix(shown)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 class _PreemptionSignals:
@@ -662,29 +810,6 @@ def _clear_run_dir(path: Path) -> None:
 
     for child in path.iterdir():
         shutil.rmtree(child) if child.is_dir() else child.unlink()
-
-
-def main(argv: list[str] | None = None) -> None:
-    config = parse_args(argv)
-    recipe = Recipe(config)
-    code = 0
-    try:
-        recipe.setup()
-        recipe.train()
-        recipe.finish()
-        if recipe.preempted:
-            code = PREEMPTED_EXIT
-    except MoLFError as err:
-        print(f"molf-train: error: {err}", file=sys.stderr)
-        code = 1
-    except Exception:
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    finally:
-        recipe.cleanup()
-        shutdown(code)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ or failed — are listed by name under the table, so a gap in the grid is visibl
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 COLUMNS = ("run", "mode", "lr", "seed", "steps", "final_loss", "eval_loss", "exact_match")
@@ -78,19 +78,25 @@ def format_table(rows: list[dict]) -> str:
     )
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="molf-sweep",
+        usage="molf-sweep RUNS_DIR [--json]",
+        description="One table of the finished molf-train runs under a directory.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("runs_dir", metavar="RUNS_DIR", type=Path, help="where the runs are")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    as_json = "--json" in argv
-    paths = [a for a in argv if a != "--json"]
-    if len(paths) != 1 or paths[0].startswith("-"):
-        print("usage: molf-sweep RUNS_DIR [--json]", file=sys.stderr)
-        sys.exit(2)
-    root = Path(paths[0])
-    if not root.is_dir():
-        print(f"molf-sweep: error: {root} is not a directory", file=sys.stderr)
-        sys.exit(2)
-    rows, unfinished = gather(root)
-    if as_json:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.runs_dir.is_dir():
+        parser.error(f"{args.runs_dir} is not a directory")
+    rows, unfinished = gather(args.runs_dir)
+    if args.json:
         print(json.dumps({"rows": rows, "unfinished": unfinished}, indent=2))
         return
     print(format_table(rows))
