@@ -22,15 +22,14 @@ class RoutingRecord:
 
     ``scores`` and ``winners`` are ``[modules, experts]`` tensors on the parameters' device;
     ``winners[i, j]`` says whether expert ``expert_names[j]`` of ``module_names[i]`` was updated.
-    ``host_reads`` counts the step's device-to-host reads; ``fused`` says whether the fused CPU
-    kernel ran.
+    ``fused`` says whether the fused CPU kernel ran. (The step's device-to-host reads are
+    measured, not recorded: `molf_ds.host_reads.HostReadCounter`.)
     """
 
     module_names: tuple[str, ...]
     expert_names: tuple[str, ...]
     scores: torch.Tensor
     winners: torch.Tensor
-    host_reads: int
     fused: bool
 
     def fft_share(self) -> float:
@@ -175,7 +174,6 @@ class MoLFAdamW(torch.optim.Optimizer):
             expert_names=self.plan.expert_names,
             scores=decision.scores,
             winners=decision.winners,
-            host_reads=decision.host_reads,
             fused=decision.fused,
         )
 

@@ -18,7 +18,8 @@ Algorithm (one call = one optimizer step; ``t`` is each segment's step count, al
     for every segment of a winner, and every unrouted segment:
         p <- p (1 - lr wd) - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
-The only device-to-host read is the ``[modules x experts]`` winner mask, once per step.
+The only device-to-host read is the ``[modules x experts]`` winner mask, once per step (measured
+with `molf_ds.host_reads.HostReadCounter` by the tests and ``bench/optimizer_step.py``).
 """
 
 from __future__ import annotations
@@ -83,13 +84,11 @@ class RoutingDecision:
         scores: ``[modules, experts]`` float64 on the parameters' device (``-inf`` where an
             expert was not a candidate).
         winners: ``[modules, experts]`` bool on the parameters' device.
-        host_reads: device-to-host reads the step made (1).
         fused: whether the fused CPU kernel ran (else the reference tensor ops).
     """
 
     scores: torch.Tensor
     winners: torch.Tensor
-    host_reads: int
     fused: bool
 
 
@@ -137,7 +136,7 @@ def routed_adamw(
     chosen = [s for s in segments if s.module == UNROUTED or won[s.module][s.expert]]
     update = _kernel_update if use_kernel else _reference_update
     update(chosen, beta1=beta1, beta2=beta2, eps=eps)
-    return RoutingDecision(scores=scores, winners=winners, host_reads=1, fused=use_kernel)
+    return RoutingDecision(scores=scores, winners=winners, fused=use_kernel)
 
 
 def top_k_winners(scores: torch.Tensor, candidates: torch.Tensor, top_k: int) -> torch.Tensor:
