@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from molf_ds import ds_partitions
 from molf_ds.errors import MoLFError
 from molf_ds.layer import MoLFLinear
 from molf_ds.model import merge, molf_layers
@@ -124,7 +125,7 @@ def _check_only_lora_trainable(model: nn.Module, layers: list[tuple[str, MoLFLin
 
 def _check_not_partitioned(params: Iterable[torch.Tensor]) -> None:
     # ZeRO-3 leaves each rank's module parameters empty (numel 0) outside a gather.
-    if any(hasattr(p, "ds_id") and p.numel() == 0 for p in params):
+    if any(ds_partitions.zero3_residency(p) not in (None, "whole") for p in params):
         raise MoLFError(
             "parameters are ZeRO-3 partitioned; gather them first (zero_to_fp32 or "
             "deepspeed.zero.GatheredParameters) and export the gathered model"
