@@ -15,6 +15,8 @@ Everything else in molf_ds, and the test and benchmark workers, use DeepSpeed's 
   partition per sub-group), ``grad_position`` / ``get_param_id`` (see `stage3_slice`),
   ``persistent_parameters``, and each parameter's ``ds_id`` / ``ds_status`` / ``ds_numel``.
 - Every ZeRO wrapper: ``.optimizer`` (the client optimizer it drives) and ``.dp_process_group``.
+- Skipping a step: every optimizer wrapper's ``overflow`` flag, which ``engine.step()`` reads
+  (see `deepspeed_skips_nonfinite_steps`), and ``engine.skipped_steps``.
 - ``deepspeed.comm.comm.cdb``, the communication backend object (see `CollectiveCounter`).
 - The CPU accelerator's comm op: see `turn_off_cpu_shm_comm`.
 """
@@ -58,6 +60,45 @@ def client_optimizer(engine: Any) -> Any:
 def data_parallel_group(engine: Any) -> torch.distributed.ProcessGroup | None:
     """The process group the ZeRO wrapper partitions over (ZeRO stage >= 1)."""
     return engine.optimizer.dp_process_group
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps with a non-finite gradient
+
+
+def deepspeed_skips_nonfinite_steps(engine: Any) -> bool:
+    """Whether DeepSpeed itself skips a step whose gradients hold a NaN or inf.
+
+    Every optimizer wrapper of DeepSpeed 0.19.8 does: ZeRO-1/2 (``stage_1_and_2.step``: a
+    non-finite global grad norm, and for bf16 ``bf16.check_grad_overflow``, default on), ZeRO-3
+    (``stage3.step``: the same norm check), ``BF16_Optimizer`` and ``FP16_Optimizer``. On such a
+    step the wrapper sets ``overflow``, zeroes the gradients and never calls the client optimizer;
+    ``engine._take_model_step`` then counts ``skipped_steps``, leaves the LR scheduler where it
+    is and makes ``engine.was_step_applied()`` false. The norm is reduced over the ranks first,
+    so they all skip together. fp32 without ZeRO hands the client optimizer over unwrapped: it
+    has no ``overflow`` and nothing checks (call this before `skip_unwrapped_step` sets one).
+    """
+    return hasattr(engine.optimizer, "overflow")
+
+
+def skip_unwrapped_step(engine: Any, skip: bool) -> None:
+    """Without a DeepSpeed wrapper (fp32, no ZeRO): make the next ``engine.step()`` skip, or
+    not, exactly as a wrapper's skip goes.
+
+    The gradients go (``grad = None``): torch's AdamW and `MoLFAdamW` leave a parameter without
+    one alone (no moment update, no step count, no routing). ``overflow`` on the client optimizer
+    is the flag ``engine._take_model_step`` reads: it counts the skip in ``skipped_steps`` and
+    does not advance the LR scheduler. Call it before every step, since the flag stays set.
+    """
+    if skip:
+        for param in engine.module.parameters():
+            param.grad = None
+    engine.optimizer.overflow = skip
+
+
+def skipped_steps(engine: Any) -> int:
+    """Steps DeepSpeed skipped so far (kept in its checkpoints, so it survives a resume)."""
+    return int(engine.skipped_steps)
 
 
 # ---------------------------------------------------------------------------------------------

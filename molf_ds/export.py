@@ -8,7 +8,7 @@ The training model is never modified, so training can go on after an export.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ def export_merged(model: nn.Module, output_dir: str | Path, tokenizer: Any = Non
     _molf_layers_or_raise(model)
     _check_not_partitioned(model.parameters())
     merged = merge(copy.deepcopy(model))
+    check_finite(merged.state_dict(), "merged model")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
@@ -69,12 +70,26 @@ def export_peft_adapter(
     _check_only_lora_trainable(model, layers)
     _check_not_partitioned(p for _, layer in layers for p in _lora_params(layer))
     rank = _total_rank(layers)
+    state = _adapter_state_dict(layers)
+    check_finite(state, "adapter")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = _lora_config(model, layers, rank, base_model_name_or_path)
     config.save_pretrained(str(out))
-    _save_safetensors(_adapter_state_dict(layers), out / ADAPTER_WEIGHTS)
+    _save_safetensors(state, out / ADAPTER_WEIGHTS)
     return out
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise `MoLFError` naming the tensors of ``tensors`` that hold a NaN or inf: a diverged
+    run must not be exported as if it had trained."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise MoLFError(
+            f"{what} has non-finite weights in {len(bad)} of {len(tensors)} tensors (e.g. "
+            f"{bad[0]}): not exported; training diverged, lower the learning rate or clip "
+            "gradients and train again"
+        )
 
 
 def fold_experts(layer: MoLFLinear) -> tuple[torch.Tensor, torch.Tensor]:

@@ -82,6 +82,12 @@ class TrainConfig(BaseModel):
         0, ge=0, description="global batch; 0 = micro x ranks x accumulation (else must divide)"
     )
     gradient_clipping: float = Field(1.0, description="global grad-norm clip")
+    max_bad_steps: int = Field(
+        10,
+        ge=1,
+        description="stop with an error after N consecutive steps skipped for a non-finite "
+        "loss or gradient",
+    )
     seed: int = Field(0, description="model init, data order")
     # system
     ds_config: str = Field(

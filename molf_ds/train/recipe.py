@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from molf_ds import ds_partitions
 from molf_ds.errors import MoLFError
 from molf_ds.runtime import shutdown
 from molf_ds.train.config import TrainConfig, parse_args
@@ -59,6 +60,7 @@ POSTFIX = {
     "lr": ("lr", "{:.2e}"),
     "tokens_per_s": ("tok/s", "{:.0f}"),
     "fft_share": ("fft", "{:.2f}"),
+    "skipped_steps": ("skipped", "{:d}"),
 }
 
 
@@ -118,6 +120,8 @@ class Recipe:
         self.start_step = 0
         self.metrics = None
         self.routing_log = None
+        # True where DeepSpeed does not skip non-finite steps itself (fp32 without ZeRO)
+        self.checks_gradients = False
         # assigned by train()
         self.signals: _PreemptionSignals | None = None
         self.final_step = 0
@@ -134,6 +138,7 @@ class Recipe:
         self.engine, self.optimizer = self.method.build_engine(
             cfg, self.model, ds_config, self.derived.zero_stage
         )
+        self.checks_gradients = not ds_partitions.deepspeed_skips_nonfinite_steps(self.engine)
         self.start_step = self._resume()
         if self.derived.is_main:  # every check passed: only now is anything written
             if cfg.overwrite and self.output_dir.is_dir():
@@ -275,28 +280,48 @@ class Recipe:
         progress.close()
 
     def _loop(self, stream, progress) -> tuple[int, bool]:
-        """Steps from ``start_step``; returns ``(final step, preempted)``."""
+        """Steps from ``start_step``; returns ``(final step, preempted)``.
+
+        A step whose loss or gradient is not finite is skipped on every rank (weights, moments,
+        routing and LR schedule stay as they were; its batch is used up) and counted;
+        ``max_bad_steps`` of them in a row stop the run with an error, before any export.
+        """
         import torch
 
         cfg, derived, engine = self.config, self.derived, self.engine
         tokens_done, started, losses, waited = 0, time.perf_counter(), [], 0.0
-        final_step = self.start_step
+        final_step, bad_in_a_row = self.start_step, 0
         for step in range(self.start_step, cfg.max_steps):
-            for _ in range(derived.gradient_accumulation_steps):
+            step_losses, stop = [], False
+            for micro in range(derived.gradient_accumulation_steps):
                 fetch = time.perf_counter()
                 batch = {k: v.to(engine.device) for k, v in next(stream).items()}
                 waited += time.perf_counter() - fetch
                 loss = engine(**batch).loss
-                engine.backward(loss)
-                self.method.after_backward(self.model, engine, step)
+                engine.backward(_nan_gradient_if_nonfinite(loss))
+                skip = False
+                if micro == derived.gradient_accumulation_steps - 1:  # before the optimizer step
+                    stop, skip = self._agree_before_step()
+                if not skip:
+                    self.method.after_backward(self.model, engine, step)
                 engine.step()
-                losses.append(loss.detach().float())
+                step_losses.append(loss.detach().float())
                 tokens_done += int(batch["attention_mask"].sum()) * derived.world_size
             final_step = step + 1
-            if self.routing_log is not None:
-                self.routing_log.append(final_step, self.optimizer.last_routing)
+            # the same on every rank: DeepSpeed's skip follows the reduced grad norm, ours the
+            # all-reduced flag
+            if engine.was_step_applied():
+                bad_in_a_row = 0
+                losses.extend(step_losses)
+                if self.routing_log is not None:
+                    self.routing_log.append(final_step, self.optimizer.last_routing)
+            else:
+                bad_in_a_row += 1
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    raise MoLFError(self._diverged_message(final_step, bad_in_a_row))
             if final_step % cfg.log_every == 0 or final_step == cfg.max_steps:
-                mean_loss = _mean_over_ranks(torch.stack(losses).mean())
+                # mean over the applied steps only (skipped ones leave no loss)
+                mean_loss = _mean_over_ranks(torch.stack(losses).mean()) if losses else None
                 losses.clear()
                 elapsed = time.perf_counter() - started
                 record = {
@@ -305,18 +330,21 @@ class Recipe:
                     "tokens_per_s": tokens_done / max(elapsed, 1e-9),
                     # share of wall time spent waiting for batches: the data pipeline's cost
                     "data_wait_share": waited / max(elapsed, 1e-9),
+                    "skipped_steps": ds_partitions.skipped_steps(engine),
                 }
                 if self.method.routed:
                     record["fft_share"] = self.optimizer.last_routing.fft_share()
                 self.metrics.log(final_step, record)
                 shown = {
-                    name: fmt.format(record[k]) for k, (name, fmt) in POSTFIX.items() if k in record
+                    name: fmt.format(record[k])
+                    for k, (name, fmt) in POSTFIX.items()
+                    if record.get(k) is not None
                 }
                 progress.set_postfix(shown)
             progress.update(1)
             if final_step == cfg.max_steps:
                 break
-            if self._agree(self.signals.received):
+            if stop:
                 return final_step, True  # finish() checkpoints here, resume=auto continues
             if final_step == cfg.stop_after:  # (0: never)
                 break  # as if preempted: finish() checkpoints here, resume=auto continues
@@ -324,15 +352,35 @@ class Recipe:
                 self.save_checkpoint(final_step)
         return final_step, False
 
-    def _agree(self, flag: bool) -> bool:
-        """True on every rank if any rank got a stop signal: the signal reaches ranks at
-        different moments, but all must checkpoint the same step and leave together."""
+    def _agree_before_step(self) -> tuple[bool, bool]:
+        """``(stop, skip)``, the same on every rank, from one all-reduce (MAX) per step.
+
+        ``stop``: any rank got a stop signal (it reaches ranks at different moments, but all
+        must checkpoint the same step and leave together). ``skip``: without a DeepSpeed wrapper
+        (fp32, no ZeRO) nothing checks the gradients, so each rank checks its averaged ones and
+        the step is skipped everywhere if any rank saw a NaN or inf; else DeepSpeed decides.
+        """
         import torch
         import torch.distributed as dist
 
-        value = torch.tensor([int(flag)], dtype=torch.int32, device=self.engine.device)
+        bad_gradient = self.checks_gradients and not _gradients_finite(self.engine.module)
+        flags = [int(self.signals.received), int(bad_gradient)]
+        value = torch.tensor(flags, dtype=torch.int32, device=self.engine.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+        stop, skip = (bool(v) for v in value.tolist())
+        if self.checks_gradients:
+            ds_partitions.skip_unwrapped_step(self.engine, skip)
+        return stop, skip
+
+    def _diverged_message(self, step: int, in_a_row: int) -> str:
+        saved = sorted(self.ckpt_dir.glob("step*"), key=lambda p: int(p.name[4:] or 0))
+        kept = f"the last checkpoint, {saved[-1]}, is kept" if saved else "no checkpoint was saved"
+        return (
+            f"training diverged: {in_a_row} steps in a row (to step {step}) had a non-finite "
+            f"loss or gradient and were skipped (max_bad_steps={self.config.max_bad_steps}); "
+            f"nothing exported, {kept}: lower lr (now {self.config.lr:g}), set "
+            "gradient_clipping (e.g. 1.0) or check the data"
+        )
 
     def _micro_batches(self, start: int):
         """This rank's micro-batches from micro-step ``start`` on, epoch after epoch; batch ``k``
@@ -684,6 +732,9 @@ def _is_frozen(model, name: str) -> bool:
 
 
 def _save_pretrained(model, tokenizer, path: Path) -> str:
+    from molf_ds.export import check_finite
+
+    check_finite(model.state_dict(), "model")  # a diverged run exports nothing
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -716,6 +767,24 @@ def _lr_lambda(cfg: TrainConfig):
         return 1.0
 
     return factor
+
+
+def _nan_gradient_if_nonfinite(loss):
+    """``loss`` unchanged (times exactly 1), or, when it is NaN or inf, with a NaN gradient: a
+    step with a non-finite loss is skipped, and the skip is decided from the gradients
+    (DeepSpeed's reduced grad norm under ZeRO, `Recipe._agree_before_step` without). A NaN
+    loss almost always has a NaN gradient already; this makes sure, without a host read."""
+    import torch
+
+    finite = torch.isfinite(loss.detach())
+    return loss * torch.where(finite, 1.0, float("nan")).to(loss.dtype)
+
+
+def _gradients_finite(model) -> bool:
+    import torch
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
 
 def _mean_over_ranks(value) -> float:
