@@ -83,17 +83,26 @@ def deepspeed_skips_nonfinite_steps(engine: Any) -> bool:
 
 def skip_unwrapped_step(engine: Any, skip: bool) -> None:
     """Without a DeepSpeed wrapper (fp32, no ZeRO): make the next ``engine.step()`` skip, or
-    not, exactly as a wrapper's skip goes.
+    not, the way a wrapper's skip goes.
 
-    The gradients go (``grad = None``): torch's AdamW and `MoLFAdamW` leave a parameter without
-    one alone (no moment update, no step count, no routing). ``overflow`` on the client optimizer
-    is the flag ``engine._take_model_step`` reads: it counts the skip in ``skipped_steps`` and
-    does not advance the LR scheduler. Call it before every step, since the flag stays set.
+    The gradients go right before the client optimizer's step runs (a one-shot step pre-hook:
+    the engine's gradient clipping, before it, needs them): torch's AdamW and `MoLFAdamW` leave a
+    parameter without one alone (no moment update, no step count, no routing). ``overflow`` on
+    the client optimizer is the flag ``engine._take_model_step`` reads: it counts the skip in
+    ``skipped_steps`` and does not advance the LR scheduler. Call it before every step, since
+    the flag stays as set.
     """
-    if skip:
+    optimizer = engine.optimizer
+    optimizer.overflow = skip
+    if not skip:
+        return
+
+    def drop_gradients(opt: Any, args: Any, kwargs: Any) -> None:
+        handle.remove()
         for param in engine.module.parameters():
             param.grad = None
-    engine.optimizer.overflow = skip
+
+    handle = optimizer.register_step_pre_hook(drop_gradients)
 
 
 def skipped_steps(engine: Any) -> int:

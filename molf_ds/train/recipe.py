@@ -64,6 +64,11 @@ POSTFIX = {
 }
 
 
+class AgreedError(MoLFError):
+    """An error every rank raises at the same point (e.g. from an all-reduced value): rank 0
+    alone says it, so the user reads it once."""
+
+
 @dataclass(frozen=True)
 class Derived:
     """What the job derives from the config and its launch. The validated config is never
@@ -318,7 +323,7 @@ class Recipe:
             else:
                 bad_in_a_row += 1
                 if bad_in_a_row >= cfg.max_bad_steps:
-                    raise MoLFError(self._diverged_message(final_step, bad_in_a_row))
+                    raise AgreedError(self._diverged_message(final_step, bad_in_a_row))
             if final_step % cfg.log_every == 0 or final_step == cfg.max_steps:
                 # mean over the applied steps only (skipped ones leave no loss)
                 mean_loss = _mean_over_ranks(torch.stack(losses).mean()) if losses else None
@@ -508,7 +513,8 @@ def main(argv: list[str] | None = None) -> None:
         if recipe.preempted:
             code = PREEMPTED_EXIT
     except MoLFError as err:
-        print(f"molf-train: error: {err}", file=sys.stderr)
+        if not isinstance(err, AgreedError) or recipe.derived.is_main:
+            print(f"molf-train: error: {err}", file=sys.stderr)
         code = 1
     except Exception:
         import traceback

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 import torch
 from transformers import PreTrainedModel
@@ -80,7 +81,11 @@ def main() -> None:
         job.train()
         job.finish()
     except MoLFError as err:
-        print(f"molf-train: error: {err}", file=sys.stderr)
+        if not isinstance(err, recipe.AgreedError) or job.derived.is_main:
+            print(f"molf-train: error: {err}", file=sys.stderr)
+        code = 1
+    except Exception:
+        traceback.print_exc()
         code = 1
     finally:
         job.cleanup()
