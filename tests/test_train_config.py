@@ -81,6 +81,7 @@ def test_command_line_conveniences() -> None:
         (["lr=true"], "`lr` must be float, got True"),
         (["overwrite=1"], "`overwrite` must be bool (true or false), got 1"),
         (["max_steps=0"], "`max_steps` must be >= 1, got 0"),
+        (["max_bad_steps=0"], "`max_bad_steps` must be >= 1, got 0"),
         (["save_every=-1"], "`save_every` must be >= 0, got -1"),
         (["eval_fraction=1.0"], "`eval_fraction` must be < 1.0, got 1.0"),
         (["mode=sgd"], "unknown `mode` 'sgd': choose one of 'fft', 'lora'"),
