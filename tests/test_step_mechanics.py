@@ -36,22 +36,29 @@ def _backward(model: nn.Module, seed: int) -> None:
     model(x).pow(2).mean().backward()
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_step_makes_one_host_read(fused: bool) -> None:
+IMPLEMENTATIONS = {
+    "fused": {"fused": True},
+    "foreach": {"foreach": True},
+    "reference": {"fused": False, "foreach": False},
+}
+
+
+@pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
+def test_step_makes_one_host_read(implementation: str) -> None:
     """The winner mask, read once per step -- no `.item()`, `bool(tensor)` or copy per module."""
     model = _model()
-    optimizer = molf_ds.MoLFAdamW(model, lr=1e-2, fused=fused)
+    optimizer = molf_ds.MoLFAdamW(model, lr=1e-2, **IMPLEMENTATIONS[implementation])
     for step in range(2):  # the first step also creates the moments
         _backward(model, step)
         with HostReadCounter() as reads:
             optimizer.step()
         assert reads.reads == ["Tensor.tolist"], reads.reads
         optimizer.zero_grad()
-    assert optimizer.last_routing.fused is fused
+    assert optimizer.last_routing.implementation == implementation
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_host_read_counter_sees_a_read_added_to_the_step(monkeypatch, fused: bool) -> None:
+@pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
+def test_host_read_counter_sees_a_read_added_to_the_step(monkeypatch, implementation: str) -> None:
     def top_k_with_a_read(scores, candidates, top_k):
         winners = top_k_winners(scores, candidates, top_k)
         _ = bool(winners.any())  # a read of its own
@@ -60,7 +67,7 @@ def test_host_read_counter_sees_a_read_added_to_the_step(monkeypatch, fused: boo
     top_k_winners = routed_step.top_k_winners
     monkeypatch.setattr(routed_step, "top_k_winners", top_k_with_a_read)
     model = _model()
-    optimizer = molf_ds.MoLFAdamW(model, lr=1e-2, fused=fused)
+    optimizer = molf_ds.MoLFAdamW(model, lr=1e-2, **IMPLEMENTATIONS[implementation])
     _backward(model, 0)
     with HostReadCounter() as reads:
         optimizer.step()
