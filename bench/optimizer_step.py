@@ -11,7 +11,9 @@ their own states over the same parameters and are timed alternately in one proce
 burn-in. Two routing cases are forced through the learning rates (EPD scores scale with lr_e):
 ``fft_wins`` (lora_lr = lr / 1000) and ``lora_wins`` (lora_lr = lr * 1000); the JSON reports the
 measured share of modules the FFT expert won, so the case is checked, not assumed. Host reads
-per step are counted by `molf_ds.host_reads.HostReadCounter` on one extra step of each path.
+per step are counted by `molf_ds.host_reads.HostReadCounter`, transient memory and dispatched
+ops by `molf_ds.probes`, each on one extra step. ``--impl`` picks MoLFAdamW's path (default:
+the fused kernel on CPU float32 tensors, the multi-tensor path elsewhere).
 """
 
 from __future__ import annotations
@@ -20,15 +22,13 @@ import argparse
 import json
 import statistics
 import time
-import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import molf_ds
 from molf_ds.host_reads import HostReadCounter
+from molf_ds.probes import DispatchedOps, TransientMemory
 
 LR = 1e-6
 
@@ -54,43 +54,17 @@ def build_model(layers: int, hidden: int, mlp: int, rank: int, device: str) -> t
     return model
 
 
-class TransientMemory(TorchDispatchMode):
-    """Peak bytes of new tensor storage that torch ops allocate while the mode is active.
-
-    The CPU has no allocator statistics, so every op's outputs are checked: storage that is
-    not one of the op's inputs is new, counted until the tensor is freed.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor)
-        }
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                self._track(t, t.untyped_storage().nbytes())
-        return out
-
-    def _track(self, tensor: torch.Tensor, nbytes: int) -> None:
-        self.live += nbytes
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(tensor, self._release, nbytes)
-
-    def _release(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-
 def transient_peak_bytes(optimizer: torch.optim.Optimizer) -> int:
     optimizer.step()  # the first step allocates the persistent moments: not transient
     with TransientMemory() as tracker:
         optimizer.step()
     return tracker.peak
+
+
+def dispatched_ops(optimizer: torch.optim.Optimizer) -> int:
+    with DispatchedOps() as ops:
+        optimizer.step()
+    return ops.count
 
 
 def host_reads(optimizer: torch.optim.Optimizer) -> int:
@@ -112,10 +86,20 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def bench_case(model: torch.nn.Module, lora_lr: float, repeats: int, burn_in: int) -> dict:
+IMPLEMENTATIONS = {  # --impl: MoLFAdamW's flags
+    "auto": {},
+    "fused": {"fused": True},
+    "foreach": {"foreach": True},
+    "reference": {"fused": False, "foreach": False},
+}
+
+
+def bench_case(
+    model: torch.nn.Module, lora_lr: float, repeats: int, burn_in: int, impl: str
+) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizers = {
-        "molf": molf_ds.MoLFAdamW(model, lr=LR, lora_lr=lora_lr),
+        "molf": molf_ds.MoLFAdamW(model, lr=LR, lora_lr=lora_lr, **IMPLEMENTATIONS[impl]),
         "fused_adamw": torch.optim.AdamW(params, lr=LR, fused=True),
         "foreach_adamw": torch.optim.AdamW(params, lr=LR, foreach=True),
     }
@@ -133,21 +117,25 @@ def bench_case(model: torch.nn.Module, lora_lr: float, repeats: int, burn_in: in
         if key != "step"
     )
     median = {name: statistics.median(t) for name, t in times.items()}
-    reference = molf_ds.MoLFAdamW(model, lr=LR, lora_lr=lora_lr, fused=False)
+    reference = molf_ds.MoLFAdamW(model, lr=LR, lora_lr=lora_lr, **IMPLEMENTATIONS["reference"])
+    fused_adamw = optimizers["fused_adamw"]
     return {
         "median_step_s": {name: round(t, 5) for name, t in median.items()},
         "molf_over_fused": round(median["molf"] / median["fused_adamw"], 3),
         "molf_over_foreach": round(median["molf"] / median["foreach_adamw"], 3),
         "fft_share": molf.last_routing.fft_share(),
-        "fused_cpu_kernel": molf.last_routing.fused,
+        "implementation": molf.last_routing.implementation,
         "moment_bytes_per_param": moment_bytes / sum(p.numel() for p in params),
         "transient_peak_bytes": {
-            "fused_kernel": transient_peak_bytes(molf),
+            "molf": transient_peak_bytes(molf),
             "reference_path": transient_peak_bytes(reference),
         },
-        "host_reads_per_step": {
-            "fused_kernel": host_reads(molf),
-            "reference_path": host_reads(reference),
+        "host_reads_per_step": {"molf": host_reads(molf), "reference_path": host_reads(reference)},
+        # ops dispatched by one step: what becomes kernel launches on an accelerator
+        "ops_per_step": {
+            "molf": dispatched_ops(molf),
+            "reference_path": dispatched_ops(reference),
+            "fused_adamw": dispatched_ops(fused_adamw),
         },
     }
 
@@ -161,6 +149,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--burn-in", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--impl",
+        choices=sorted(IMPLEMENTATIONS),
+        default="auto",
+        help="MoLFAdamW's path: auto (the kernel on CPU float32, else multi-tensor), fused, "
+        "foreach (multi-tensor) or reference",
+    )
     args = parser.parse_args()
 
     model = build_model(args.layers, args.hidden, args.mlp, args.rank, args.device)
@@ -171,13 +166,14 @@ def main() -> None:
     result = {
         "benchmark": "optimizer_step",
         "device": args.device,
+        "impl": args.impl,
         "threads": torch.get_num_threads(),
         "trainable_params": sum(p.numel() for p in trainable),
         "routed_params": routed_numel,
         "routed_modules": len(routed.module_names),
         "largest_routed_module_bytes": largest_module,
-        "fft_wins": bench_case(model, LR / 1000, args.repeats, args.burn_in),
-        "lora_wins": bench_case(model, LR * 1000, args.repeats, args.burn_in),
+        "fft_wins": bench_case(model, LR / 1000, args.repeats, args.burn_in, args.impl),
+        "lora_wins": bench_case(model, LR * 1000, args.repeats, args.burn_in, args.impl),
     }
     print(json.dumps(result))
 

@@ -22,7 +22,8 @@ class RoutingRecord:
 
     ``scores`` and ``winners`` are ``[modules, experts]`` tensors on the parameters' device;
     ``winners[i, j]`` says whether expert ``expert_names[j]`` of ``module_names[i]`` was updated.
-    ``fused`` says whether the fused CPU kernel ran. (The step's device-to-host reads are
+    ``implementation`` says which path ran the step: ``"fused"`` (the CPU kernel),
+    ``"foreach"`` (multi-tensor ops) or ``"reference"``. (The step's device-to-host reads are
     measured, not recorded: `molf_ds.host_reads.HostReadCounter`.)
     """
 
@@ -30,7 +31,12 @@ class RoutingRecord:
     expert_names: tuple[str, ...]
     scores: torch.Tensor
     winners: torch.Tensor
-    fused: bool
+    implementation: str
+
+    @property
+    def fused(self) -> bool:
+        """Whether the fused CPU kernel ran."""
+        return self.implementation == "fused"
 
     def fft_share(self) -> float:
         """Share of modules whose FFT expert won (reads the winners to the host)."""
@@ -54,8 +60,11 @@ class MoLFAdamW(torch.optim.Optimizer):
         lora_weight_decay: weight decay of LoRA factors (default ``weight_decay``).
         top_k: experts updated per module, in ``[1, candidate experts]``.
         score: ``"epd"`` (expected parameter displacement) or ``"pfn"`` (normalised update norm).
-        fused: the fused CPU kernel: ``None`` = when possible, ``True`` = required,
-            ``False`` = the reference tensor-op path.
+        fused, foreach: the implementation, read as torch's AdamW reads them: ``fused=True``
+            requires the fused CPU kernel (contiguous float32 CPU tensors), ``foreach=True`` the
+            multi-tensor path (``torch._foreach_*`` ops, a constant number per step whatever the
+            number of parameters: the path for accelerators), both ``False`` the per-tensor
+            reference. Left at ``None``: the kernel where it can run, else multi-tensor.
 
     After each `step`, `last_routing` holds that step's winners and scores.
 
@@ -75,6 +84,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         score: str = "epd",
         *,
         fused: bool | None = None,
+        foreach: bool | None = None,
     ) -> None:
         _check_non_negative("lr", lr)
         if lora_lr is not None:
@@ -92,8 +102,11 @@ class MoLFAdamW(torch.optim.Optimizer):
             raise MoLFConfigError(f"Invalid `betas`: {betas!r}; each must be in [0, 1)")
         if score not in SCORES:
             raise MoLFConfigError(f"Invalid `score`: {score!r}; choose one of {', '.join(SCORES)}")
-        if fused not in (None, True, False):
-            raise MoLFConfigError(f"Invalid `fused`: {fused!r}; use None, True or False")
+        for name, flag in (("fused", fused), ("foreach", foreach)):
+            if flag not in (None, True, False):
+                raise MoLFConfigError(f"Invalid `{name}`: {flag!r}; use None, True or False")
+        if fused and foreach:
+            raise MoLFConfigError("`fused` and `foreach` cannot both be True: choose one")
         plan = RoutingPlan.from_model(model)
         if (
             isinstance(top_k, bool)
@@ -113,6 +126,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             "top_k": top_k,
             "score": score,
             "fused": fused,
+            "foreach": foreach,
         }
         self.plan = plan
         self.last_routing: RoutingRecord | None = None
@@ -154,6 +168,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             top_k=group["top_k"],
             reduce_scores=self.reduce_scores,
             fused=group["fused"],
+            foreach=group["foreach"],
         )
         self.last_routing = self._record(decision)
         return loss
@@ -174,13 +189,14 @@ class MoLFAdamW(torch.optim.Optimizer):
             expert_names=self.plan.expert_names,
             scores=decision.scores,
             winners=decision.winners,
-            fused=decision.fused,
+            implementation=decision.implementation,
         )
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("fused", None)
+            group.setdefault("foreach", None)
 
 
 def _parameter_segments(

@@ -18,6 +18,13 @@ Algorithm (one call = one optimizer step; ``t`` is each segment's step count, al
     for every segment of a winner, and every unrouted segment:
         p <- p (1 - lr wd) - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
+Three implementations share this signature, chosen by `choose_implementation` the way torch's
+AdamW chooses between its ``fused``, ``foreach`` and for-loop paths: the fused CPU kernel (two
+SIMD + OpenMP passes over host memory), the multi-tensor path (``torch._foreach_*`` ops over
+lists of segments grouped by device and dtype, in chunks of bounded size, so the number of ops a
+step dispatches does not grow with the number of segments — what matters on an accelerator), and
+the reference (tensor ops per segment, the readable version the other two are tested against).
+
 The only device-to-host read is the ``[modules x experts]`` winner mask, once per step (measured
 with `molf_ds.host_reads.HostReadCounter` by the tests and ``bench/optimizer_step.py``).
 """
@@ -36,6 +43,11 @@ UNROUTED = -1
 """``Segment.module`` of parameters outside routed modules: plain AdamW, always updated."""
 
 SCORES = ("epd", "pfn")
+IMPLEMENTATIONS = ("fused", "foreach", "reference")
+
+CHUNK_BYTES = 64 * 2**20
+"""The multi-tensor path's temporaries per chunk of segments: a step's transient memory stays below
+max(CHUNK_BYTES, the largest segment)."""
 
 
 @dataclass
@@ -84,12 +96,18 @@ class RoutingDecision:
         scores: ``[modules, experts]`` float64 on the parameters' device (``-inf`` where an
             expert was not a candidate).
         winners: ``[modules, experts]`` bool on the parameters' device.
-        fused: whether the fused CPU kernel ran (else the reference tensor ops).
+        implementation: which path ran: ``"fused"`` (the CPU kernel), ``"foreach"`` (the
+            multi-tensor path) or ``"reference"``.
     """
 
     scores: torch.Tensor
     winners: torch.Tensor
-    fused: bool
+    implementation: str
+
+    @property
+    def fused(self) -> bool:
+        """Whether the fused CPU kernel ran."""
+        return self.implementation == "fused"
 
 
 def routed_adamw(
@@ -103,6 +121,7 @@ def routed_adamw(
     top_k: int,
     reduce_scores: Callable[[torch.Tensor], None] | None = None,
     fused: bool | None = None,
+    foreach: bool | None = None,
 ) -> RoutingDecision:
     """One routed AdamW step over ``segments`` (see the module docstring for the math).
 
@@ -113,15 +132,14 @@ def routed_adamw(
         top_k: winners per module.
         reduce_scores: called once on the ``[modules, experts]`` float64 partial sums, in place
             (an all-reduce over the data-parallel group); ``None`` in a single process.
-        fused: ``True`` uses the fused CPU kernel (an error if it cannot), ``False`` the
-            reference tensor ops, ``None`` the kernel whenever every segment allows it.
+        fused, foreach: which implementation runs (`choose_implementation`).
     """
     if score not in SCORES:
         raise ValueError(f"`score` must be one of {SCORES}, got {score!r}")
     device = segments[0].param.device if segments else torch.device("cpu")
-    use_kernel = _use_cpu_kernel(segments, fused)
+    implementation = choose_implementation(segments, fused=fused, foreach=foreach)
+    moments, update = _PASSES[implementation]
 
-    moments = _kernel_moments if use_kernel else _reference_moments
     partials = moments(segments, beta1=beta1, beta2=beta2, eps=eps, score=score)
     scores = _expert_scores(partials, segments, table, score, device)
     if reduce_scores is not None:
@@ -134,9 +152,27 @@ def routed_adamw(
 
     won = winners.cpu().tolist()  # the step's one device-to-host read
     chosen = [s for s in segments if s.module == UNROUTED or won[s.module][s.expert]]
-    update = _kernel_update if use_kernel else _reference_update
     update(chosen, beta1=beta1, beta2=beta2, eps=eps)
-    return RoutingDecision(scores=scores, winners=winners, fused=use_kernel)
+    return RoutingDecision(scores=scores, winners=winners, implementation=implementation)
+
+
+def choose_implementation(
+    segments: Sequence[Segment], *, fused: bool | None, foreach: bool | None
+) -> str:
+    """``"fused"``, ``"foreach"`` or ``"reference"``, as torch's AdamW reads the same flags.
+
+    ``fused=True`` requires the CPU kernel (contiguous float32 CPU tensors and a C++ compiler);
+    ``foreach=True`` the multi-tensor path; both ``False`` the reference. Left at ``None``, the
+    kernel runs where every segment allows it, else the multi-tensor path (or the reference, if
+    ``foreach=False``).
+    """
+    if fused and foreach:
+        raise ValueError("`fused` and `foreach` cannot both be True: choose one")
+    if foreach:
+        return "foreach"
+    if fused is not False and _use_cpu_kernel(segments, fused):
+        return "fused"
+    return "reference" if foreach is False else "foreach"
 
 
 def top_k_winners(scores: torch.Tensor, candidates: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -263,6 +299,74 @@ def _kernel_update(segments: Sequence[Segment], *, beta1: float, beta2: float, e
     )
 
 
+def _foreach_moments(
+    segments: Sequence[Segment], *, beta1: float, beta2: float, eps: float, score: str
+) -> torch.Tensor:
+    """Pass 1 as multi-tensor ops: the same arithmetic as `_reference_moments`, one op per list.
+
+    The score term ``m/(sqrt(v)+eps)`` times ``m`` (EPD) or squared (PFN) is non-negative, so its
+    sum is its L1 norm: ``torch._foreach_norm(terms, 1)`` reduces every segment in one op.
+    """
+    device = segments[0].param.device if segments else torch.device("cpu")
+    partials = torch.zeros(len(segments), dtype=torch.float64, device=device)
+    for indices in _chunks(segments):
+        chunk = [segments[i] for i in indices]
+        grads = [s.grad for s in chunk]
+        exp_avgs, exp_avg_sqs = [s.exp_avg for s in chunk], [s.exp_avg_sq for s in chunk]
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        routed = [i for i, s in zip(indices, chunk, strict=True) if s.module != UNROUTED]
+        if not routed:
+            continue
+        routed_m = [segments[i].exp_avg for i in routed]
+        # One temporary per segment: 1/(sqrt(v)+eps), then the score term in place.
+        terms = torch._foreach_sqrt([segments[i].exp_avg_sq for i in routed])
+        torch._foreach_add_(terms, eps)
+        torch._foreach_reciprocal_(terms)
+        torch._foreach_mul_(terms, routed_m)
+        torch._foreach_mul_(terms, routed_m if score == "epd" else terms)
+        sums = torch.stack(torch._foreach_norm(terms, 1)).double()
+        del terms
+        partials[torch.tensor(routed, device=device)] = sums
+    return partials
+
+
+def _foreach_update(segments: Sequence[Segment], *, beta1: float, beta2: float, eps: float) -> None:
+    """Pass 2 as multi-tensor ops: the same arithmetic as `_reference_update`."""
+    for indices in _chunks(segments):
+        chunk = [segments[i] for i in indices]
+        decays, step_sizes, bc2_sqrts = zip(
+            *(_update_scalars(s, beta1, beta2) for s in chunk), strict=True
+        )
+        params = [s.param for s in chunk]
+        torch._foreach_mul_(params, list(decays))
+        denoms = torch._foreach_sqrt([s.exp_avg_sq for s in chunk])
+        torch._foreach_div_(denoms, list(bc2_sqrts))
+        torch._foreach_add_(denoms, eps)
+        negated = [-size for size in step_sizes]
+        torch._foreach_addcdiv_(params, [s.exp_avg for s in chunk], denoms, negated)
+        del denoms
+
+
+def _chunks(segments: Sequence[Segment]) -> list[list[int]]:
+    """Indices of ``segments`` in groups of one device and dtype (a multi-tensor op's lists
+    must share both) whose temporaries fit `CHUNK_BYTES`; a larger segment is a chunk alone."""
+    groups: dict[tuple[torch.device, torch.dtype], list[list[int]]] = {}
+    budget: dict[tuple[torch.device, torch.dtype], int] = {}
+    for i, s in enumerate(segments):
+        key = (s.param.device, s.param.dtype)
+        size = s.exp_avg_sq.numel() * s.exp_avg_sq.element_size()
+        chunks = groups.setdefault(key, [[]])
+        if chunks[-1] and budget[key] + size > CHUNK_BYTES:
+            chunks.append([])
+            budget[key] = 0
+        chunks[-1].append(i)
+        budget[key] = budget.get(key, 0) + size
+    return [chunk for chunks in groups.values() for chunk in chunks if chunk]
+
+
 def _update_scalars(s: Segment, beta1: float, beta2: float) -> tuple[float, float, float]:
     """``(1 - lr wd, lr / (1 - b1^t), sqrt(1 - b2^t))`` of one segment."""
     return (
@@ -270,3 +374,10 @@ def _update_scalars(s: Segment, beta1: float, beta2: float) -> tuple[float, floa
         s.lr / (1.0 - beta1**s.step),
         math.sqrt(1.0 - beta2**s.step),
     )
+
+
+_PASSES = {
+    "fused": (_kernel_moments, _kernel_update),
+    "foreach": (_foreach_moments, _foreach_update),
+    "reference": (_reference_moments, _reference_update),
+}

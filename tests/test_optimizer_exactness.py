@@ -18,9 +18,9 @@ The model trains in float32 on random batches; each step the model's own gradien
 (as float64) to the reference, and every parameter, its moments and step count, every routing
 decision and every score are compared. The other tests check properties that follow from the
 same equations: losers keep their weights but not their moments, one step count for all
-experts, frozen parameters never move, the fused kernel equals the plain-torch path, an LR
-scheduler scales FFT and LoRA learning rates together, and a resumed run is bitwise identical
-to an uninterrupted one. Only the public API of `molf_ds` is used.
+experts, frozen parameters never move, the fused kernel and the multi-tensor path equal the
+per-tensor path, an LR scheduler scales FFT and LoRA learning rates together, and a resumed run
+is bitwise identical to an uninterrupted one. Only the public API of `molf_ds` is used.
 """
 
 from __future__ import annotations
@@ -56,7 +56,14 @@ FIRST_MOMENT_RTOL = 1e-6
 # The reference refuses cases whose Top-K boundary is closer than this (relative): fp32 and fp64
 # could then pick different winners, and the test would check rounding, not the algorithm.
 MIN_RELATIVE_MARGIN = 1e-3
-FUSED_MODES = [pytest.param(False, id="reference_path"), pytest.param(True, id="fused_kernel")]
+REFERENCE = {"fused": False, "foreach": False}
+FOREACH = {"foreach": True}
+FUSED = {"fused": True}
+IMPLEMENTATIONS = [
+    pytest.param(REFERENCE, id="reference_path"),
+    pytest.param(FOREACH, id="foreach_path"),
+    pytest.param(FUSED, id="fused_kernel"),
+]
 
 # Fused vs reference path comparison: a model with a few thousand parameters.
 BIG_D_MODEL = 24
@@ -371,9 +378,9 @@ CASES = {
 }
 
 
-def _run_against_reference(case: Case, fused: bool, steps: int = STEPS) -> list[torch.Tensor]:
+def _run_against_reference(case: Case, impl: dict, steps: int = STEPS) -> list[torch.Tensor]:
     model = _build_model(case.lora_ranks, train_base=case.train_base, use_rslora=case.use_rslora)
-    opt = molf_ds.MoLFAdamW(model, fused=fused, **case.opt_kwargs)
+    opt = molf_ds.MoLFAdamW(model, **impl, **case.opt_kwargs)
     ref = _ReferenceMoLFAdamW(model, **case.opt_kwargs)
     unused_before = {n: p.detach().clone() for n, p in model.unused.named_parameters()}
     history = []
@@ -398,11 +405,11 @@ def _run_against_reference(case: Case, fused: bool, steps: int = STEPS) -> list[
 # --- tests ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fused", FUSED_MODES)
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("case_name", list(CASES))
-def test_step_each_case_matches_float64_reference_every_step(case_name: str, fused: bool) -> None:
+def test_step_each_case_matches_float64_reference_every_step(case_name: str, impl: dict) -> None:
     case = CASES[case_name]
-    history = torch.stack(_run_against_reference(case, fused))  # [steps, modules, experts]
+    history = torch.stack(_run_against_reference(case, impl))  # [steps, modules, experts]
     # The case must exercise the router: LoRA experts win (so B leaves zero) and, where the
     # base trains, the FFT expert wins too.
     assert history[:, :, 1:].any(), f"no LoRA expert ever won: {history.tolist()}"
@@ -412,13 +419,13 @@ def test_step_each_case_matches_float64_reference_every_step(case_name: str, fus
         assert not history[:, :, 0].any()
 
 
-@pytest.mark.parametrize("fused", FUSED_MODES)
-def test_step_from_zero_state_moments_equal_scaled_grads(fused: bool) -> None:
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_step_from_zero_state_moments_equal_scaled_grads(impl: dict) -> None:
     """From zero state one step gives ``m = (1 - b1) g`` and ``v = (1 - b2) g^2`` for every
     parameter, winner or not, exact up to fp32 rounding of the product."""
     betas = (0.9, 0.999)
     model = _build_model((4, 2))
-    opt = molf_ds.MoLFAdamW(model, lr=1e-2, betas=betas, top_k=1, fused=fused)
+    opt = molf_ds.MoLFAdamW(model, lr=1e-2, betas=betas, top_k=1, **impl)
     _backward(model, 0)
     grads = _grads(model)
     opt.step()
@@ -440,11 +447,11 @@ def test_step_from_zero_state_moments_equal_scaled_grads(fused: bool) -> None:
             )
 
 
-@pytest.mark.parametrize("fused", FUSED_MODES)
-def test_step_losing_expert_keeps_weights_but_updates_moments(fused: bool) -> None:
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_step_losing_expert_keeps_weights_but_updates_moments(impl: dict) -> None:
     betas = (0.9, 0.999)
     model = _build_model((4, 2))
-    opt = molf_ds.MoLFAdamW(model, lr=2e-2, lora_lr=1e-2, betas=betas, top_k=1, fused=fused)
+    opt = molf_ds.MoLFAdamW(model, lr=2e-2, lora_lr=1e-2, betas=betas, top_k=1, **impl)
     _backward(model, 0)
     opt.step()
     opt.zero_grad()
@@ -485,11 +492,11 @@ def test_step_losing_expert_keeps_weights_but_updates_moments(fused: bool) -> No
     assert losers_checked > 0, "no losing parameter with a non-zero gradient was checked"
 
 
-@pytest.mark.parametrize("fused", FUSED_MODES)
-def test_step_several_steps_one_step_count_for_all_experts(fused: bool) -> None:
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_step_several_steps_one_step_count_for_all_experts(impl: dict) -> None:
     steps = 4
     model = _build_model((4, 2))
-    opt = molf_ds.MoLFAdamW(model, lr=2e-2, lora_lr=1e-2, top_k=1, fused=fused)
+    opt = molf_ds.MoLFAdamW(model, lr=2e-2, lora_lr=1e-2, top_k=1, **impl)
     ever_lost = torch.zeros(len(opt.plan.module_names), 3, dtype=torch.bool)
     for step in range(steps):
         opt.zero_grad()
@@ -504,8 +511,8 @@ def test_step_several_steps_one_step_count_for_all_experts(fused: bool) -> None:
         assert int(opt.state[p]["step"]) == steps, f"{name}: step {opt.state[p]['step']}"
 
 
-@pytest.mark.parametrize("fused", FUSED_MODES)
-def test_step_efficient_mode_frozen_params_unchanged_and_stateless(fused: bool) -> None:
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_step_efficient_mode_frozen_params_unchanged_and_stateless(impl: dict) -> None:
     model = _build_model((2, 4), train_base=False)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -514,7 +521,7 @@ def test_step_efficient_mode_frozen_params_unchanged_and_stateless(fused: bool) 
     }
     assert {f"{m}.base.weight" for m in TARGETS} <= set(frozen)
     assert {"embed.weight", "norm.weight", "norm.bias", "head.weight"} <= set(frozen)
-    opt = molf_ds.MoLFAdamW(model, lr=1e-1, lora_lr=1e-1, weight_decay=0.5, fused=fused)
+    opt = molf_ds.MoLFAdamW(model, lr=1e-1, lora_lr=1e-1, weight_decay=0.5, **impl)
     for step in range(4):
         opt.zero_grad()
         _backward(model, step)
@@ -527,33 +534,41 @@ def test_step_efficient_mode_frozen_params_unchanged_and_stateless(fused: bool) 
     assert all(any(params[n] is p for n in trainable) for p in opt.state)
 
 
-def test_step_fused_kernel_same_grads_matches_reference_path() -> None:
-    """The fused C++ kernel and the plain-torch path, given the same gradients for ~5 steps.
+@pytest.mark.parametrize(
+    ("impl", "implementation"), [(FUSED, "fused"), (FOREACH, "foreach")], ids=["fused", "foreach"]
+)
+def test_step_fast_path_same_grads_matches_reference_path(impl: dict, implementation: str) -> None:
+    """The fused C++ kernel or the multi-tensor path against the per-tensor reference, given the
+    same gradients for ~5 steps.
 
-    Both optimizers see the gradients of the fused model, so any difference is the step's own
-    arithmetic (fp32 either way), not a forward pass on slightly different weights.
+    Both optimizers see the gradients of the fast path's model, so any difference is the step's
+    own arithmetic (fp32 either way), not a forward pass on slightly different weights.
     """
     kwargs = {"lr": 4e-2, "lora_lr": 1e-2, "weight_decay": 0.1, "lora_weight_decay": 0.02}
-    fused_model = _build_model((4, 2), seed=3, d_model=BIG_D_MODEL, hidden=BIG_HIDDEN)
-    plain_model = copy.deepcopy(fused_model)
-    assert sum(p.numel() for p in fused_model.parameters()) > 3000
-    fused_opt = molf_ds.MoLFAdamW(fused_model, fused=True, **kwargs)
-    plain_opt = molf_ds.MoLFAdamW(plain_model, fused=False, **kwargs)
-    seen = torch.zeros(len(fused_opt.plan.module_names), 3, dtype=torch.bool)
+    fast_model = _build_model((4, 2), seed=3, d_model=BIG_D_MODEL, hidden=BIG_HIDDEN)
+    plain_model = copy.deepcopy(fast_model)
+    assert sum(p.numel() for p in fast_model.parameters()) > 3000
+    fast_opt = molf_ds.MoLFAdamW(fast_model, **impl, **kwargs)
+    plain_opt = molf_ds.MoLFAdamW(plain_model, **REFERENCE, **kwargs)
+    seen = torch.zeros(len(fast_opt.plan.module_names), 3, dtype=torch.bool)
     for step in range(STEPS):
-        fused_opt.zero_grad()
+        fast_opt.zero_grad()
         plain_opt.zero_grad()
-        _backward(fused_model, step)
-        for p, q in zip(fused_model.parameters(), plain_model.parameters(), strict=True):
+        _backward(fast_model, step)
+        for p, q in zip(fast_model.parameters(), plain_model.parameters(), strict=True):
             q.grad = None if p.grad is None else p.grad.clone()
-        fused_opt.step()
+        fast_opt.step()
         plain_opt.step()
-        fused_routing, plain_routing = fused_opt.last_routing, plain_opt.last_routing
-        assert fused_routing.fused and not plain_routing.fused
-        assert torch.equal(fused_routing.winners, plain_routing.winners), f"step {step}"
-        seen |= fused_routing.winners
+        fast_routing, plain_routing = fast_opt.last_routing, plain_opt.last_routing
+        assert fast_routing.implementation == implementation
+        assert plain_routing.implementation == "reference"
+        assert torch.equal(fast_routing.winners, plain_routing.winners), f"step {step}"
+        torch.testing.assert_close(
+            fast_routing.scores, plain_routing.scores, rtol=FUSED_PATH_RTOL, atol=0.0
+        )
+        seen |= fast_routing.winners
         for (name, p), q in zip(
-            fused_model.named_parameters(), plain_model.parameters(), strict=True
+            fast_model.named_parameters(), plain_model.parameters(), strict=True
         ):
             torch.testing.assert_close(
                 p,
@@ -565,12 +580,12 @@ def test_step_fused_kernel_same_grads_matches_reference_path() -> None:
     assert seen[:, 0].any() and seen[:, 1:].any(), f"routing never mixed FFT and LoRA: {seen}"
 
 
-@pytest.mark.parametrize("fused", FUSED_MODES)
-def test_step_lr_scheduler_scales_fft_and_lora_lr_together(fused: bool) -> None:
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_step_lr_scheduler_scales_fft_and_lora_lr_together(impl: dict) -> None:
     factors = [1.0, 0.5, 2.0, 0.25, 1.5]
     kwargs = {"lr": 3e-2, "lora_lr": 1e-2, "weight_decay": 0.2, "lora_weight_decay": 0.05}
     model = _build_model((4, 2))
-    opt = molf_ds.MoLFAdamW(model, fused=fused, **kwargs)
+    opt = molf_ds.MoLFAdamW(model, **impl, **kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: factors[epoch])
     ref = _ReferenceMoLFAdamW(model, **kwargs)
     for step, factor in enumerate(factors):
@@ -593,9 +608,9 @@ def _train(model: nn.Module, opt: molf_ds.MoLFAdamW, steps: range) -> None:
         opt.step()
 
 
-@pytest.mark.parametrize("fused", FUSED_MODES)
-def test_state_dict_resume_bitwise_equal_to_uninterrupted_run(fused: bool) -> None:
-    kwargs = {"lr": 2.5e-2, "lora_lr": 1e-2, "weight_decay": 0.1, "fused": fused}
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_state_dict_resume_bitwise_equal_to_uninterrupted_run(impl: dict) -> None:
+    kwargs = {"lr": 2.5e-2, "lora_lr": 1e-2, "weight_decay": 0.1, **impl}
     model = _build_model((4, 2), seed=0)
     opt = molf_ds.MoLFAdamW(model, **kwargs)
     _train(model, opt, range(0, 6))

@@ -16,6 +16,7 @@ from torch import nn
 import molf_ds
 from molf_ds import routed_step
 from molf_ds.host_reads import HostReadCounter, _device_to_host
+from molf_ds.probes import DispatchedOps, TransientMemory
 
 IN, HIDDEN, OUT = 24, 40, 12
 RANKS = (4, 8)
@@ -35,22 +36,29 @@ def _backward(model: nn.Module, seed: int) -> None:
     model(x).pow(2).mean().backward()
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_step_makes_one_host_read(fused: bool) -> None:
+IMPLEMENTATIONS = {
+    "fused": {"fused": True},
+    "foreach": {"foreach": True},
+    "reference": {"fused": False, "foreach": False},
+}
+
+
+@pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
+def test_step_makes_one_host_read(implementation: str) -> None:
     """The winner mask, read once per step -- no `.item()`, `bool(tensor)` or copy per module."""
     model = _model()
-    optimizer = molf_ds.MoLFAdamW(model, lr=1e-2, fused=fused)
+    optimizer = molf_ds.MoLFAdamW(model, lr=1e-2, **IMPLEMENTATIONS[implementation])
     for step in range(2):  # the first step also creates the moments
         _backward(model, step)
         with HostReadCounter() as reads:
             optimizer.step()
         assert reads.reads == ["Tensor.tolist"], reads.reads
         optimizer.zero_grad()
-    assert optimizer.last_routing.fused is fused
+    assert optimizer.last_routing.implementation == implementation
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_host_read_counter_sees_a_read_added_to_the_step(monkeypatch, fused: bool) -> None:
+@pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
+def test_host_read_counter_sees_a_read_added_to_the_step(monkeypatch, implementation: str) -> None:
     def top_k_with_a_read(scores, candidates, top_k):
         winners = top_k_winners(scores, candidates, top_k)
         _ = bool(winners.any())  # a read of its own
@@ -59,7 +67,7 @@ def test_host_read_counter_sees_a_read_added_to_the_step(monkeypatch, fused: boo
     top_k_winners = routed_step.top_k_winners
     monkeypatch.setattr(routed_step, "top_k_winners", top_k_with_a_read)
     model = _model()
-    optimizer = molf_ds.MoLFAdamW(model, lr=1e-2, fused=fused)
+    optimizer = molf_ds.MoLFAdamW(model, lr=1e-2, **IMPLEMENTATIONS[implementation])
     _backward(model, 0)
     with HostReadCounter() as reads:
         optimizer.step()
@@ -164,3 +172,66 @@ def test_optimizer_state_is_two_moments_per_parameter() -> None:
         assert sorted(state) == ["exp_avg", "exp_avg_sq", "step"]
         assert state["exp_avg"].shape == p.shape and state["exp_avg_sq"].shape == p.shape
         assert not isinstance(state["step"], torch.Tensor)
+
+
+def _deep_model(layers: int) -> nn.Module:
+    """``layers`` routed linear layers: 10x the layers is 10x the segments."""
+    blocks = []
+    for _ in range(layers):
+        blocks += [nn.Linear(IN, IN), nn.Tanh()]
+    config = molf_ds.MoLFConfig(lora_ranks=RANKS, target_modules=r"\d+", exclude_modules=())
+    return molf_ds.wrap(nn.Sequential(*blocks), config)
+
+
+def _ops_of_second_step(model: nn.Module, **impl) -> int:
+    optimizer = molf_ds.MoLFAdamW(model, lr=1e-2, **impl)
+    _backward_deep(model)
+    optimizer.step()  # the first step creates the state
+    with DispatchedOps() as ops:
+        optimizer.step()
+    return ops.count
+
+
+def _backward_deep(model: nn.Module) -> None:
+    model(torch.randn(8, IN, generator=torch.Generator().manual_seed(0))).pow(2).mean().backward()
+
+
+def test_foreach_step_dispatches_the_same_ops_for_ten_times_the_layers() -> None:
+    """The multi-tensor path's op count does not grow with the number of segments (what becomes
+    kernel launches on an accelerator), where the per-tensor reference's does."""
+    small, large = _deep_model(2), _deep_model(20)
+    assert sum(1 for _ in large.parameters()) >= 10 * sum(1 for _ in small.parameters()) - 2
+    foreach = {"foreach": True}
+    assert _ops_of_second_step(small, **foreach) == _ops_of_second_step(large, **foreach)
+    reference = {"fused": False, "foreach": False}
+    assert _ops_of_second_step(large, **reference) > 5 * _ops_of_second_step(small, **reference)
+
+
+def test_foreach_step_chunks_bound_transient_memory(monkeypatch) -> None:
+    """Temporaries come in chunks: the transient peak stays below max(chunk, largest segment)
+    plus the small per-step tensors, and chunking changes no result."""
+    chunk_bytes = 4096
+    model = _deep_model(12)
+    twin = _deep_model(12)
+    twin.load_state_dict(model.state_dict())
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    small_tensors = 8 * 1024  # scores, partial sums, winner masks of ~50 segments
+    whole = molf_ds.MoLFAdamW(twin, lr=1e-2, foreach=True)
+    chunked = molf_ds.MoLFAdamW(model, lr=1e-2, foreach=True)
+    for step in range(3):
+        for m in (model, twin):
+            m.zero_grad()
+            _backward_deep(m)
+        whole.step()
+        monkeypatch.setattr(routed_step, "CHUNK_BYTES", chunk_bytes)
+        with TransientMemory() as memory:
+            chunked.step()
+        monkeypatch.undo()
+        if step > 0:  # the first step allocates the persistent moments
+            assert memory.peak <= max(chunk_bytes, largest) + small_tensors, memory.peak
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    whole_peak = TransientMemory()
+    with whole_peak:
+        whole.step()
+    assert whole_peak.peak > max(chunk_bytes, largest) + small_tensors, "chunking had no effect"

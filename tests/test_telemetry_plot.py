@@ -48,7 +48,7 @@ def _record(winners: list[list[bool]], scores: list[list[float]]) -> RoutingReco
         expert_names=EXPERTS,
         scores=torch.tensor(scores, dtype=torch.float64),
         winners=torch.tensor(winners, dtype=torch.bool),
-        fused=False,
+        implementation="reference",
     )
 
 

@@ -30,6 +30,9 @@ FP32_CASES = [
     "file_zero3_offload_all",
     "z2_efficient",
     "z3_efficient",
+    "z1_foreach",
+    "z2_foreach",
+    "z3_offload_foreach",
 ]
 BF16_CASES = ["bf16_z1", "bf16_z2", "bf16_z3"]
 DATA_WORLD = 6  # global micro-batch of 12 sequences: divides evenly over 1, 2 and 3 ranks
@@ -76,6 +79,8 @@ def test_zero_fp32_ranks_match_single_process(runs: dict, case: str, ranks: int)
     reference, got = _load(runs["ref"], case), _load(runs[f"w{ranks}"], case)
     assert reference["clipped_steps"] > 0, "the clip must be active for this test to mean much"
     assert got["world"] == ranks
+    # On CPU ranks the fused kernel runs unless a case forces the multi-tensor path.
+    assert got["implementation"] == ("foreach" if case.endswith("_foreach") else "fused")
     expected_winners = reference["winners"][0]
     for rank, winners in enumerate(got["winners"]):
         assert winners == expected_winners, f"rank {rank} picked other winners"

@@ -59,6 +59,13 @@ CASES: dict[str, dict] = {
     "z1_efficient": {"zero": {"stage": 1}, "efficient": True},
     "z2_efficient": {"zero": {"stage": 2}, "efficient": True},
     "z3_efficient": {"zero": {"stage": 3}, "efficient": True},
+    # The multi-tensor path (the default off the CPU kernel, e.g. on GPUs) forced on.
+    "z1_foreach": {"zero": {"stage": 1}, "foreach": True},
+    "z2_foreach": {"zero": {"stage": 2}, "foreach": True},
+    "z3_offload_foreach": {
+        "zero": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+        "foreach": True,
+    },
     # fp32 gradient accumulation sends bf16 + ZeRO-1 through DeepSpeed's BF16_Optimizer.
     "bf16_z1": {"zero": {"stage": 1}, "bf16": True, "grad_accum_dtype": "fp32"},
     "bf16_z2": {"zero": {"stage": 2}, "bf16": True},
@@ -98,7 +105,13 @@ def build(case: dict) -> tuple[nn.Module, molf_ds.MoLFAdamW]:
             if "lora_B" in name:
                 p.normal_(std=0.05)
     optimizer = molf_ds.MoLFAdamW(
-        model, lr=LR, lora_lr=LORA_LR, eps=EPS, weight_decay=WD, lora_weight_decay=LORA_WD
+        model,
+        lr=LR,
+        lora_lr=LORA_LR,
+        eps=EPS,
+        weight_decay=WD,
+        lora_weight_decay=LORA_WD,
+        foreach=case.get("foreach"),
     )
     return model, optimizer
 
@@ -171,6 +184,7 @@ def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
         "world": world,
         "residency": residency,
         "ds_optimizer": type(engine.optimizer).__name__,
+        "implementation": optimizer.last_routing.implementation,
         "state_bytes": every_state,
         "trainable_numel": optimizer.plan.total_numel,
     }

@@ -1,0 +1,69 @@
+"""What one call costs beyond its time, measured on any device, the CPU included: the tensor
+storage it allocates for a while (`TransientMemory`) and the ops it dispatches (`DispatchedOps`).
+
+Both are torch dispatch modes: they see every aten op (a ``torch._foreach_*`` call is one op),
+so the memory and the launch count a step would have on an accelerator can be checked by tests
+on a machine without one. `molf_ds.host_reads.HostReadCounter` is their sibling for
+device-to-host reads.
+
+    with TransientMemory() as memory, DispatchedOps() as ops:
+        optimizer.step()
+    print(memory.peak, ops.count)
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class TransientMemory(TorchDispatchMode):
+    """Peak bytes of new tensor storage that ops allocate while the mode is active.
+
+    The CPU has no allocator statistics, so every op's outputs are checked: storage that is
+    not one of the op's inputs is new, counted until the tensor is freed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self._track(t, t.untyped_storage().nbytes())
+        return out
+
+    def _track(self, tensor: torch.Tensor, nbytes: int) -> None:
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(tensor, self._release, nbytes)
+
+    def _release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+
+class DispatchedOps(TorchDispatchMode):
+    """Counts the aten ops dispatched while the mode is active (``by_name``: per op)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_name: Counter[str] = Counter()
+
+    @property
+    def count(self) -> int:
+        return sum(self.by_name.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.by_name[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
