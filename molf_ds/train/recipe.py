@@ -290,9 +290,9 @@ class Recipe:
         try:
             self.final_step, self.preempted = self._loop(stream, progress)
         finally:
+            progress.close()  # ends its line: an error after it starts a line of its own
             if not self.preempted:  # else kept until cleanup: a second signal must not cut
                 self.signals.restore()  # the checkpoint finish() writes short
-        progress.close()
 
     def _loop(self, stream, progress) -> tuple[int, bool]:
         """Steps from ``start_step``; returns ``(final step, preempted)``."""

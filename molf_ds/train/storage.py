@@ -148,8 +148,8 @@ def write_problem(err: Exception, what: str, where: Path, needed: int) -> str | 
     full = isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS
     if full or free < needed:
         return (
-            f"no space left on the device of {where} while writing {what}: it needs about "
-            f"{mib(needed)}, {mib(free)} free"
+            f"no space left on the device of {where} while writing {what} "
+            f"(needs about {mib(needed)})"
         )
     if isinstance(err, OSError):
         return f"cannot write {what} in {where}: {err.strerror or err}"
