@@ -7,6 +7,7 @@ Expected weights come from the same job run straight through.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -161,9 +162,14 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(tmpfs, straight_run)
 
 
 # ---- killed while saving -----------------------------------------------------------------
+def _saving(ckpt_dir: Path) -> set[str]:
+    return {p.name for p in ckpt_dir.glob(f"step*{storage.STAGING_SUFFIX}")}
+
+
 def _kill_during_a_save(args: list[str], ckpt_dir: Path, rng: random.Random) -> bool:
-    """Start the job; once a save is under way, wait a random 0-40 ms and SIGKILL the launcher's
-    whole process group. Returns whether a save was interrupted (its staging files left)."""
+    """Start the job; during its first or second save (a random pick), after a random 0-40 ms,
+    SIGKILL the launcher's whole process group. Returns whether a save was interrupted (its
+    staging files left behind; False if the job ended first)."""
     command, env = _command(args, ranks=2)
     proc = subprocess.Popen(
         command,
@@ -174,14 +180,17 @@ def _kill_during_a_save(args: list[str], ckpt_dir: Path, rng: random.Random) -> 
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 300
-        while not list(ckpt_dir.glob(f"step*{storage.STAGING_SUFFIX}")):
-            assert proc.poll() is None, "the job ended before a save could be interrupted"
+        deadline, seen, target = time.monotonic() + 300, set(), 1 + rng.randrange(2)
+        while len(seen) < target or not _saving(ckpt_dir):
+            seen |= _saving(ckpt_dir)
+            if proc.poll() is not None:  # finished (a chain of late kills): nothing to cut
+                return False
             assert time.monotonic() < deadline, "no save started"
             time.sleep(0.002)
         time.sleep(rng.uniform(0.0, 0.04))
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # (a group that ended by itself)
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     return bool(list(ckpt_dir.glob(f"*{storage.STAGING_SUFFIX}")))
 
