@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -213,4 +214,48 @@ def test_killed_saves_never_leave_resume_auto_a_partial_checkpoint(tmp_path, str
     final = _train([f"output_dir={out}", *ARGS, "resume=auto"])
     assert final.returncode == 0, final.stderr[-4000:]
     assert not list(ckpt.glob(f"*{storage.STAGING_SUFFIX}"))  # leftovers cleaned by the saves
+    _assert_bitwise_equal(out, straight_run)
+
+
+# ---- the disk fills during the exports --------------------------------------------------
+def _fill_once_saved(ckpt_dir: Path, tag: str, filler: Path, stop: threading.Event) -> None:
+    """Once ``latest`` names ``tag`` (the final checkpoint is published), fill the disk."""
+    while not stop.is_set():
+        latest = ckpt_dir / "latest"
+        if latest.is_file() and latest.read_text() == tag:
+            with contextlib.suppress(OSError), open(filler, "wb") as handle:
+                while True:
+                    handle.write(bytes(1 << 16))
+                    handle.flush()
+            return
+        time.sleep(0.002)
+
+
+@pytest.mark.slow
+def test_disk_full_during_the_exports_keeps_the_final_checkpoint(tmpfs, straight_run) -> None:
+    """The disk is filled (by another writer) once the final checkpoint is published, before the
+    exports. With room again, resume=auto writes the exports from that checkpoint."""
+    disk = tmpfs("disk", "16m")
+    out = disk / "run"
+    ckpt = out / "checkpoints"
+    filler = disk / "filler"
+    stop = threading.Event()
+    watcher = threading.Thread(target=_fill_once_saved, args=(ckpt, "step6", filler, stop))
+    watcher.start()
+    try:
+        result = _train([f"output_dir={out}", *ARGS, "save_every=0"])
+    finally:
+        stop.set()
+        watcher.join()
+    assert filler.stat().st_size > 0, "the disk was not filled: nothing was tested"
+    _assert_one_line_error(
+        result, str(out), "no space left", "the exports", "needs about", "step6 is intact"
+    )
+    assert storage.complete_checkpoints(ckpt) == ["step6"]
+    _assert_complete(ckpt, "step6")
+
+    filler.unlink()
+    resumed = _train([f"output_dir={out}", *ARGS, "resume=auto"])
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "at step 6" in resumed.stdout
     _assert_bitwise_equal(out, straight_run)
