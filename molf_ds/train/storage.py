@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from molf_ds import ds_partitions
 from molf_ds.errors import MoLFError
 
 STAGING_SUFFIX = ".partial"
@@ -198,10 +199,8 @@ def save_checkpoint(
         problem = write_problem(err, f"checkpoint {tag}", ckpt_dir, needed)
         if problem is None:
             raise
-        # save_checkpoint (0.19.8) writes between its tag check and its final barrier, which
-        # this rank skipped: meet the others there, then agree.
-        if dist.is_initialized():
-            dist.barrier()
+        if dist.is_initialized():  # meet the others in the collectives this rank skipped
+            ds_partitions.finish_failed_save(engine)
     try:
         agree(problem)
         agree(on_main(lambda: _publish(ckpt_dir, staging, tag)))
