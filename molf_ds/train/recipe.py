@@ -504,7 +504,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"molf-train: error: {err}", file=sys.stderr)
         code = 1
     except OSError as err:  # a write outside checkpoints and exports (metrics, logs)
-        print(f"molf-train: error: {err.strerror or err}: {err.filename or ''}", file=sys.stderr)
+        where = f" ({err.filename})" if err.filename else ""
+        print(
+            f"molf-train: error: {err.strerror or err}{where}: free space or fix the file system, "
+            "then resume=auto continues from the newest checkpoint",
+            file=sys.stderr,
+        )
         code = 1
     except Exception:
         import traceback
@@ -512,7 +517,13 @@ def main(argv: list[str] | None = None) -> None:
         traceback.print_exc()
         code = 1
     finally:
-        recipe.cleanup()
+        try:
+            recipe.cleanup()
+        except OSError as err:  # closing logs on a full disk: one line, never a traceback
+            if code == 0:
+                message = f"closing the logs: {err.strerror or err}: free space"
+                print(f"molf-train: error: {message}", file=sys.stderr)
+            code = code or 1
         shutdown(code)
 
 
