@@ -121,6 +121,15 @@ def straight_run(tmp_path_factory) -> Path:
     return out
 
 
+# ---- which checkpoint resume=auto takes -----------------------------------------------------
+def test_resume_auto_takes_the_newest_complete_checkpoint_by_step(tmp_path) -> None:
+    for name in ("step2", "step10", "step9", f"step11{storage.STAGING_SUFFIX}", "notes"):
+        (tmp_path / name).mkdir()
+    assert storage.complete_checkpoints(tmp_path) == ["step2", "step9", "step10"]
+    assert storage.newest_checkpoint(tmp_path) == "step10"
+    assert storage.newest_checkpoint(tmp_path / "missing") is None
+
+
 # ---- checked before anything is written ----------------------------------------------------
 @pytest.mark.slow
 def test_too_small_disk_is_refused_before_anything_is_written(tmpfs) -> None:
