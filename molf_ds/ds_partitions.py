@@ -19,6 +19,8 @@ Everything else in molf_ds, and the test and benchmark workers, use DeepSpeed's 
   (see `deepspeed_skips_nonfinite_steps`), and ``engine.skipped_steps``.
 - ``deepspeed.comm.comm.cdb``, the communication backend object (see `CollectiveCounter`).
 - The CPU accelerator's comm op: see `turn_off_cpu_shm_comm`.
+- ``engine.save_checkpoint``'s order of work, for a rank whose write failed: see
+  `finish_failed_save`.
 """
 
 from __future__ import annotations
@@ -165,6 +167,17 @@ def master_partitions(engine: Any) -> list[torch.Tensor]:
         if hasattr(zero, name):
             return list(getattr(zero, name))
     return []
+
+
+def finish_failed_save(engine: Any) -> None:
+    """Run the collectives ``engine.save_checkpoint`` (0.19.8) still had ahead when one of its
+    file writes raised on this rank, so that this rank meets the others there: the optimizer's
+    ``checkpoint_event_epilogue`` (ZeRO-3: an all-gather of the persistent parameters), then the
+    final barrier. Everything between its tag check and these is file writes and
+    collective-free (``state_dict`` of the ZeRO-1/2 and ZeRO-3 optimizers included)."""
+    if hasattr(engine.optimizer, "checkpoint_event_epilogue"):
+        engine.optimizer.checkpoint_event_epilogue()
+    torch.distributed.barrier()
 
 
 def optimizer_state_bytes(engine: Any) -> dict[str, int]:

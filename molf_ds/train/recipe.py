@@ -34,6 +34,7 @@ from typing import Any
 from molf_ds import ds_partitions
 from molf_ds.errors import MoLFError
 from molf_ds.runtime import shutdown
+from molf_ds.train import storage
 from molf_ds.train.config import TrainConfig, parse_args
 
 TINY_PRESETS = {
@@ -100,6 +101,8 @@ class Method:
     after_backward: Callable[[Any, Any, int], None] = lambda model, engine, step: None
     # MoLF routing: routing.jsonl and the FFT share in the metrics
     routed: bool = False
+    # full models the export writes (the merged model; MoLF-Efficient adds the base): disk space
+    export_copies: int = 1
 
 
 class Recipe:
@@ -123,6 +126,9 @@ class Recipe:
         self.engine = None
         self.optimizer = None
         self.start_step = 0
+        # bytes of one checkpoint and of the exports (estimated before anything is written)
+        self.checkpoint_bytes = 0
+        self.exports_bytes = 0
         self.metrics = None
         self.routing_log = None
         # True where DeepSpeed does not skip non-finite steps itself (fp32 without ZeRO)
@@ -137,8 +143,10 @@ class Recipe:
         cfg = self.config
         self._check_output_dir()
         rank, world_size = self._setup_distributed()
+        storage.agree(storage.writable_problem(self.output_dir))
         self.derived, ds_config = self._setup_derived(rank, world_size)
         self.tokenizer, self.model = self._setup_model()
+        self.checkpoint_bytes, self.exports_bytes = self._check_space(self.model)
         self.train_examples, self.eval_records = self._setup_data(self.tokenizer)
         self.engine, self.optimizer = self.method.build_engine(
             cfg, self.model, ds_config, self.derived.zero_stage
@@ -163,6 +171,16 @@ class Recipe:
                 f"`output_dir` {self.output_dir} is not empty: set resume=auto to continue "
                 "that run, overwrite=true to replace it, or choose another output_dir"
             )
+
+    def _check_space(self, model) -> tuple[int, int]:
+        """``(checkpoint bytes, exports bytes)`` estimated from ``model``; every rank checks its
+        view of ``output_dir``'s file system has room for one checkpoint and the exports (an
+        ``overwrite``n run's old files count as free)."""
+        checkpoint = storage.checkpoint_estimate(model)
+        exports = storage.exports_estimate(model, self.method.export_copies)
+        reclaimable = storage.tree_bytes(self.output_dir) if self.config.overwrite else 0
+        storage.agree(storage.space_problem(self.output_dir, checkpoint, exports, reclaimable))
+        return checkpoint, exports
 
     def _setup_distributed(self) -> tuple[int, int]:
         """``(rank, world_size)`` once the process group is up, whatever the launcher."""
@@ -237,12 +255,14 @@ class Recipe:
         cfg = self.config
         if cfg.resume == "no":
             return 0
-        path = self.ckpt_dir if cfg.resume == "auto" else Path(cfg.resume)
-        if not (path / "latest").exists():
-            if cfg.resume == "auto":
+        path, tag = Path(cfg.resume), None
+        if cfg.resume == "auto":  # the newest complete checkpoint: never an interrupted save's
+            path, tag = self.ckpt_dir, storage.newest_checkpoint(self.ckpt_dir)
+            if tag is None:
                 return 0  # nothing to resume: start from step 0
+        elif not (path / "latest").exists():
             raise MoLFError(f"`resume` {path} holds no DeepSpeed checkpoint ('latest' missing)")
-        _, client_state = self.engine.load_checkpoint(str(path))
+        _, client_state = self.engine.load_checkpoint(str(path), tag=tag)
         step = int(client_state["step"])
         if self.derived.is_main:
             print(f"molf-train: resumed from {path} at step {step}", flush=True)
@@ -280,9 +300,9 @@ class Recipe:
         try:
             self.final_step, self.preempted = self._loop(stream, progress)
         finally:
+            progress.close()  # ends its line: an error after it starts a line of its own
             if not self.preempted:  # else kept until cleanup: a second signal must not cut
                 self.signals.restore()  # the checkpoint finish() writes short
-        progress.close()
 
     def _loop(self, stream, progress) -> tuple[int, bool]:
         """Steps from ``start_step``; returns ``(final step, preempted)``.
@@ -410,23 +430,25 @@ class Recipe:
             k = (epoch + 1) * per_epoch
 
     def save_checkpoint(self, step: int) -> None:
-        self.engine.save_checkpoint(
-            str(self.ckpt_dir),
-            tag=f"step{step}",
-            client_state={
-                "universal_checkpoint_info": {},
-                "step": step,
-                "config": self.config.to_dict(),
-            },
-        )
+        """Collective: ``checkpoints/step{step}``, published only complete (`storage`)."""
+        newest = storage.newest_checkpoint(self.ckpt_dir)
+        # the space a full disk's message asks for: the last checkpoint's size, once there is one
+        needed = storage.tree_bytes(self.ckpt_dir / newest) if newest else self.checkpoint_bytes
+        client_state = {
+            "universal_checkpoint_info": {},
+            "step": step,
+            "config": self.config.to_dict(),
+        }
+        storage.save_checkpoint(self.engine, self.ckpt_dir, step, client_state, needed)
 
     # ---- the end: checkpoint, exports, evaluation --------------------------------------------
     def finish(self) -> None:
         import torch.distributed as dist
 
         is_main = self.derived.is_main
-        self.save_checkpoint(self.final_step)
-        dist.barrier()
+        resumed_at_end = self.final_step == self.start_step
+        if not (resumed_at_end and (self.ckpt_dir / f"step{self.final_step}").is_dir()):
+            self.save_checkpoint(self.final_step)  # (a run resumed at its end has it already)
         if self.preempted:
             if is_main:
                 print(
@@ -439,18 +461,33 @@ class Recipe:
             if is_main:
                 print(f"molf-train: stopped at step {self.final_step}; continue with resume=auto")
             return
+        problem = None
         if is_main:
-            outputs = {"checkpoint": str(self.ckpt_dir / f"step{self.final_step}")}
-            outputs.update(self._export())
-            outputs.update(self._evaluate())
-            outputs["metrics"] = str(self.output_dir / "metrics.jsonl")
-            if self.routing_log is not None:
-                outputs["routing_log"] = str(self.output_dir / "routing.jsonl")
-            outputs.update(self._plot())
-            _write_json(self.output_dir / "outputs.json", outputs)
-            for key, value in outputs.items():
-                print(f"molf-train: {key}: {value}", flush=True)
+            try:
+                self._write_outputs()
+            except Exception as err:  # noqa: BLE001 - a full disk is one line; a bug re-raised
+                problem = storage.write_problem(
+                    err, "the exports", self.output_dir, self.exports_bytes
+                )
+                if problem is None:
+                    raise
+                problem += f"; checkpoint step{self.final_step} is intact: free space, then "
+                problem += "resume=auto writes the exports"
+        storage.agree(problem)  # rank 0 alone writes: every rank leaves with its outcome
         dist.barrier()
+
+    def _write_outputs(self) -> None:
+        """Rank 0: exports, evaluation, figures, outputs.json."""
+        outputs = {"checkpoint": str(self.ckpt_dir / f"step{self.final_step}")}
+        outputs.update(self._export())
+        outputs.update(self._evaluate())
+        outputs["metrics"] = str(self.output_dir / "metrics.jsonl")
+        if self.routing_log is not None:
+            outputs["routing_log"] = str(self.output_dir / "routing.jsonl")
+        outputs.update(self._plot())
+        _write_json(self.output_dir / "outputs.json", outputs)
+        for key, value in outputs.items():
+            print(f"molf-train: {key}: {value}", flush=True)
 
     def _export(self) -> dict:
         """Rebuild the trained model on the CPU from the final checkpoint (DeepSpeed's
@@ -512,9 +549,21 @@ def main(argv: list[str] | None = None) -> None:
         recipe.finish()
         if recipe.preempted:
             code = PREEMPTED_EXIT
+    except storage.EveryRankError as err:  # the same on every rank: said once
+        if storage.is_main_rank():
+            print(f"molf-train: error: {err}", file=sys.stderr)
+        code = 1
     except MoLFError as err:
         if not isinstance(err, AgreedError) or recipe.derived.is_main:
             print(f"molf-train: error: {err}", file=sys.stderr)
+        code = 1
+    except OSError as err:  # a write outside checkpoints and exports (metrics, logs)
+        where = f" ({err.filename})" if err.filename else ""
+        print(
+            f"molf-train: error: {err.strerror or err}{where}: free space or fix the file system, "
+            "then resume=auto continues from the newest checkpoint",
+            file=sys.stderr,
+        )
         code = 1
     except Exception:
         import traceback
@@ -522,7 +571,13 @@ def main(argv: list[str] | None = None) -> None:
         traceback.print_exc()
         code = 1
     finally:
-        recipe.cleanup()
+        try:
+            recipe.cleanup()
+        except OSError as err:  # closing logs on a full disk: one line, never a traceback
+            if code == 0:
+                message = f"closing the logs: {err.strerror or err}: free space"
+                print(f"molf-train: error: {message}", file=sys.stderr)
+            code = code or 1
         shutdown(code)
 
 
@@ -687,6 +742,7 @@ METHODS: dict[str, Method] = {
         build_engine=_molf_engine,
         export=_export_molf_adapter,
         routed=True,
+        export_copies=2,
     ),
 }
 
