@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -399,3 +400,167 @@ def test_valid_data_files_load_every_record_as_written(
     assert held == []
     pairs = sorted((r["prompt"], r["completion"]) for r in records)
     assert sorted((r["prompt"], r["completion"]) for r in train) == pairs
+
+
+# ---- molf-estimate ----------------------------------------------------------------------------
+def _estimate(argv: list[str]) -> tuple[int, str]:
+    """``(exit status, stderr)`` of molf-estimate's ``main(argv)`` in this process."""
+    from molf_ds import estimate
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = estimate.main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, stderr.getvalue()
+
+
+def _check_estimate(argv: list[str]) -> None:
+    start = time.monotonic()
+    code, stderr = _estimate(argv)
+    assert time.monotonic() - start < 10, f"molf-estimate {argv!r} took too long"
+    if code == 0:
+        assert stderr == ""
+    else:
+        assert code in (1, 2), (code, stderr)
+        assert_one_line(stderr.rstrip("\n"), "molf-estimate: error: ")
+
+
+ESTIMATE_FLAGS = st.sampled_from(
+    [
+        "--gpus-per-node",
+        "--nodes",
+        "--lora-ranks",
+        "--target-modules",
+        "--target-regex",
+        "--exclude-modules",
+        "--weight-dtype",
+        "--methods",
+        "--stages",
+        "--persistence-threshold",
+        "--json",
+        "--config",
+    ]
+)
+ESTIMATE_WORDS = st.one_of(
+    st.integers().map(str), HUGE_INTS.map(str), st.text(max_size=8), ODD_STRINGS, ESTIMATE_FLAGS
+)
+
+
+@settings(MANY, max_examples=60)  # a model build on the meta device each (~0.1 s)
+@given(flags=st.lists(st.tuples(ESTIMATE_FLAGS, st.lists(ESTIMATE_WORDS, max_size=2)), max_size=3))
+def test_any_estimate_command_line_is_a_table_or_one_error_line(flags) -> None:
+    argv = ["--preset", "qwen2.5-0.5b"] + [
+        word for flag, values in flags for word in (flag, *values)
+    ]
+    _check_estimate(argv)
+
+
+QWEN2_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "tie_word_embeddings",
+    "head_dim",
+)
+
+
+@settings(MANY, max_examples=60)
+@example(fields={"num_hidden_layers": 5000}, model_type="qwen2")  # over 10 s to build unchecked
+@given(
+    fields=st.dictionaries(st.sampled_from(QWEN2_KEYS) | st.text(max_size=6), VALUES, max_size=3),
+    model_type=st.sampled_from(["qwen2", "llama"]) | VALUES,
+)
+def test_any_estimate_config_file_is_a_table_or_one_error_line(
+    fields, model_type, tmp_path_factory
+) -> None:
+    # small shapes keep the valid configs fast; the drawn fields overwrite them
+    config = {"model_type": model_type, "hidden_size": 64, "intermediate_size": 128}
+    config.update({"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2})
+    config.update({"vocab_size": 256, **fields})
+    path = tmp_path_factory.mktemp("estimate") / "config.json"
+    path.write_text(json.dumps(config))
+    _check_estimate(["--config", str(path)])
+
+
+@settings(MANY, max_examples=60)
+@given(content=st.binary(max_size=100) | st.sampled_from([b"[" * 100_000, b"{}", b"null"]))
+def test_any_estimate_config_bytes_are_one_error_line(content: bytes, tmp_path_factory) -> None:
+    path = tmp_path_factory.mktemp("estimate") / "config.json"
+    path.write_bytes(content)
+    _check_estimate(["--config", str(path)])
+
+
+# ---- molf-sweep -------------------------------------------------------------------------------
+RUN_FILES = ("run_config.json", "metrics.jsonl", "eval.json", "outputs.json")
+FILE_CONTENTS = st.one_of(
+    st.dictionaries(st.sampled_from(["mode", "lr", "seed", "step", "loss", "exact_match"]), VALUES)
+    .map(json.dumps)
+    .map(str.encode),  # objects as molf-train writes them, with any values
+    VALUES.map(json.dumps).map(str.encode),  # any JSON
+    st.binary(max_size=20),
+    st.sampled_from([b"", b"\n", b"[" * 100_000, b'{"loss": 1}\n{"loss": ', b'{"mode": "\xff"}']),
+)
+RUN_NAMES = st.text(
+    st.characters(codec="utf-8", exclude_characters="/\x00"), min_size=1, max_size=8
+).filter(lambda name: name not in (".", "..")) | st.sampled_from(["\udcff", "a\nb"])
+RUNS = st.dictionaries(
+    RUN_NAMES, st.dictionaries(st.sampled_from(RUN_FILES), FILE_CONTENTS), min_size=1, max_size=4
+)
+
+
+def _is_object_text(content: bytes, lines: bool) -> bool:
+    """Whether molf-train could have written ``content`` (JSON objects, one per line for
+    metrics.jsonl)."""
+    try:
+        text = content.decode("utf-8")
+        parts = [line for line in text.splitlines() if line.strip()] if lines else [text]
+        return all(isinstance(json.loads(part), dict) for part in parts)
+    except (ValueError, RecursionError):
+        return False
+
+
+def _readable_sweep(runs: dict[str, dict[str, bytes]]) -> bool:
+    for files in runs.values():
+        if "run_config.json" not in files or "outputs.json" not in files:
+            continue  # unfinished: its files are not read
+        for name in ("run_config.json", "metrics.jsonl", "eval.json"):
+            if name in files and not _is_object_text(files[name], name.endswith(".jsonl")):
+                return False
+    return True
+
+
+@MANY
+@given(runs=RUNS, as_json=st.booleans())
+def test_any_sweep_directory_is_a_table_or_one_error_line(runs, as_json, tmp_path_factory):
+    from molf_ds.train import sweep
+
+    root = tmp_path_factory.mktemp("sweep")
+    for name, files in runs.items():
+        (root / name).mkdir()
+        for file_name, content in files.items():
+            (root / name / file_name).write_bytes(content)
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # strict, like a real terminal
+    stderr = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            sweep.main([str(root), *(["--json"] if as_json else [])])
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+        stdout.flush()
+    if code != 0:
+        assert code == 1 and not _readable_sweep(runs), stderr.getvalue()
+        assert_one_line(stderr.getvalue().rstrip("\n"), "molf-sweep: error: ")
+        return
+    assert _readable_sweep(runs) and stderr.getvalue() == ""
+    finished = [f for f in runs.values() if {"run_config.json", "outputs.json"} <= f.keys()]
+    output = stdout.buffer.getvalue().decode()
+    if as_json:
+        assert len(json.loads(output)["rows"]) == len(finished)
+    else:
+        assert len(output.split("\n\nunfinished")[0].splitlines()) == 1 + len(finished)
