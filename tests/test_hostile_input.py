@@ -20,6 +20,8 @@ import io
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from hypothesis import strategies as st
 
 from molf_ds.errors import MoLFConfigError, MoLFError
 from molf_ds.train.config import TrainConfig, load_config, parse_args
+from tests.launch import cpu_env
 
 # derandomize: CI runs the same examples every time; no database: nothing written to the repo.
 MANY = settings(
@@ -564,3 +567,109 @@ def test_any_sweep_directory_is_a_table_or_one_error_line(runs, as_json, tmp_pat
         assert len(json.loads(output)["rows"]) == len(finished)
     else:
         assert len(output.split("\n\nunfinished")[0].splitlines()) == 1 + len(finished)
+
+
+# ---- the real commands, as subprocesses ---------------------------------------------------------
+def _command(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run ``python -m ...`` in ``cwd`` offline; a hang fails the test at ``timeout``."""
+    env = {**cpu_env(), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # stdout as in a user's en_US.UTF-8 terminal: strict (C.UTF-8, here, would escape bytes)
+    env["PYTHONIOENCODING"] = "utf-8:strict"
+    env["HF_DATASETS_CACHE"] = str(cwd / ".hf_cache")
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{args[0]} hung on {args[1:]!r} (past {timeout} s)") from None
+
+
+def _assert_one_line_exit(result: subprocess.CompletedProcess, prog: str) -> None:
+    stderr = result.stderr.decode("utf-8", "replace")
+    assert result.returncode != 0, stderr
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith(f"{prog}: error: ")]
+    assert len(errors) == 1, stderr[-3000:]
+    assert_one_line(errors[0])
+
+
+def _listing(root: Path) -> set[Path]:
+    return {path for path in root.rglob("*") if ".hf_cache" not in path.parts}
+
+
+@pytest.mark.slow
+@SUBPROCESS
+@given(values=configs())
+def test_train_cli_invalid_config_one_line_nothing_written(values, tmp_path_factory) -> None:
+    assume(not expected_valid(values))
+    cwd = tmp_path_factory.mktemp("train")
+    overrides = [f"{key}={json.dumps(value)}" for key, value in values.items()]
+    assume(all("=" not in key and key.strip() == key and key for key in values))
+    result = _command(["molf_ds.train", f"output_dir={cwd / 'run'}", *overrides], cwd)
+    _assert_one_line_exit(result, "molf-train")
+    assert result.returncode == 2
+    assert _listing(cwd) == set()
+
+
+@pytest.mark.slow
+@SUBPROCESS
+@given(
+    records=HOSTILE_RECORDS,
+    suffix=st.sampled_from([".jsonl", ".csv", ".parquet"]),
+    garbage=st.binary(min_size=1, max_size=8).filter(lambda b: not _is_utf8(b)),
+)
+def test_train_cli_corrupt_data_file_one_line_nothing_written(
+    records, suffix, garbage, tmp_path_factory
+) -> None:
+    """A valid config on a data file with bytes that are not UTF-8: refused during set-up, after
+    the model is built, before anything is written."""
+    cwd = tmp_path_factory.mktemp("train")
+    data = cwd / f"data{suffix}"
+    _write_records(data, records, garbage)
+    before = _listing(cwd)
+    args = [f"output_dir={cwd / 'run'}", f"data={data}", "ds_config=zero0", "max_steps=1"]
+    result = _command(["molf_ds.train", *args, "micro_batch_size=1", "eval_examples=1"], cwd)
+    _assert_one_line_exit(result, "molf-train")
+    assert _listing(cwd) == before
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@settings(SUBPROCESS, max_examples=1)
+@given(content=st.binary(max_size=100).filter(lambda b: not _is_object_text(b, lines=False)))
+def test_estimate_cli_hostile_config_file_one_line(content: bytes, tmp_path_factory) -> None:
+    cwd = tmp_path_factory.mktemp("estimate")
+    (cwd / "config.json").write_bytes(content)
+    result = _command(["molf_ds.estimate", "--config", "config.json"], cwd, timeout=120)
+    _assert_one_line_exit(result, "molf-estimate")
+
+
+@pytest.mark.slow
+@SUBPROCESS
+@given(runs=RUNS)
+@example(  # a run folder named by bytes that are not UTF-8, printed to a real (strict) stdout
+    runs={"\udcff": {"run_config.json": b'{"mode": "a\\nb"}', "outputs.json": b"{}"}}
+)
+def test_sweep_cli_hostile_run_files(runs, tmp_path_factory) -> None:
+    cwd = tmp_path_factory.mktemp("sweep")
+    for name, files in runs.items():
+        (cwd / name).mkdir()
+        for file_name, content in files.items():
+            (cwd / name / file_name).write_bytes(content)
+    result = _command(["molf_ds.train.sweep", "."], cwd, timeout=60)
+    if _readable_sweep(runs):
+        assert result.returncode == 0 and result.stderr == b"", result.stderr[-3000:]
+    else:
+        _assert_one_line_exit(result, "molf-sweep")
