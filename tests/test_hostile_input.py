@@ -128,11 +128,20 @@ def _as_finite_float(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _is_utf8_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")  # a lone surrogate: bytes of the command line that are not UTF-8
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_name(value: Any) -> bool:
-    """A path, column or config name: non-empty text without NUL (a number names a folder)."""
+    """A path, column or config name: non-empty UTF-8 text without NUL (a number names a
+    folder)."""
     if _is_int(value) or isinstance(value, float):
         return True
-    return isinstance(value, str) and value != "" and "\x00" not in value
+    return isinstance(value, str) and value != "" and "\x00" not in value and _is_utf8_text(value)
 
 
 def _field_valid(key: str, value: Any) -> bool:
@@ -233,6 +242,12 @@ def _check_config(values: dict[str, Any], load) -> None:
 
 @MANY
 @given(values=configs())
+# the edges, each once whatever hypothesis draws: bytes that are not UTF-8, NUL, empty, a
+# newline in a key, non-finite and huge numbers
+@example(values={"output_dir": "\udcff"})
+@example(values={"model": "a\x00b", "data": ""})
+@example(values={"a\nb": 1, "lr": math.nan})
+@example(values={"seed": 2**64, "gradient_clipping": -math.inf, "max_steps": 10**400})
 def test_config_file_valid_accepted_invalid_one_line(values: dict[str, Any], tmp_path_factory):
     path = tmp_path_factory.mktemp("cfg") / "run.json"
     path.write_text(json.dumps(values))  # NaN, inf, lone surrogates: Python's JSON keeps them
@@ -355,6 +370,16 @@ def _write_records(path: Path, records: list, garbage: bytes | None) -> None:
         start = data.find(b'": "') + 4 if b'": "' in data else len(data) // 2
         data = data[:start] + garbage + data[start:]
     path.write_bytes(data)
+
+
+def test_error_messages_are_one_line_whatever_they_quote(tmp_path) -> None:
+    """Paths are quoted as given in many messages; a line break in one stays on the line."""
+    from molf_ds.train.data import load_records
+
+    for broken in ("a\nb", "a\r\nb", "a\u2028b", "a\x85b"):
+        with pytest.raises(MoLFError) as info:
+            load_records(str(tmp_path / f"{broken}.jsonl"))
+        assert_one_line(str(info.value))
 
 
 @FEW

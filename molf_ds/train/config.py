@@ -130,7 +130,8 @@ class TrainConfig(BaseModel):
     @classmethod
     def _no_nul(cls, value: str, info: ValidationInfo) -> str:
         """A NUL byte cannot be in a path or column name (the OS refuses it, late, as a
-        traceback); every other character, undecodable bytes included, is left to the job."""
+        traceback). Text that is not UTF-8 (lone surrogates: the command line's undecodable
+        bytes) pydantic refuses already (``string_unicode``)."""
         if "\x00" in value:
             raise ValueError(f"`{info.field_name}` contains a NUL character: {shown(value)}")
         return value
@@ -286,6 +287,8 @@ def _describe_one(error: dict, schema: type[BaseModel]) -> str:
     bound = next((b for b in _BOUNDS if b in ctx), None)
     if bound is not None:
         return f"{where} must be {_BOUNDS[bound]} {ctx[bound]}, got {shown(value)}"
+    if kind == "string_unicode":
+        return f"{where} is not UTF-8 text, got {shown(value)}; use a UTF-8 name"
     if kind == "too_short":
         return f"{where} must hold at least {ctx['min_length']} item(s), got {shown(list(value))}"
     if kind in _TYPE_NAMES:
