@@ -698,3 +698,15 @@ def test_sweep_cli_hostile_run_files(runs, tmp_path_factory) -> None:
         assert result.returncode == 0 and result.stderr == b"", result.stderr[-3000:]
     else:
         _assert_one_line_exit(result, "molf-sweep")
+
+
+@pytest.mark.parametrize("mode", ["lora", "adalora", "molf", "molf-efficient"])
+def test_absurd_lora_rank_is_refused_before_allocation(mode: str) -> None:
+    """Valid as a number, absurd for the model: one line, not a failed 256 TB allocation."""
+    from molf_ds.train.recipe import METHODS, load_model
+
+    _, model = load_model("tiny-qwen2")
+    config = load_config(None, [f"mode={mode}", "lora_ranks=[1000000000000]"])
+    with pytest.raises(MoLFError, match="larger than every linear layer") as info:
+        METHODS[mode].build_model(config, model)
+    assert_one_line(str(info.value))
