@@ -79,6 +79,7 @@ VALUES = st.recursive(
 
 # ---- the spec of a valid config ----------------------------------------------------------
 NAME_FIELDS = ("output_dir", "model", "data", "prompt_field", "completion_field", "ds_config")
+PATH_FIELDS = ("output_dir", "model", "data", "ds_config")  # and resume
 BOOL_FIELDS = ("overwrite", "use_rslora", "bf16")
 INT_MINIMUM = {
     "save_every": 0,
@@ -94,6 +95,7 @@ INT_MINIMUM = {
     "log_every": 1,
 }
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
+MAX_COUNT = 2**31 - 1  # counts and sizes: what a 32-bit int holds
 FLOAT_MINIMUM = {"lr": 0.0, "weight_decay": 0.0, "gradient_clipping": 0.0}  # all >= minimum
 OPTIONAL_FLOAT_MINIMUM = {"lora_lr": 0.0, "lora_weight_decay": 0.0}  # or null
 CHOICES = {
@@ -144,13 +146,23 @@ def _is_name(value: Any) -> bool:
     return isinstance(value, str) and value != "" and "\x00" not in value and _is_utf8_text(value)
 
 
+def _is_path(value: Any) -> bool:
+    """A name the OS can look up: each part at most 255 bytes, the whole under 4096 (Linux)."""
+    if not _is_name(value):
+        return False
+    encoded = str(value).encode()
+    return len(encoded) < 4096 and all(len(part) <= 255 for part in encoded.split(b"/"))
+
+
 def _field_valid(key: str, value: Any) -> bool:
+    if key in PATH_FIELDS:
+        return _is_path(value)
     if key in NAME_FIELDS:
         return _is_name(value)
     if key in BOOL_FIELDS:
         return isinstance(value, bool)
     if key in INT_MINIMUM:
-        return _is_int(value) and value >= INT_MINIMUM[key]
+        return _is_int(value) and INT_MINIMUM[key] <= value <= MAX_COUNT
     if key in FLOAT_MINIMUM or key in OPTIONAL_FLOAT_MINIMUM:
         if value is None:
             return key in OPTIONAL_FLOAT_MINIMUM
@@ -160,7 +172,7 @@ def _field_valid(key: str, value: Any) -> bool:
         return value in CHOICES[key] and isinstance(value, str)
     if key == "resume":
         text = str(value) if _is_int(value) or isinstance(value, float) else value
-        return _is_name(value) and (text in ("no", "auto") or os.path.exists(text))
+        return _is_path(value) and (text in ("no", "auto") or os.path.exists(text))
     if key == "seed":
         return _is_int(value) and SEED_RANGE[0] <= value <= SEED_RANGE[1]
     if key == "lora_alpha":
@@ -175,7 +187,7 @@ def _field_valid(key: str, value: Any) -> bool:
             isinstance(ranks, list)
             and len(ranks) > 0
             and all(_is_int(r) for r in ranks)
-            and all(r > 0 for r in ranks)
+            and all(0 < r <= MAX_COUNT for r in ranks)
         )
     return False  # an unknown key
 
@@ -198,7 +210,7 @@ def _valid_value(key: str) -> st.SearchStrategy:
     if key in BOOL_FIELDS:
         return st.booleans()
     if key in INT_MINIMUM:
-        return st.integers(min_value=INT_MINIMUM[key])
+        return st.integers(min_value=INT_MINIMUM[key], max_value=MAX_COUNT)
     if key in FLOAT_MINIMUM or key in OPTIONAL_FLOAT_MINIMUM:
         numbers = st.floats(min_value=0, allow_nan=False, allow_infinity=False)
         return numbers | st.none() if key in OPTIONAL_FLOAT_MINIMUM else numbers
@@ -245,6 +257,7 @@ def _check_config(values: dict[str, Any], load) -> None:
 # the edges, each once whatever hypothesis draws: bytes that are not UTF-8, NUL, empty, a
 # newline in a key, non-finite and huge numbers
 @example(values={"output_dir": "\udcff"})
+@example(values={"output_dir": "x" * 256, "data": "x/" * 2100})  # ENAMETOOLONG: a name, a path
 @example(values={"model": "a\x00b", "data": ""})
 @example(values={"a\nb": 1, "lr": math.nan})
 @example(values={"seed": 2**64, "gradient_clipping": -math.inf, "max_steps": 10**400})
@@ -702,11 +715,11 @@ def test_sweep_cli_hostile_run_files(runs, tmp_path_factory) -> None:
 
 @pytest.mark.parametrize("mode", ["lora", "adalora", "molf", "molf-efficient"])
 def test_absurd_lora_rank_is_refused_before_allocation(mode: str) -> None:
-    """Valid as a number, absurd for the model: one line, not a failed 256 TB allocation."""
+    """Valid as a number, absurd for the model: one line, not a failed 512 GB allocation."""
     from molf_ds.train.recipe import METHODS, load_model
 
     _, model = load_model("tiny-qwen2")
-    config = load_config(None, [f"mode={mode}", "lora_ranks=[1000000000000]"])
+    config = load_config(None, [f"mode={mode}", "lora_ranks=[2147483647]"])  # the largest valid
     with pytest.raises(MoLFError, match="larger than every linear layer") as info:
         METHODS[mode].build_model(config, model)
     assert_one_line(str(info.value))

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import json
+import os
 import sys
 import types
 import typing
@@ -51,6 +53,12 @@ NAME_FIELDS = (
     "completion_field",
     "ds_config",
 )
+# Counts (steps, sizes, ranks) above 2**31 - 1 are no run anyone can do, and past 2**63 they
+# overflow inside DeepSpeed mid-run (gradient_accumulation_steps=10**21: OverflowError in
+# engine.backward, after output_dir was written): refused with the other range errors.
+MAX_COUNT = 2**31 - 1
+Count = Annotated[int, Field(le=MAX_COUNT)]
+PATH_FIELDS = ("output_dir", "resume", "model", "data", "ds_config")  # (else hub ids, names)
 SHOWN_CHARS = 80  # a value quoted in an error line is cut here, so the line stays readable
 
 
@@ -69,8 +77,8 @@ class TrainConfig(BaseModel):
     resume: str = Field(
         "no", description="'no', 'auto' (newest checkpoint in output_dir) or a path"
     )
-    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: at end)")
-    stop_after: int = Field(
+    save_every: Count = Field(0, ge=0, description="checkpoint every N steps (0: at end)")
+    stop_after: Count = Field(
         0, ge=0, description="checkpoint and stop after N steps (0: run to max_steps)"
     )
     # model
@@ -81,17 +89,17 @@ class TrainConfig(BaseModel):
     data: str = Field("sql", description="'sql' (embedded task), a .jsonl/.csv/.parquet or hub id")
     prompt_field: str = Field("prompt", description="prompt column")
     completion_field: str = Field("completion", description="completion column")
-    max_length: int = Field(224, ge=1, description="tokens per example")
+    max_length: Count = Field(224, ge=1, description="tokens per example")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="held-out share of the data")
-    eval_examples: int = Field(32, ge=1, description="held-out examples generated at end")
+    eval_examples: Count = Field(32, ge=1, description="held-out examples generated at end")
     # method
     mode: Mode = Field("molf", description="one of " + ", ".join(MODES))
-    lora_ranks: tuple[Annotated[int, Field(gt=0)], ...] = Field(
+    lora_ranks: tuple[Annotated[Count, Field(gt=0)], ...] = Field(
         (16,), min_length=1, description="LoRA expert ranks (one int or a list)"
     )
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator")
     use_rslora: bool = Field(True, description="alpha/sqrt(r) scaling")
-    top_k: int = Field(1, ge=1, description="experts updated per module")
+    top_k: Count = Field(1, ge=1, description="experts updated per module")
     score: Score = Field("epd", description="router score: epd or pfn")
     # optimizer
     lr: float = Field(3e-3, ge=0, description="FFT (and plain AdamW) learning rate")
@@ -101,11 +109,11 @@ class TrainConfig(BaseModel):
         None, ge=0, description="LoRA weight decay (null: same)"
     )
     schedule: Schedule = Field("cosine", description="constant, linear or cosine")
-    warmup_steps: int = Field(20, ge=0, description="linear warm-up steps")
-    max_steps: int = Field(600, ge=1, description="optimizer steps")
-    micro_batch_size: int = Field(8, ge=1, description="sequences per rank per micro-step")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps per step")
-    batch_size: int = Field(
+    warmup_steps: Count = Field(20, ge=0, description="linear warm-up steps")
+    max_steps: Count = Field(600, ge=1, description="optimizer steps")
+    micro_batch_size: Count = Field(8, ge=1, description="sequences per rank per micro-step")
+    gradient_accumulation_steps: Count = Field(1, ge=1, description="micro-steps per step")
+    batch_size: Count = Field(
         0, ge=0, description="global batch; 0 = micro x ranks x accumulation (else must divide)"
     )
     gradient_clipping: float = Field(1.0, ge=0, description="global grad-norm clip (0: off)")
@@ -115,7 +123,7 @@ class TrainConfig(BaseModel):
         "zero2", description="a ds_configs/ name (zero0..zero3_offload_all) or path"
     )
     bf16: bool = Field(False, description="bf16 weights (fp32 master)")
-    log_every: int = Field(5, ge=1, description="log metrics every N steps")
+    log_every: Count = Field(5, ge=1, description="log metrics every N steps")
 
     # ---- what strict types would refuse but the command line means -------------------------
     @field_validator(*NAME_FIELDS, mode="before")
@@ -134,6 +142,8 @@ class TrainConfig(BaseModel):
         bytes) pydantic refuses already (``string_unicode``)."""
         if "\x00" in value:
             raise ValueError(f"`{info.field_name}` contains a NUL character: {shown(value)}")
+        if info.field_name in PATH_FIELDS:
+            _check_path_length(info.field_name, value)
         return value
 
     @field_validator("lora_ranks", mode="before")
@@ -166,6 +176,18 @@ class TrainConfig(BaseModel):
     def to_dict(self) -> dict:
         """The options as plain JSON values (``run_config.json``, checkpoints)."""
         return self.model_dump(mode="json")
+
+
+def _check_path_length(key: str, value: str) -> None:
+    """A path the OS cannot even look up (a name over 255 bytes, a path over 4096) makes every
+    later ``Path.exists()`` raise OSError, a traceback: refused here, as the OS words it."""
+    try:
+        os.lstat(value)
+    except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:
+            raise ValueError(
+                f"`{key}` is too long a path ({err.strerror}): {shown(value)}"
+            ) from None
 
 
 # ---- building the config: file, then overrides -------------------------------------------
