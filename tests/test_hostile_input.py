@@ -261,6 +261,7 @@ def _check_config(values: dict[str, Any], load) -> None:
 @example(values={"model": "a\x00b", "data": ""})
 @example(values={"a\nb": 1, "lr": math.nan})
 @example(values={"seed": 2**64, "gradient_clipping": -math.inf, "max_steps": 10**400})
+@example(values={"gradient_accumulation_steps": 2**31, "lora_ranks": [4, 2**40]})
 def test_config_file_valid_accepted_invalid_one_line(values: dict[str, Any], tmp_path_factory):
     path = tmp_path_factory.mktemp("cfg") / "run.json"
     path.write_text(json.dumps(values))  # NaN, inf, lone surrogates: Python's JSON keeps them
