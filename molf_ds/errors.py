@@ -2,7 +2,14 @@
 
 
 class MoLFError(ValueError):
-    """Base class of molf_ds's user-facing errors (a ``ValueError``, as in PEFT)."""
+    """Base class of molf_ds's user-facing errors (a ``ValueError``, as in PEFT).
+
+    The message is one line whatever it quotes: a path or value holding a newline (or another
+    line break) is joined with spaces, so every command's ``prog: error: ...`` stays one line.
+    """
+
+    def __str__(self) -> str:
+        return " ".join(super().__str__().splitlines())
 
 
 class MoLFConfigError(MoLFError):

@@ -57,6 +57,9 @@ MASTER_BYTES = 4  # fp32 master copy of a trainable parameter
 MOMENT_BYTES = 8  # AdamW exp_avg + exp_avg_sq, fp32
 FP32_GRAD_BYTES = 4  # DeepSpeed's fp32 gradient partition under optimizer offload
 GiB = 2**30
+# Building the model on the meta device takes ~7 ms a layer: 10**6 layers (a typo, a corrupted
+# config.json) would run for hours. Published models have well under 200.
+MAX_LAYERS = 1024
 
 # Literal configs (subsets of the published config.json files): no downloads.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -488,6 +491,7 @@ def model_spec(config: Any) -> ModelSpec:
     from torch import nn
 
     name, hf_config = _load_config(config)
+    _check_layers(name, hf_config)
     from transformers import AutoModelForCausalLM
 
     try:
@@ -523,6 +527,17 @@ def model_spec(config: Any) -> ModelSpec:
     )
 
 
+def _check_layers(name: str, hf_config: Any) -> None:
+    """Refuse a layer count beyond `MAX_LAYERS` before the (linear-time) build."""
+    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else None
+    for candidate in (hf_config, text_config):
+        layers = getattr(candidate, "num_hidden_layers", None)
+        if isinstance(layers, int) and layers > MAX_LAYERS:
+            raise EstimateError(
+                f"{name}: num_hidden_layers={layers} is more than {MAX_LAYERS}; check the config"
+            )
+
+
 def count_parameters(config: Any) -> int:
     """Parameters of the model ``config`` describes (tied weights counted once), as
     ``sum(p.numel() for p in model.parameters())`` counts them."""
@@ -544,7 +559,8 @@ def _load_config(config: Any) -> tuple[str, Any]:
             )
         try:
             fields = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (OSError, ValueError, RecursionError) as err:  # unreadable, not UTF-8, not JSON
+            # (json raises RecursionError for deeply nested arrays, ValueError for the rest)
             raise EstimateError(f"cannot read config {path}: {err}") from None
         if not isinstance(fields, dict):
             raise EstimateError(f"config {path} must hold a JSON object")
@@ -575,7 +591,7 @@ def _config_from_fields(name: str, fields: dict[str, Any]) -> Any:
         raise EstimateError(f"{name}: invalid config: {_one_line(err)}") from None
 
 
-def _one_line(err: BaseException, limit: int = 300) -> str:
+def _one_line(err: object, limit: int = 300) -> str:
     text = " ".join(str(err).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -601,7 +617,7 @@ def _count(n: int) -> str:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see --help)\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -711,7 +727,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             persistence_threshold=args.persistence_threshold,
         )
     except (MoLFError, OSError) as err:
-        print(f"molf-estimate: error: {err}", file=sys.stderr)
+        # one line whatever the message quotes (a path holding a newline, a C++ stack)
+        print(f"molf-estimate: error: {_one_line(err, 500)}", file=sys.stderr)
         return 1
     print(json.dumps(estimate.to_dict(), indent=2) if args.json else estimate.format_table())
     return 0

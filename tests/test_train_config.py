@@ -92,7 +92,7 @@ def test_command_line_conveniences() -> None:
         (["lora_ranks=[4, true]"], "`lora_ranks` item 1 must be int, got True"),
         (["top_k=3"], "`top_k`=3 is larger than the 2 experts of mode 'molf'"),
         (["mode=molf-efficient", "top_k=2"], "larger than the 1 experts"),
-        (["resume=/no/such/checkpoint"], "`resume` checkpoint not found: /no/such/checkpoint"),
+        (["resume=/no/such/checkpoint"], "`resume` checkpoint not found: '/no/such/checkpoint'"),
         (["lr"], "override 'lr' is not key=value"),
         (["lr=x", "max_steps=0"], "`lr` must be float, got 'x' (and 1 more wrong key)"),
     ],

@@ -11,14 +11,24 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import json
+import os
 import sys
 import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from molf_ds.errors import MoLFConfigError
 
@@ -31,12 +41,35 @@ ROUTED_MODES = ("molf", "molf-efficient")
 
 DESCRIPTION = "Fine-tune a causal LM by FFT, LoRA, AdaLoRA, MoLF or MoLF-Efficient on DeepSpeed."
 USAGE = "molf-train [--config FILE] [key=value ...]"
+# torch.manual_seed's range (a signed or unsigned 64-bit integer); beyond it torch raises.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+# Options naming a path, column or config: non-empty text without NUL; a number is its text.
+NAME_FIELDS = (
+    "output_dir",
+    "resume",
+    "model",
+    "data",
+    "prompt_field",
+    "completion_field",
+    "ds_config",
+)
+# Counts (steps, sizes, ranks) above 2**31 - 1 are no run anyone can do, and past 2**63 they
+# overflow inside DeepSpeed mid-run (gradient_accumulation_steps=10**21: OverflowError in
+# engine.backward, after output_dir was written): refused with the other range errors.
+MAX_COUNT = 2**31 - 1
+Count = Annotated[int, Field(le=MAX_COUNT)]
+PATH_FIELDS = ("output_dir", "resume", "model", "data", "ds_config")  # (else hub ids, names)
+SHOWN_CHARS = 80  # a value quoted in an error line is cut here, so the line stays readable
 
 
 class TrainConfig(BaseModel):
     """Options of `molf-train` (defaults: the main job, 2 CPU ranks, ZeRO-2, MoLF, SQL task)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # Floats must be finite: a NaN or infinite rate, decay or clip only shows up later as a
+    # NaN model. Strings must be non-empty (Path("") is the current directory).
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, allow_inf_nan=False, str_min_length=1
+    )
 
     # I/O
     output_dir: str = Field("runs/molf", description="where everything is written")
@@ -44,8 +77,8 @@ class TrainConfig(BaseModel):
     resume: str = Field(
         "no", description="'no', 'auto' (newest checkpoint in output_dir) or a path"
     )
-    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: at end)")
-    stop_after: int = Field(
+    save_every: Count = Field(0, ge=0, description="checkpoint every N steps (0: at end)")
+    stop_after: Count = Field(
         0, ge=0, description="checkpoint and stop after N steps (0: run to max_steps)"
     )
     # model
@@ -56,53 +89,67 @@ class TrainConfig(BaseModel):
     data: str = Field("sql", description="'sql' (embedded task), a .jsonl/.csv/.parquet or hub id")
     prompt_field: str = Field("prompt", description="prompt column")
     completion_field: str = Field("completion", description="completion column")
-    max_length: int = Field(224, ge=1, description="tokens per example")
+    max_length: Count = Field(224, ge=1, description="tokens per example")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="held-out share of the data")
-    eval_examples: int = Field(32, ge=1, description="held-out examples generated at end")
+    eval_examples: Count = Field(32, ge=1, description="held-out examples generated at end")
     # method
     mode: Mode = Field("molf", description="one of " + ", ".join(MODES))
-    lora_ranks: tuple[Annotated[int, Field(gt=0)], ...] = Field(
+    lora_ranks: tuple[Annotated[Count, Field(gt=0)], ...] = Field(
         (16,), min_length=1, description="LoRA expert ranks (one int or a list)"
     )
-    lora_alpha: float = Field(16.0, description="LoRA scaling numerator")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator")
     use_rslora: bool = Field(True, description="alpha/sqrt(r) scaling")
-    top_k: int = Field(1, ge=1, description="experts updated per module")
+    top_k: Count = Field(1, ge=1, description="experts updated per module")
     score: Score = Field("epd", description="router score: epd or pfn")
     # optimizer
-    lr: float = Field(3e-3, description="FFT (and plain AdamW) learning rate")
-    lora_lr: float | None = Field(None, description="LoRA lr (null: lr)")
-    weight_decay: float = Field(0.0, description="decoupled weight decay")
-    lora_weight_decay: float | None = Field(None, description="LoRA weight decay (null: same)")
+    lr: float = Field(3e-3, ge=0, description="FFT (and plain AdamW) learning rate")
+    lora_lr: float | None = Field(None, ge=0, description="LoRA lr (null: lr)")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
+    lora_weight_decay: float | None = Field(
+        None, ge=0, description="LoRA weight decay (null: same)"
+    )
     schedule: Schedule = Field("cosine", description="constant, linear or cosine")
-    warmup_steps: int = Field(20, ge=0, description="linear warm-up steps")
-    max_steps: int = Field(600, ge=1, description="optimizer steps")
-    micro_batch_size: int = Field(8, ge=1, description="sequences per rank per micro-step")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps per step")
-    batch_size: int = Field(
+    warmup_steps: Count = Field(20, ge=0, description="linear warm-up steps")
+    max_steps: Count = Field(600, ge=1, description="optimizer steps")
+    micro_batch_size: Count = Field(8, ge=1, description="sequences per rank per micro-step")
+    gradient_accumulation_steps: Count = Field(1, ge=1, description="micro-steps per step")
+    batch_size: Count = Field(
         0, ge=0, description="global batch; 0 = micro x ranks x accumulation (else must divide)"
     )
-    gradient_clipping: float = Field(1.0, description="global grad-norm clip")
-    max_bad_steps: int = Field(
+    gradient_clipping: float = Field(1.0, ge=0, description="global grad-norm clip (0: off)")
+    max_bad_steps: Count = Field(
         10,
         ge=1,
         description="stop with an error after N consecutive steps skipped for a non-finite "
         "loss or gradient",
     )
-    seed: int = Field(0, description="model init, data order")
+    seed: int = Field(0, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="model init, data order")
     # system
     ds_config: str = Field(
         "zero2", description="a ds_configs/ name (zero0..zero3_offload_all) or path"
     )
     bf16: bool = Field(False, description="bf16 weights (fp32 master)")
-    log_every: int = Field(5, ge=1, description="log metrics every N steps")
+    log_every: Count = Field(5, ge=1, description="log metrics every N steps")
 
     # ---- what strict types would refuse but the command line means -------------------------
-    @field_validator("output_dir", "resume", "model", "data", "ds_config", mode="before")
+    @field_validator(*NAME_FIELDS, mode="before")
     @classmethod
     def _number_as_name(cls, value: Any) -> Any:
-        """``model=123`` names a directory: a number is a fine string."""
+        """``model=123`` names a directory, ``prompt_field=0`` a column: a number is a string."""
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
+        return value
+
+    @field_validator(*NAME_FIELDS)
+    @classmethod
+    def _no_nul(cls, value: str, info: ValidationInfo) -> str:
+        """A NUL byte cannot be in a path or column name (the OS refuses it, late, as a
+        traceback). Text that is not UTF-8 (lone surrogates: the command line's undecodable
+        bytes) pydantic refuses already (``string_unicode``)."""
+        if "\x00" in value:
+            raise ValueError(f"`{info.field_name}` contains a NUL character: {shown(value)}")
+        if info.field_name in PATH_FIELDS:
+            _check_path_length(info.field_name, value)
         return value
 
     @field_validator("lora_ranks", mode="before")
@@ -120,7 +167,7 @@ class TrainConfig(BaseModel):
     @classmethod
     def _resume_exists(cls, value: str) -> str:
         if value not in ("no", "auto") and not Path(value).exists():
-            raise ValueError(f"`resume` checkpoint not found: {value}")
+            raise ValueError(f"`resume` checkpoint not found: {shown(value)}")
         return value
 
     @model_validator(mode="after")
@@ -135,6 +182,18 @@ class TrainConfig(BaseModel):
     def to_dict(self) -> dict:
         """The options as plain JSON values (``run_config.json``, checkpoints)."""
         return self.model_dump(mode="json")
+
+
+def _check_path_length(key: str, value: str) -> None:
+    """A path the OS cannot even look up (a name over 255 bytes, a path over 4096) makes every
+    later ``Path.exists()`` raise OSError, a traceback: refused here, as the OS words it."""
+    try:
+        os.lstat(value)
+    except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:
+            raise ValueError(
+                f"`{key}` is too long a path ({err.strerror}): {shown(value)}"
+            ) from None
 
 
 # ---- building the config: file, then overrides -------------------------------------------
@@ -161,7 +220,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise MoLFConfigError(f"override {item!r} is not key=value (e.g. lr=1e-4)")
+            raise MoLFConfigError(f"override {shown(item)} is not key=value (e.g. lr=1e-4)")
         values[key.strip()] = parse_value(raw)
     return values
 
@@ -176,14 +235,23 @@ def parse_value(raw: str) -> Any:
 
     try:
         return yaml.safe_load(raw)
-    except yaml.YAMLError:
+    except Exception:  # YAMLError, or e.g. ValueError from the date 2001-02-30: a plain string
         return raw
 
 
 def _read_file(path: Path) -> dict:
     if not path.is_file():
-        raise MoLFConfigError(f"config file not found: {path}")
-    text = path.read_text()
+        raise MoLFConfigError(f"config file not found: {shown(str(path))}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise MoLFConfigError(
+            f"cannot read config file {shown(str(path))}: {err.strerror}"
+        ) from None
+    except UnicodeDecodeError as err:
+        raise MoLFConfigError(
+            f"config file {shown(str(path))} is not UTF-8 text (byte {err.start}); save it as UTF-8"
+        ) from None
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -192,13 +260,14 @@ def _read_file(path: Path) -> dict:
         else:
             loaded = json.loads(text)
     except Exception as err:  # yaml and json raise different types
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise MoLFConfigError(
-            f"cannot parse config file {path}: {str(err).splitlines()[0]}"
+            f"cannot parse config file {shown(str(path))}: {first_line[:200]}"
         ) from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise MoLFConfigError(f"config file {path} must hold a mapping of key: value")
+        raise MoLFConfigError(f"config file {shown(str(path))} must hold a mapping of key: value")
     return loaded
 
 
@@ -223,29 +292,40 @@ def describe(err: ValidationError, schema: type[BaseModel] = TrainConfig) -> str
     return line
 
 
+def shown(value: Any) -> str:
+    """``value`` as an error line quotes it: its repr (newlines escaped), cut at SHOWN_CHARS."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
+
+
 def _describe_one(error: dict, schema: type[BaseModel]) -> str:
     kind, loc, value, ctx = error["type"], error["loc"], error["input"], error.get("ctx", {})
     if kind == "value_error":  # our validators' messages name their keys already
         return str(ctx["error"])
     key = str(loc[0]) if loc else "config"
-    where = f"`{key}`" + (f" item {loc[1]}" if len(loc) > 1 else "")
+    # A key from the user with a newline or other unprintable character is shown as its repr.
+    name = key if key.isprintable() and len(key) <= SHOWN_CHARS else shown(key)
+    where = f"`{name}`" + (f" item {loc[1]}" if len(loc) > 1 else "")
     if kind == "extra_forbidden":
         close = difflib.get_close_matches(key, list(schema.model_fields), n=1)
         hint = f"; did you mean `{close[0]}`?" if close else ""
-        return f"unknown config key `{key}`{hint}"
+        return f"unknown config key `{name}`{hint}"
     if kind == "literal_error":
-        return f"unknown {where} {value!r}: choose one of {ctx['expected']}"
+        return f"unknown {where} {shown(value)}: choose one of {ctx['expected']}"
     bound = next((b for b in _BOUNDS if b in ctx), None)
     if bound is not None:
-        return f"{where} must be {_BOUNDS[bound]} {ctx[bound]}, got {value!r}"
+        return f"{where} must be {_BOUNDS[bound]} {ctx[bound]}, got {shown(value)}"
+    if kind == "string_unicode":
+        return f"{where} is not UTF-8 text, got {shown(value)}; use a UTF-8 name"
     if kind == "too_short":
-        return f"{where} must hold at least {ctx['min_length']} item(s), got {list(value)!r}"
+        return f"{where} must hold at least {ctx['min_length']} item(s), got {shown(list(value))}"
     if kind in _TYPE_NAMES:
         expected = _TYPE_NAMES[kind]
         if len(loc) == 1 and _allows_none(schema, key):
             expected += " or null"
-        return f"{where} must be {expected}, got {value!r}"
-    return f"{where}: {error['msg'][0].lower()}{error['msg'][1:]}, got {value!r}"
+        return f"{where} must be {expected}, got {shown(value)}"
+    message = " ".join(error["msg"].split())
+    return f"{where}: {message[:1].lower()}{message[1:]}, got {shown(value)}"
 
 
 def _allows_none(schema: type[BaseModel], key: str) -> bool:
@@ -266,8 +346,16 @@ def help_text(schema: type[BaseModel] = TrainConfig) -> str:
     return "\n".join(lines)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's own errors (``--lr 1e-4``, ``--config`` without a file) as one line too."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        message = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {message} (options are key=value; see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="molf-train",
         usage=USAGE,
         description=DESCRIPTION,

@@ -106,17 +106,32 @@ def _load_dataset(source: str) -> Any:
 def _load_file(path: Path, fmt: str) -> Any:
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; check the path (or use data=sql)")
-    import datasets
-
     try:
-        return datasets.load_dataset(fmt, data_files=str(path), split="train")
-    except Exception as e:  # datasets/pyarrow raise many types for bad files
+        return _read_csv(path) if fmt == "csv" else _read_with_datasets(path, fmt)
+    except Exception as e:  # datasets/pyarrow/pandas raise many types for bad files
         if _is_blank(path):
             raise DataError(f"data file {path} has no records; add examples to it") from None
         raise DataError(
             f"could not read data file {path} as {path.suffix} ({_reason(e)}); "
             f"fix the file or re-export it as {', '.join(FILE_FORMATS)}"
         ) from e
+
+
+def _read_with_datasets(path: Path, fmt: str) -> Any:
+    import datasets
+
+    return datasets.load_dataset(fmt, data_files=str(path), split="train")
+
+
+def _read_csv(path: Path) -> Any:
+    """A CSV file with every cell read as text: a completion ``4``, ``TRUE`` or ``NA`` is that
+    text, not a number, a bool or a missing value (type inference would turn the first into an
+    int and the last into None). Only an empty cell is missing."""
+    import datasets
+    import pandas
+
+    frame = pandas.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    return datasets.Dataset.from_pandas(frame, preserve_index=False)
 
 
 def _is_blank(path: Path) -> bool:
@@ -161,7 +176,13 @@ def _from_dataset(ds: Any, source: str, prompt_field: str, completion_field: str
                 f"dataset {source} has no {field!r} field (fields: {present}); "
                 f"set {name} to the column that holds it"
             )
-    prompts, completions = ds[prompt_field], ds[completion_field]
+    try:
+        prompts, completions = list(ds[prompt_field]), list(ds[completion_field])
+    except UnicodeDecodeError as e:  # pyarrow's JSON reader leaves bytes unchecked until read
+        raise DataError(
+            f"dataset {source} holds text that is not UTF-8 ({e.reason} at byte {e.start} of a "
+            "value); re-save the file as UTF-8"
+        ) from None
     for field, values in ((prompt_field, prompts), (completion_field, completions)):
         _check_strings(values, field, source)
     return [{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)]

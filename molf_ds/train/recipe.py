@@ -591,6 +591,7 @@ def _molf_model(cfg: TrainConfig, model, *, train_base: bool):
     """MoLF (``train_base``: the base is the FFT expert) or MoLF-Efficient (base frozen)."""
     import molf_ds
 
+    _check_ranks(cfg.lora_ranks, model)
     config = molf_ds.MoLFConfig(
         lora_ranks=cfg.lora_ranks,
         lora_alpha=cfg.lora_alpha,
@@ -600,11 +601,29 @@ def _molf_model(cfg: TrainConfig, model, *, train_base: bool):
     return molf_ds.wrap(model, config)
 
 
+def _check_ranks(ranks: tuple[int, ...], model) -> None:
+    """A LoRA rank above every dimension of every linear layer gives factors larger than the
+    layers they adapt (and, for an absurd rank, an allocation that fails or swaps the host):
+    refused before any factor is allocated."""
+    from torch import nn
+
+    largest = max(
+        (max(m.in_features, m.out_features) for m in model.modules() if type(m) is nn.Linear),
+        default=0,
+    )
+    if max(ranks) > largest:
+        raise MoLFError(
+            f"`lora_ranks` {max(ranks)} is larger than every linear layer of the model (largest "
+            f"dimension {largest}); use a rank of at most {largest}"
+        )
+
+
 def _lora_model(cfg: TrainConfig, model):
     from peft import LoraConfig, get_peft_model
 
     from molf_ds.config import DEFAULT_TARGET_MODULES
 
+    _check_ranks(cfg.lora_ranks[:1], model)
     peft_config = LoraConfig(
         r=cfg.lora_ranks[0],
         lora_alpha=cfg.lora_alpha,
@@ -619,6 +638,7 @@ def _adalora_model(cfg: TrainConfig, model):
 
     from molf_ds.config import DEFAULT_TARGET_MODULES
 
+    _check_ranks(cfg.lora_ranks[:1], model)
     peft_config = AdaLoraConfig(
         init_r=cfg.lora_ranks[0],
         target_r=max(1, cfg.lora_ranks[0] // 2),

@@ -7,16 +7,27 @@
 
 A run is any directory with a ``run_config.json`` (what molf-train writes first); it counts as
 finished once it has ``outputs.json`` (written last). Unfinished runs — still running, requeued
-or failed — are listed by name under the table, so a gap in the grid is visible.
+or failed — are listed by name under the table, so a gap in the grid is visible. A run file that
+is not what molf-train writes (not UTF-8, not JSON, not an object) is one error line naming the
+file; values of unexpected types are shown as they are.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 from pathlib import Path
+from typing import Any, NoReturn
+
+from molf_ds.errors import MoLFError
 
 COLUMNS = ("run", "mode", "lr", "seed", "steps", "final_loss", "eval_loss", "exact_match")
+
+
+class SweepError(MoLFError):
+    """A run file under the sweep directory that cannot be read as molf-train writes it."""
 
 
 def gather(root: str | Path) -> tuple[list[dict], list[str]]:
@@ -28,7 +39,7 @@ def gather(root: str | Path) -> tuple[list[dict], list[str]]:
         if not (run / "outputs.json").exists():
             unfinished.append(name)
             continue
-        config = json.loads(config_path.read_text())
+        config = _read_json(config_path)
         last = _last_metrics(run / "metrics.jsonl")
         evaluation = _read_json(run / "eval.json")
         rows.append(
@@ -43,23 +54,62 @@ def gather(root: str | Path) -> tuple[list[dict], list[str]]:
                 "exact_match": evaluation.get("exact_match"),
             }
         )
-    rows.sort(key=lambda r: (str(r["mode"]), r["lr"] or 0.0, r["seed"] or 0, r["run"]))
+    rows.sort(key=lambda r: (str(r["mode"]), _number(r["lr"]), _number(r["seed"]), r["run"]))
     return rows, unfinished
+
+
+def _number(value: Any) -> float:
+    """A sort key for a value that should be a number (a hand-edited file may hold anything)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+        return number if not math.isnan(number) else math.inf
+    return 0.0 if value is None else math.inf
 
 
 def _last_metrics(path: Path) -> dict:
     last: dict = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                if "loss" in record:
-                    last = record
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if line.strip():
+            record = _parse_object(line, f"{path} line {number}")
+            if "loss" in record:
+                last = record
     return last
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    text = _read_text(path)
+    return _parse_object(text, str(path)) if path.exists() else {}
+
+
+def _read_text(path: Path) -> str:
+    """The file's text ('' when missing); SweepError when unreadable or not UTF-8."""
+    if not path.exists():
+        return ""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise SweepError(f"cannot read {_shown(path)}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise SweepError(f"{_shown(path)} is not UTF-8 text (byte {err.start})") from None
+
+
+def _parse_object(text: str, where: str) -> dict:
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SweepError(f"{_shown(where)} is not JSON ({reason[:120]})") from None
+    if not isinstance(value, dict):
+        raise SweepError(f"{_shown(where)} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _shown(value: Any) -> str:
+    """Text for a terminal line: undecodable bytes and control characters escaped."""
+    text = str(value)
+    if not text.isprintable():
+        text = repr(text)[1:-1]
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -68,7 +118,7 @@ def format_table(rows: list[dict]) -> str:
             return "-"
         if isinstance(value, float):
             return f"{value:.4g}"
-        return str(value)
+        return _shown(value)
 
     table = [list(COLUMNS)] + [[cell(row[c]) for c in COLUMNS] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
@@ -78,8 +128,13 @@ def format_table(rows: list[dict]) -> str:
     )
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {_shown(message)} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="molf-sweep",
         usage="molf-sweep RUNS_DIR [--json]",
         description="One table of the finished molf-train runs under a directory.",
@@ -95,13 +150,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.runs_dir.is_dir():
         parser.error(f"{args.runs_dir} is not a directory")
-    rows, unfinished = gather(args.runs_dir)
+    try:
+        rows, unfinished = gather(args.runs_dir)
+    except MoLFError as err:
+        print(f"molf-sweep: error: {err}; fix or remove that file", file=sys.stderr)
+        sys.exit(1)
     if args.json:
         print(json.dumps({"rows": rows, "unfinished": unfinished}, indent=2))
         return
     print(format_table(rows))
     if unfinished:
-        print(f"\nunfinished ({len(unfinished)}): " + ", ".join(unfinished))
+        print(f"\nunfinished ({len(unfinished)}): " + ", ".join(map(_shown, unfinished)))
 
 
 if __name__ == "__main__":
