@@ -89,6 +89,9 @@ class TrainConfig(BaseModel):
     )
     bf16: bool = Field(False, description="bf16 weights (fp32 master)")
     log_every: int = Field(5, ge=1, description="log metrics every N steps")
+    collective_timeout_s: float = Field(
+        1800.0, gt=0, description="a dead or hung peer rank ends the job after this many seconds"
+    )
 
     # ---- what strict types would refuse but the command line means -------------------------
     @field_validator("output_dir", "resume", "model", "data", "ds_config", mode="before")

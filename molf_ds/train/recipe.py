@@ -33,6 +33,7 @@ from typing import Any
 
 from molf_ds.errors import MoLFError
 from molf_ds.runtime import shutdown
+from molf_ds.train import peers
 from molf_ds.train.config import TrainConfig, parse_args
 
 TINY_PRESETS = {
@@ -109,6 +110,7 @@ class Recipe:
         self.ckpt_dir = self.output_dir / "checkpoints"
         # assigned by setup()
         self.derived: Derived | None = None
+        self.peer_processes: tuple = ()  # every rank's host and PID, to name one that dies or hangs
         self.tokenizer = None
         self.model = None
         self.train_examples: list | None = None
@@ -128,6 +130,7 @@ class Recipe:
         cfg = self.config
         self._check_output_dir()
         rank, world_size = self._setup_distributed()
+        self.peer_processes = peers.gather_peers()
         self.derived, ds_config = self._setup_derived(rank, world_size)
         self.tokenizer, self.model = self._setup_model()
         self.train_examples, self.eval_records = self._setup_data(self.tokenizer)
@@ -159,7 +162,7 @@ class Recipe:
         from molf_ds.zero import init_distributed
 
         _ensure_launch_env()
-        init_distributed()
+        init_distributed(collective_timeout_s=self.config.collective_timeout_s)
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
     def _setup_derived(self, rank: int, world_size: int) -> tuple[Derived, dict]:
@@ -462,14 +465,27 @@ def main(argv: list[str] | None = None) -> None:
     except MoLFError as err:
         print(f"molf-train: error: {err}", file=sys.stderr)
         code = 1
-    except Exception:
-        import traceback
-
-        traceback.print_exc()
+    except Exception as err:
+        _report_failure(recipe, err)
         code = 1
     finally:
         recipe.cleanup()
         shutdown(code)
+
+
+def _report_failure(recipe: Recipe, err: Exception) -> None:
+    """A lost peer rank (dead, or silent past ``collective_timeout_s``) is one line naming it;
+    anything else is a bug and keeps its traceback."""
+    rank = recipe.derived.rank if recipe.derived is not None else 0
+    lost = peers.describe_lost_peer(
+        err, recipe.peer_processes, rank, recipe.config.collective_timeout_s
+    )
+    if lost is not None:
+        print(f"molf-train: error: {lost}", file=sys.stderr, flush=True)
+        return
+    import traceback
+
+    traceback.print_exc()
 
 
 # ---- the modes: what differs between them, and the one table ------------------------------
