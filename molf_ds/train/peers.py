@@ -66,21 +66,23 @@ def describe_lost_peer(
     """One line naming the dead or stopped peer behind ``err``; None if ``err`` does not come
     from a lost peer (then it is a bug of its own and keeps its traceback)."""
     host = socket.gethostname()
-    for peer in peers:
-        if peer.rank == rank or peer.host != host:
-            continue
-        state = process_state(peer.pid)
-        if state == "exited":
-            return (
-                f"rank {peer.rank} (pid {peer.pid}) died, so rank {rank} cannot go on: "
-                f"find why in the log above (killed? out of memory?), then {RESTART_HINT}"
-            )
-        if state == "stopped":
-            return (
-                f"rank {peer.rank} (pid {peer.pid}) is stopped (SIGSTOP) and did not answer a "
-                f"collective within collective_timeout_s={timeout_s:g}s: {RESTART_HINT}"
-            )
-    text = _SOURCE_PREFIX.sub("", str(err).strip().splitlines()[0] if str(err).strip() else "")
+    local = [peer for peer in peers if peer.rank != rank and peer.host == host]
+    states = {peer: process_state(peer.pid) for peer in local}
+    # A stopped peer first: a rank that already gave up on it has exited too, and would
+    # otherwise be blamed. Several exited peers cannot be told apart: all are named.
+    stopped = [peer for peer in local if states[peer] == "stopped"]
+    if stopped:
+        return (
+            f"{_names(stopped)} stopped (SIGSTOP) and did not answer a collective within "
+            f"collective_timeout_s={timeout_s:g}s: {RESTART_HINT}"
+        )
+    exited = [peer for peer in local if states[peer] == "exited"]
+    if exited:
+        return (
+            f"{_names(exited)} gone (killed, out of memory, or failed), so rank {rank} cannot "
+            f"go on: find why in the log above, then {RESTART_HINT}"
+        )
+    text = _SOURCE_PREFIX.sub("", (str(err).strip().splitlines() or [""])[0])
     if any(marker in text for marker in _CLOSED_TEXT):
         return f"a peer rank closed its connection ({text}): it died; {RESTART_HINT}"
     if _is_distributed_error(err) or any(marker in text for marker in _TIMEOUT_TEXT):
@@ -89,6 +91,12 @@ def describe_lost_peer(
             f"({text}): find the hung or dead rank in the log, then {RESTART_HINT}"
         )
     return None
+
+
+def _names(lost: list[Peer]) -> str:
+    """``rank 1 (pid 42)``, or ``rank 1 (pid 42) and rank 2 (pid 43)``."""
+    names = [f"rank {peer.rank} (pid {peer.pid})" for peer in lost]
+    return " and ".join(names) + (" is" if len(names) == 1 else " are")
 
 
 def _is_distributed_error(err: BaseException) -> bool:
