@@ -14,9 +14,12 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# How long a failing rank keeps looking for a peer that is dying (see `_settled_states`).
+SETTLE_S = 3.0
 RESTART_HINT = "restart the job (resume=auto continues from the newest checkpoint)"
 # How a collective reports a lost peer: gloo's transport errors, NCCL's watchdog.
 _TIMEOUT_TEXT = ("Timed out waiting",)
@@ -67,7 +70,7 @@ def describe_lost_peer(
     from a lost peer (then it is a bug of its own and keeps its traceback)."""
     host = socket.gethostname()
     local = [peer for peer in peers if peer.rank != rank and peer.host == host]
-    states = {peer: process_state(peer.pid) for peer in local}
+    states = _settled_states(local)
     # A stopped peer first: a rank that already gave up on it has exited too, and would
     # otherwise be blamed. Several exited peers cannot be told apart: all are named.
     stopped = [peer for peer in local if states[peer] == "stopped"]
@@ -82,7 +85,8 @@ def describe_lost_peer(
             f"{_names(exited)} gone (killed, out of memory, or failed), so rank {rank} cannot "
             f"go on: find why in the log above, then {RESTART_HINT}"
         )
-    text = _SOURCE_PREFIX.sub("", (str(err).strip().splitlines() or [""])[0])
+    first_line = (str(err).strip().splitlines() or [""])[0]
+    text = _SOURCE_PREFIX.sub("", first_line).split(". ")[0]  # gloo adds advice and emoji
     if any(marker in text for marker in _CLOSED_TEXT):
         return f"a peer rank closed its connection ({text}): it died; {RESTART_HINT}"
     if _is_distributed_error(err) or any(marker in text for marker in _TIMEOUT_TEXT):
@@ -91,6 +95,18 @@ def describe_lost_peer(
             f"({text}): find the hung or dead rank in the log, then {RESTART_HINT}"
         )
     return None
+
+
+def _settled_states(local: list[Peer]) -> dict[Peer, str]:
+    """Each local peer's state, looked at again for up to `SETTLE_S` while all run: a peer
+    killed by SIGKILL closes its sockets before the kernel marks it dead, so the connection
+    error can arrive while ``/proc`` still shows it running."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        states = {peer: process_state(peer.pid) for peer in local}
+        if any(state != "running" for state in states.values()) or time.monotonic() > deadline:
+            return states
+        time.sleep(0.1)
 
 
 def _names(lost: list[Peer]) -> str:
