@@ -270,11 +270,11 @@ class Recipe:
         stream = self._micro_batches(self.start_step * derived.gradient_accumulation_steps)
         self.engine.train()
         self.signals = _PreemptionSignals()
-        try:
-            self.final_step, self.preempted = self._loop(stream, progress)
-        finally:
-            if not self.preempted:  # else kept until cleanup: a second signal must not cut
-                self.signals.restore()  # the checkpoint finish() writes short
+        # On an exception the handlers stay until cleanup: a launcher SIGTERMs the ranks left
+        # when one dies, and a rank must still get to say which one (main's error line).
+        self.final_step, self.preempted = self._loop(stream, progress)
+        if not self.preempted:  # else kept until cleanup: a second signal must not cut
+            self.signals.restore()  # the checkpoint finish() writes short
         progress.close()
 
     def _loop(self, stream, progress) -> tuple[int, bool]:
