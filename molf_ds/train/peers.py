@@ -102,11 +102,12 @@ def _settled_states(local: list[Peer]) -> dict[Peer, str]:
     killed by SIGKILL closes its sockets before the kernel marks it dead, so the connection
     error can arrive while ``/proc`` still shows it running."""
     deadline = time.monotonic() + SETTLE_S
-    while True:
+    while local:
         states = {peer: process_state(peer.pid) for peer in local}
         if any(state != "running" for state in states.values()) or time.monotonic() > deadline:
             return states
         time.sleep(0.1)
+    return {}
 
 
 def _names(lost: list[Peer]) -> str:
