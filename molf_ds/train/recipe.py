@@ -130,13 +130,14 @@ class Recipe:
         cfg = self.config
         self._check_output_dir()
         rank, world_size = self._setup_distributed()
-        self.peer_processes = peers.gather_peers()
         self.derived, ds_config = self._setup_derived(rank, world_size)
         self.tokenizer, self.model = self._setup_model()
         self.train_examples, self.eval_records = self._setup_data(self.tokenizer)
         self.engine, self.optimizer = self.method.build_engine(
             cfg, self.model, ds_config, self.derived.zero_stage
         )
+        # after the engine: it sets this rank's device, which NCCL's object all-gather uses
+        self.peer_processes = peers.gather_peers()
         self.start_step = self._resume()
         if self.derived.is_main:  # every check passed: only now is anything written
             if cfg.overwrite and self.output_dir.is_dir():
