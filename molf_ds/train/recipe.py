@@ -110,7 +110,7 @@ class Recipe:
         self.ckpt_dir = self.output_dir / "checkpoints"
         # assigned by setup()
         self.derived: Derived | None = None
-        self.peer_processes: tuple = ()  # every rank's host and PID, to name one that dies or hangs
+        self.peer_processes: tuple[peers.Peer, ...] = ()  # every rank's host and PID
         self.tokenizer = None
         self.model = None
         self.train_examples: list | None = None
