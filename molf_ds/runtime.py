@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Callable
+
+# How long a failing rank lets `destroy_process_group` run: tearing gloo down can wait for work
+# still queued against a dead peer, and `os._exit` ends the process either way.
+FAILED_DESTROY_WAIT_S = 10.0
 
 
 def shutdown(code: int) -> None:
@@ -19,7 +24,9 @@ def shutdown(code: int) -> None:
         if dist.is_initialized():
             if code == 0:
                 dist.barrier()
-            dist.destroy_process_group()
+                dist.destroy_process_group()
+            else:  # a peer may be dead or stopped: never wait on it for more than a moment
+                _run_for_at_most(dist.destroy_process_group, FAILED_DESTROY_WAIT_S)
         if "mpi4py.MPI" in sys.modules:
             from mpi4py import MPI
 
@@ -29,6 +36,13 @@ def shutdown(code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _run_for_at_most(work: Callable[[], None], seconds: float) -> None:
+    """Run ``work`` in a daemon thread and stop waiting for it after ``seconds``."""
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(seconds)
 
 
 def run_then_exit(work: Callable[[], None]) -> None:

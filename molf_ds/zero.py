@@ -14,6 +14,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +30,20 @@ logger = logging.getLogger(__name__)
 DS_DEFAULT_PERSISTENCE_THRESHOLD = 100_000
 
 
-def init_distributed(**kwargs: Any) -> None:
+def init_distributed(collective_timeout_s: float | None = None, **kwargs: Any) -> None:
     """`deepspeed.init_distributed` (same keyword arguments); on DeepSpeed's CPU accelerator it
     uses gloo and leaves out DeepSpeed's shared-memory all-reduce op (see
     `molf_ds.ds_partitions.turn_off_cpu_shm_comm` for why). Does nothing when already initialized.
+
+    Args:
+        collective_timeout_s: how long any collective may wait for a peer before it raises on
+            every backend (DeepSpeed's ``timeout``); None keeps DeepSpeed's default (10 min, or
+            ``DEEPSPEED_TIMEOUT`` minutes).
+
+    Sets ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1`` unless already set (before the process group
+    exists, the only moment NCCL reads it): NCCL's watchdog then aborts the communicators and
+    ends the process when a collective fails or times out, instead of leaving the other ranks
+    waiting on a dead peer. gloo ignores it (its collectives raise after the timeout anyway).
     """
     import deepspeed
     import deepspeed.comm as dist
@@ -41,10 +53,30 @@ def init_distributed(**kwargs: Any) -> None:
 
     if dist.is_initialized():
         return
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    if collective_timeout_s is not None:
+        kwargs["timeout"] = timedelta(seconds=collective_timeout_s)
     if get_accelerator().device_name() == "cpu":
         ds_partitions.turn_off_cpu_shm_comm()
         kwargs.setdefault("dist_backend", "gloo")
     deepspeed.init_distributed(**kwargs)
+    if collective_timeout_s is not None:
+        _time_out_later_groups(kwargs["timeout"])
+
+
+def _time_out_later_groups(timeout: timedelta) -> None:
+    """Give every process group created from now on ``timeout``, as the default group has.
+
+    DeepSpeed 0.19.8 builds its data-parallel group (the one ZeRO's reductions and MoLF's score
+    all-reduce run on) with ``new_group(ranks)`` and no timeout, and torch 2.13 then takes its
+    own default (30 min for gloo, 10 min for NCCL), not the default group's: measured, a STOPped
+    peer left the other rank waiting past a 20 s ``timeout``. torch reads these two module
+    defaults at each ``new_group`` call, so setting them reaches every later group.
+    """
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 def initialize(

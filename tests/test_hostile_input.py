@@ -104,7 +104,8 @@ CHOICES = {
     "schedule": ("constant", "linear", "cosine"),
     "score": ("epd", "pfn"),
 }
-OTHER_FIELDS = ("resume", "seed", "lora_alpha", "eval_fraction", "lora_ranks")
+POSITIVE_FLOATS = ("lora_alpha", "collective_timeout_s")  # finite and > 0
+OTHER_FIELDS = ("resume", "seed", *POSITIVE_FLOATS, "eval_fraction", "lora_ranks")
 SPEC_FIELDS = (
     *NAME_FIELDS,
     *BOOL_FIELDS,
@@ -176,7 +177,7 @@ def _field_valid(key: str, value: Any) -> bool:
         return _is_path(value) and (text in ("no", "auto") or os.path.exists(text))
     if key == "seed":
         return _is_int(value) and SEED_RANGE[0] <= value <= SEED_RANGE[1]
-    if key == "lora_alpha":
+    if key in POSITIVE_FLOATS:
         number = _as_finite_float(value)
         return number is not None and number > 0
     if key == "eval_fraction":
@@ -221,6 +222,7 @@ def _valid_value(key: str) -> st.SearchStrategy:
         "resume": st.sampled_from(["no", "auto"]),
         "seed": st.integers(*SEED_RANGE),
         "lora_alpha": st.floats(min_value=1e-6, max_value=1e6),
+        "collective_timeout_s": st.floats(min_value=1e-3, max_value=1e6),
         "eval_fraction": st.floats(min_value=0, max_value=0.99),
         "lora_ranks": st.integers(1, 64) | st.lists(st.integers(1, 64), min_size=1, max_size=3),
     }[key]

@@ -130,6 +130,12 @@ class TrainConfig(BaseModel):
     )
     bf16: bool = Field(False, description="bf16 weights (fp32 master)")
     log_every: Count = Field(5, ge=1, description="log metrics every N steps")
+    collective_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="a dead or hung rank ends the job after this many seconds (must exceed "
+        "rank 0's export + evaluation at the end, which the others wait for)",
+    )
 
     # ---- what strict types would refuse but the command line means -------------------------
     @field_validator(*NAME_FIELDS, mode="before")

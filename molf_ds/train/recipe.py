@@ -34,7 +34,7 @@ from typing import Any
 from molf_ds import ds_partitions
 from molf_ds.errors import MoLFError
 from molf_ds.runtime import shutdown
-from molf_ds.train import storage
+from molf_ds.train import peers, storage
 from molf_ds.train.config import TrainConfig, parse_args
 
 TINY_PRESETS = {
@@ -119,6 +119,7 @@ class Recipe:
         self.ckpt_dir = self.output_dir / "checkpoints"
         # assigned by setup()
         self.derived: Derived | None = None
+        self.peer_processes: tuple[peers.Peer, ...] = ()  # every rank's host and PID
         self.tokenizer = None
         self.model = None
         self.train_examples: list | None = None
@@ -152,6 +153,8 @@ class Recipe:
             cfg, self.model, ds_config, self.derived.zero_stage
         )
         self.checks_gradients = not ds_partitions.deepspeed_skips_nonfinite_steps(self.engine)
+        # after the engine: it sets this rank's device, which NCCL's object all-gather uses
+        self.peer_processes = peers.gather_peers()
         self.start_step = self._resume()
         if self.derived.is_main:  # every check passed: only now is anything written
             if cfg.overwrite and self.output_dir.is_dir():
@@ -187,7 +190,7 @@ class Recipe:
         from molf_ds.zero import init_distributed
 
         _ensure_launch_env()
-        init_distributed()
+        init_distributed(collective_timeout_s=self.config.collective_timeout_s)
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
     def _setup_derived(self, rank: int, world_size: int) -> tuple[Derived, dict]:
@@ -301,8 +304,10 @@ class Recipe:
             self.final_step, self.preempted = self._loop(stream, progress)
         finally:
             progress.close()  # ends its line: an error after it starts a line of its own
-            if not self.preempted:  # else kept until cleanup: a second signal must not cut
-                self.signals.restore()  # the checkpoint finish() writes short
+        # On an exception the handlers stay until cleanup: a launcher SIGTERMs the ranks left
+        # when one dies, and a rank must still get to say which one (main's error line).
+        if not self.preempted:  # else kept until cleanup: a second signal must not cut
+            self.signals.restore()  # the checkpoint finish() writes short
 
     def _loop(self, stream, progress) -> tuple[int, bool]:
         """Steps from ``start_step``; returns ``(final step, preempted)``.
@@ -565,10 +570,8 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         code = 1
-    except Exception:
-        import traceback
-
-        traceback.print_exc()
+    except Exception as err:
+        _report_failure(recipe, err)
         code = 1
     finally:
         try:
@@ -579,6 +582,21 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"molf-train: error: {message}", file=sys.stderr)
             code = code or 1
         shutdown(code)
+
+
+def _report_failure(recipe: Recipe, err: Exception) -> None:
+    """A lost peer rank (dead, or silent past ``collective_timeout_s``) is one line naming it;
+    anything else is a bug and keeps its traceback."""
+    rank = recipe.derived.rank if recipe.derived is not None else 0
+    lost = peers.describe_lost_peer(
+        err, recipe.peer_processes, rank, recipe.config.collective_timeout_s
+    )
+    if lost is not None:
+        print(f"molf-train: error: {lost}", file=sys.stderr, flush=True)
+        return
+    import traceback
+
+    traceback.print_exc()
 
 
 # ---- the modes: what differs between them, and the one table ------------------------------
