@@ -403,8 +403,12 @@ class Recipe:
         return stop, skip
 
     def _diverged_message(self, step: int, in_a_row: int) -> str:
-        saved = sorted(self.ckpt_dir.glob("step*"), key=lambda p: int(p.name[4:] or 0))
-        kept = f"the last checkpoint, {saved[-1]}, is kept" if saved else "no checkpoint was saved"
+        newest = storage.newest_checkpoint(self.ckpt_dir)  # (not a partial save's leftovers)
+        kept = (
+            f"the last checkpoint, {self.ckpt_dir / newest}, is kept"
+            if newest
+            else "no checkpoint was saved"
+        )
         return (
             f"training diverged: {in_a_row} steps in a row (to step {step}) had a non-finite "
             f"loss or gradient and were skipped (max_bad_steps={self.config.max_bad_steps}); "
