@@ -1,0 +1,185 @@
+"""`molf_ds.hf` in real Hugging Face Trainer runs; saves what happened.
+
+One plain process, the starting point every run loads (a tiny Qwen2 + byte tokenizer):
+    python tests/workers/hf_trainer.py base BASE_DIR
+A run (one plain process without DeepSpeed, or ranks started by the deepspeed launcher):
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/workers/hf_trainer.py train \
+        --base BASE_DIR --out OUT --deepspeed ds_configs/zero3.json [--steps 4] [--micro 2] \
+        [--save-steps 2] [--resume OUT/checkpoint-2] [--efficient] [--trl]
+
+The model is loaded with ``from_pretrained`` after the `TrainingArguments` exist, so under
+ZeRO-3 it is built partitioned (``zero.Init``). Every sequence has the same length and no padding,
+so the loss of a global batch is the same token mean however it is split into micro-batches and
+ranks. Rank 0 saves ``OUT/result.pt``: the trained (wrapped) parameters gathered, the logits of the
+trained model on fixed inputs, the Trainer's log history; ``trainer.save_model(OUT/final)``
+writes the merged model (and, with ``--efficient``, the adapter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+import molf_ds
+from molf_ds import ds_partitions
+from molf_ds.runtime import run_then_exit
+
+VOCAB, SEQ, EXAMPLES = 320, 16, 32
+LR, LORA_LR, WD = 2e-3, 1e-3, 0.01
+RANKS = (4, 8)
+
+
+def save_base(directory: str) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from molf_ds.train.tokenizer import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def token_rows() -> list[list[int]]:
+    generator = torch.Generator().manual_seed(7)
+    return torch.randint(3, 256, (EXAMPLES, SEQ), generator=generator).tolist()
+
+
+def probe_inputs() -> torch.Tensor:
+    return torch.randint(3, 256, (2, SEQ), generator=torch.Generator().manual_seed(99))
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.rows = token_rows()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        ids = torch.tensor(self.rows[i])
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def train(a: argparse.Namespace) -> None:
+    if "WORLD_SIZE" in os.environ:
+        molf_ds.init_distributed()  # before TrainingArguments: they start the process group
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from molf_ds.hf import MoLFOptions
+
+    common = {
+        "output_dir": a.out,
+        "per_device_train_batch_size": a.micro,
+        "max_steps": a.steps,
+        "learning_rate": LR,
+        "weight_decay": WD,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 0,
+        "logging_steps": 1,
+        "save_strategy": "steps" if a.save_steps else "no",
+        "save_steps": a.save_steps or 500,
+        "report_to": ["tensorboard"],
+        "deepspeed": a.deepspeed,
+        "seed": 0,
+        "disable_tqdm": True,
+        "use_cpu": True,  # CPU ranks: accelerate then counts the ranks (gloo)
+    }
+    config = molf_ds.MoLFConfig(lora_ranks=RANKS, train_base=not a.efficient)
+    options = MoLFOptions(lora_lr=LORA_LR, top_k=1)
+    if a.trl:
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        from molf_ds.hf import MoLFMixin
+
+        class MoLFSFTTrainer(MoLFMixin, SFTTrainer):
+            pass
+
+        args = SFTConfig(**common, max_length=None, packing=False)
+        data = Dataset.from_dict({"input_ids": token_rows()})
+        trainer_cls = MoLFSFTTrainer
+    else:
+        from transformers import TrainingArguments
+
+        from molf_ds.hf import MoLFTrainer
+
+        args = TrainingArguments(**common)
+        data = Rows()
+        trainer_cls = MoLFTrainer
+    model = AutoModelForCausalLM.from_pretrained(a.base, dtype=torch.float32)
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=AutoTokenizer.from_pretrained(a.base),
+        molf_config=config,
+        molf_options=options,
+    )
+    trainer.train(resume_from_checkpoint=a.resume)
+    trainer.save_model(str(Path(a.out) / "final"))
+    result = {
+        "params": gathered_params(trainer.model, keep=args.should_save),
+        "logits": probe_logits(trainer),
+        "log_history": trainer.state.log_history,
+        "world_size": args.world_size,
+    }
+    if args.should_save:
+        torch.save(result, Path(a.out) / "result.pt")
+
+
+def gathered_params(model: torch.nn.Module, *, keep: bool) -> dict[str, torch.Tensor]:
+    params = {}
+    for name, param in model.named_parameters():
+        with ds_partitions.gathered([param]):
+            if keep:
+                params[name] = param.detach().cpu().clone()
+    return params
+
+
+@torch.no_grad()
+def probe_logits(trainer) -> torch.Tensor:
+    model = trainer.model_wrapped  # the engine under DeepSpeed: ZeRO-3 gathers in forward
+    model.eval()
+    return model(input_ids=probe_inputs()).logits.detach().cpu()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["base", "train"])
+    parser.add_argument("directory", nargs="?")
+    parser.add_argument("--base")
+    parser.add_argument("--out")
+    parser.add_argument("--deepspeed")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--micro", type=int, default=2)
+    parser.add_argument("--save-steps", type=int, default=0)
+    parser.add_argument("--resume")
+    parser.add_argument("--efficient", action="store_true")
+    parser.add_argument("--trl", action="store_true")
+    parser.add_argument("--local_rank", type=int)  # the deepspeed launcher's
+    a = parser.parse_args()
+    if a.command == "base":
+        save_base(a.directory)
+    elif "WORLD_SIZE" in os.environ:
+        run_then_exit(lambda: train(a))
+    else:
+        train(a)
+
+
+if __name__ == "__main__":
+    main()
