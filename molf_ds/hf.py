@@ -51,6 +51,7 @@ ADAPTER_DIR = "adapter"
 # The wrapped (unmerged) model's weights in a checkpoint-N of a run without DeepSpeed, which
 # `resume_from_checkpoint` loads; with DeepSpeed the engine's own checkpoint holds them.
 MOLF_WEIGHTS = "molf_model.safetensors"
+SCHEDULER_FILE = "scheduler.pt"  # transformers.trainer.SCHEDULER_NAME
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,12 @@ class MoLFMixin:
         self.model_wrapped.save_checkpoint(
             output_dir, client_state={"universal_checkpoint_info": {}}
         )
+        # As the Trainer does: a scheduler it made itself (not DeepSpeed's) is not in the
+        # engine's checkpoint.
+        from accelerate.utils import DeepSpeedSchedulerWrapper
+
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_FILE)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         weights = Path(resume_from_checkpoint) / MOLF_WEIGHTS

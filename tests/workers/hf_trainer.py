@@ -110,7 +110,7 @@ def train(a: argparse.Namespace) -> None:
         class MoLFSFTTrainer(MoLFMixin, SFTTrainer):
             pass
 
-        args = SFTConfig(**common, max_length=None, packing=False)
+        args = SFTConfig(**common, max_length=None, packing=False, bf16=False)
         data = Dataset.from_dict({"input_ids": token_rows()})
         trainer_cls = MoLFSFTTrainer
     else:
@@ -134,6 +134,7 @@ def train(a: argparse.Namespace) -> None:
     trainer.save_model(str(Path(a.out) / "final"))
     result = {
         "params": gathered_params(trainer.model, keep=args.should_save),
+        "probe": probe_inputs(),
         "logits": probe_logits(trainer),
         "log_history": trainer.state.log_history,
         "world_size": args.world_size,
