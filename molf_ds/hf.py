@@ -130,11 +130,7 @@ class MoLFMixin:
         ``deepspeed.initialize``, before the Trainer fills its ``"auto"`` values from the model:
         the ZeRO-3 persistence threshold then keeps every LoRA factor resident."""
         live = self.accelerator.state.deepspeed_plugin.hf_ds_config.config
-        prepared, _changes = prepare_ds_config(
-            live, RoutingPlan.from_model(self.model), allow_auto=True
-        )
-        live.clear()
-        live.update(prepared)
+        _prepare_in_place(live, RoutingPlan.from_model(self.model))
 
     # ---- logging -----------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -204,6 +200,27 @@ class MoLFTrainer(MoLFMixin, Trainer):
     """`transformers.Trainer` with MoLF: see `MoLFMixin` for the extra keyword arguments."""
 
 
+def prepare_accelerator(accelerator: Any, optimizer: MoLFAdamW) -> None:
+    """Before ``accelerator.prepare`` in your own loop: puts what DeepSpeed needs for
+    ``optimizer`` into the DeepSpeed plugin's config (a no-op without DeepSpeed).
+
+    Raises:
+        MoLFConfigError: a DeepSpeed config MoLF cannot run (naming the key).
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    _prepare_in_place(plugin.deepspeed_config, optimizer)  # what accelerate hands to DeepSpeed
+
+
+def connect_accelerator(accelerator: Any, optimizer: MoLFAdamW) -> None:
+    """After ``accelerator.prepare``: connects ``optimizer`` to the DeepSpeed engine accelerate
+    built (`molf_ds.zero.connect`; a no-op without DeepSpeed)."""
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    if wrapped is not None:
+        connect(wrapped.engine, optimizer)
+
+
 class _RoutingAccumulator(TrainerCallback):
     """Feeds each optimizer step's routing to the trainer's running sums."""
 
@@ -237,6 +254,14 @@ def save_adapter(model: nn.Module, output_dir: str | Path, *, write: bool) -> No
         if write:
             base = getattr(model, "name_or_path", "") or ""
             export.export_peft_adapter(model, output_dir, base)
+
+
+def _prepare_in_place(live: dict, optimizer: MoLFAdamW | RoutingPlan) -> None:
+    """`prepare_ds_config` applied to ``live`` itself: the Trainer and accelerate keep
+    references to that very dict. ``"auto"`` values they fill later are left to them."""
+    prepared, _changes = prepare_ds_config(live, optimizer, allow_auto=True)
+    live.clear()
+    live.update(prepared)
 
 
 def _wrap_once(model: nn.Module, config: MoLFConfig | None, *, seed: int) -> None:

@@ -122,6 +122,7 @@ def train(a: argparse.Namespace) -> None:
         data = Rows()
         trainer_cls = MoLFTrainer
     model = AutoModelForCausalLM.from_pretrained(a.base, dtype=torch.float32)
+    zero_init = all(ds_partitions.zero3_residency(p) == "released" for p in model.parameters())
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -138,6 +139,14 @@ def train(a: argparse.Namespace) -> None:
         "logits": probe_logits(trainer),
         "log_history": trainer.state.log_history,
         "world_size": args.world_size,
+        "zero_init": zero_init,  # built partitioned by from_pretrained (ZeRO-3's zero.Init)
+        "lora_residency": sorted(
+            {
+                str(ds_partitions.zero3_residency(p))
+                for n, p in model.named_parameters()
+                if "lora" in n
+            }
+        ),
     }
     if args.should_save:
         torch.save(result, Path(a.out) / "result.pt")
