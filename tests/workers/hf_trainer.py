@@ -19,17 +19,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
 
-import molf_ds
-from molf_ds import ds_partitions
-from molf_ds.runtime import run_then_exit
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+
+from trainer_molf import molf_trainer  # noqa: E402  (the README's example)
+
+import molf_ds  # noqa: E402
+from molf_ds import ds_partitions  # noqa: E402
+from molf_ds.runtime import run_then_exit  # noqa: E402
 
 VOCAB, SEQ, EXAMPLES = 320, 16, 32
-LR, LORA_LR, WD = 2e-3, 1e-3, 0.01
-RANKS = (4, 8)
+LR, WD = 2e-3, 0.01  # MoLF's options (ranks, lora_lr, top_k) are the example's
 
 
 def save_base(directory: str) -> None:
@@ -80,8 +84,6 @@ def train(a: argparse.Namespace) -> None:
         molf_ds.init_distributed()  # before TrainingArguments: they start the process group
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from molf_ds.hf import MoLFOptions
-
     common = {
         "output_dir": a.out,
         "per_device_train_batch_size": a.micro,
@@ -99,38 +101,22 @@ def train(a: argparse.Namespace) -> None:
         "disable_tqdm": True,
         "use_cpu": True,  # CPU ranks: accelerate then counts the ranks (gloo)
     }
-    config = molf_ds.MoLFConfig(lora_ranks=RANKS, train_base=not a.efficient)
-    options = MoLFOptions(lora_lr=LORA_LR, top_k=1)
     if a.trl:
         from datasets import Dataset
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTConfig
 
-        from molf_ds.hf import MoLFMixin
-
-        class MoLFSFTTrainer(MoLFMixin, SFTTrainer):
-            pass
-
+        # SFTConfig defaults to bf16; these runs compare fp32 parameters.
         args = SFTConfig(**common, max_length=None, packing=False, bf16=False)
         data = Dataset.from_dict({"input_ids": token_rows()})
-        trainer_cls = MoLFSFTTrainer
     else:
         from transformers import TrainingArguments
 
-        from molf_ds.hf import MoLFTrainer
-
         args = TrainingArguments(**common)
         data = Rows()
-        trainer_cls = MoLFTrainer
     model = AutoModelForCausalLM.from_pretrained(a.base, dtype=torch.float32)
     zero_init = all(ds_partitions.zero3_residency(p) == "released" for p in model.parameters())
-    trainer = trainer_cls(
-        model=model,
-        args=args,
-        train_dataset=data,
-        processing_class=AutoTokenizer.from_pretrained(a.base),
-        molf_config=config,
-        molf_options=options,
-    )
+    tokenizer = AutoTokenizer.from_pretrained(a.base)
+    trainer = molf_trainer(model, args, data, tokenizer, trl=a.trl, efficient=a.efficient)
     trainer.train(resume_from_checkpoint=a.resume)
     trainer.save_model(str(Path(a.out) / "final"))
     result = {
