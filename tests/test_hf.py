@@ -27,6 +27,7 @@ from tests import launch
 pytestmark = pytest.mark.slow  # real multi-rank jobs
 
 ZERO2, ZERO3 = "ds_configs/zero2.json", "ds_configs/zero3.json"
+ZERO3_OFFLOAD = "ds_configs/zero3_offload.json"
 ATOL = 1e-5  # fp32 sums reduced in another order across ranks
 STEPS, SPLIT = 4, 2  # checkpoint-2 of a 4-step run
 
@@ -75,6 +76,17 @@ def _routing(run: dict) -> list[dict]:
     ]
 
 
+def _tensorboard_tags(directory: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in directory.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags.update(accumulator.Tags()["scalars"])
+    return tags
+
+
 def _reload(root: Path, directory: Path, probe: Path, adapter: Path | None = None) -> dict:
     """Logits of what `save_model` wrote, reloaded in a process that never imports molf_ds."""
     out = root / f"reload-{directory.parent.name}-{directory.name}.pt"
@@ -99,7 +111,7 @@ def test_trainer_under_zero2_and_zero3_reaches_the_single_process_trainer(root, 
     # Routing is logged through Trainer.log every step, and it was a real choice.
     shares = [entry["molf/fft_share"] for entry in _routing(plain)]
     assert len(shares) == STEPS and all(0 < s < 1 for s in shares), shares
-    assert list((root / "zero3" / "runs").rglob("events.out.tfevents.*"))  # TensorBoard saw logs
+    assert any("molf/fft_share" in tag for tag in _tensorboard_tags(root / "zero3" / "runs"))
     # ZeRO-3: from_pretrained built the model partitioned (zero.Init); the LoRA factors stay
     # resident (molf_ds raised the Trainer's persistence threshold above them).
     assert zero3["zero_init"] and not zero2["zero_init"]
@@ -137,10 +149,12 @@ def test_zero3_save_model_writes_a_merged_model_that_reloads_without_molf_ds(roo
     assert (early["merged"] - zero3["logits"]).abs().max() > 100 * ATOL
 
 
-def test_trl_sft_trainer_through_the_mixin_molf_efficient_under_zero3(root):
+def test_trl_sft_trainer_through_the_mixin_molf_efficient_under_zero3_offload(root):
     flags = ("--trl", "--efficient")
     reference = _train(root, "trl_plain", *flags)
-    run = _train(root, "trl_zero3", *flags, ranks=2, deepspeed=ZERO3)
+    # With optimizer offload accelerate swaps a client optimizer for DeepSpeed's CPU Adam unless
+    # the config says otherwise: matching the MoLF reference shows MoLFAdamW did the steps.
+    run = _train(root, "trl_zero3", *flags, ranks=2, deepspeed=ZERO3_OFFLOAD)
     _assert_same_params(run, reference)
     assert all(entry["molf/win_share_fft"] == 0 for entry in _routing(run))  # base frozen
     assert "mean_token_accuracy" in run["log_history"][0]  # SFTTrainer's own logging ran
