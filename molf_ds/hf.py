@@ -24,6 +24,16 @@ SFTTrainer)``. The mixin
 - writes DeepSpeed checkpoints that ``ds_to_universal`` can convert (resume on another number
   of ranks), and resumes through ``resume_from_checkpoint``.
 
+What this relies on in transformers 5.24 / accelerate 1.15 (checked by tests/test_hf.py):
+``accelerator.state.deepspeed_plugin.hf_ds_config.config`` is the very dict accelerate passes to
+``deepspeed.initialize`` (so it is edited in place), and the Trainer fills its ``"auto"`` values
+in ``deepspeed_init`` at ``train()``; with no ``optimizer`` section the Trainer calls
+``create_optimizer`` and accelerate hands that optimizer to DeepSpeed (with offload, only if
+``zero_force_ds_cpu_optimizer`` is false); ``model_wrapped`` is the engine from then on;
+``_save_checkpoint`` calls ``save_model(dir, _internal_call=True)`` then
+``_save_optimizer_and_scheduler(dir)``, and resuming without DeepSpeed goes through
+``_load_from_checkpoint``; ``TrainerCallback.on_optimizer_step`` runs after every optimizer step.
+
 On CPU ranks call `molf_ds.init_distributed()` before creating the `TrainingArguments` (they
 start the process group): it keeps DeepSpeed's CPU shared-memory op out (see
 `molf_ds.ds_partitions.turn_off_cpu_shm_comm`).
