@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -149,6 +150,14 @@ def gathered(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
         yield
+
+
+def checkpoint_world_size(tag_dir: str | Path) -> int | None:
+    """How many data-parallel ranks wrote the ZeRO checkpoint in ``tag_dir``: one
+    ``[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` per rank (DeepSpeed 0.19.8's names);
+    ``None`` without ZeRO partitions (stage 0), which load on any number of ranks."""
+    files = list(Path(tag_dir).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    return len(files) or None
 
 
 def zero3_residency(param: torch.nn.Parameter) -> str | None:

@@ -51,7 +51,7 @@ from transformers import Trainer, TrainerCallback
 
 from molf_ds import ds_partitions, export
 from molf_ds.config import MoLFConfig
-from molf_ds.errors import MoLFConfigError
+from molf_ds.errors import MoLFConfigError, MoLFError
 from molf_ds.model import molf_layers, wrap
 from molf_ds.optimizer import MoLFAdamW
 from molf_ds.plan import RoutingPlan
@@ -141,6 +141,38 @@ class MoLFMixin:
         the ZeRO-3 persistence threshold then keeps every LoRA factor resident."""
         live = self.accelerator.state.deepspeed_plugin.hf_ds_config.config
         _prepare_in_place(live, RoutingPlan.from_model(self.model))
+
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        """``Trainer.train``; a DeepSpeed checkpoint written by another number of ranks is
+        converted to DeepSpeed's universal format first (once, by rank 0, next to it) and loaded
+        as such."""
+        if resume_from_checkpoint and self.is_deepspeed_enabled:
+            path = resume_from_checkpoint
+            if path is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                path = get_last_checkpoint(self.args.output_dir)
+            if path:
+                self._load_universal_if_resharded(Path(path))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_universal_if_resharded(self, checkpoint: Path) -> None:
+        latest = checkpoint / "latest"
+        if not latest.is_file():
+            return  # not a DeepSpeed checkpoint: the Trainer reports it
+        tag_dir = checkpoint / latest.read_text().strip()
+        saved = ds_partitions.checkpoint_world_size(tag_dir)
+        if saved is None or saved == self.args.world_size:
+            return
+        universal = tag_dir.with_name(f"{tag_dir.name}_universal")
+        if self.args.process_index == 0 and not (checkpoint / "latest_universal").is_file():
+            _to_universal(tag_dir, universal)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        live = self.accelerator.state.deepspeed_plugin.hf_ds_config.config
+        live.setdefault("checkpoint", {})["load_universal"] = True
 
     # ---- logging -----------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -264,6 +296,19 @@ def save_adapter(model: nn.Module, output_dir: str | Path, *, write: bool) -> No
         if write:
             base = getattr(model, "name_or_path", "") or ""
             export.export_peft_adapter(model, output_dir, base)
+
+
+def _to_universal(tag_dir: Path, universal: Path) -> None:
+    """DeepSpeed's ``ds_to_universal`` converter, in a process of its own (it forks workers)."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+               "--input_folder", str(tag_dir), "--output_folder", str(universal)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise MoLFError(f"converting {tag_dir} for another number of ranks failed: {last}")
 
 
 def _prepare_in_place(live: dict, optimizer: MoLFAdamW | RoutingPlan) -> None:
