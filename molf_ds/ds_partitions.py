@@ -26,6 +26,9 @@ Everything else in molf_ds, and the test and benchmark workers, use DeepSpeed's 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -193,6 +196,31 @@ def optimizer_state_bytes(engine: Any) -> dict[str, int]:
     for tensor in tensors:
         by_device[tensor.device.type] += tensor.numel() * tensor.element_size()
     return dict(by_device)
+
+
+@contextmanager
+def gathered(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """Within the block, every ZeRO-3 parameter of ``params`` is whole on every rank
+    (``deepspeed.zero.GatheredParameters``, read-only: changes are not written back).
+
+    A collective under ZeRO-3: every rank must enter with the same parameters. Parameters that
+    ZeRO-3 does not manage pass through untouched (then nothing is communicated)."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
+def checkpoint_world_size(tag_dir: str | Path) -> int | None:
+    """How many data-parallel ranks wrote the ZeRO checkpoint in ``tag_dir``: one
+    ``[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` per rank (DeepSpeed 0.19.8's names);
+    ``None`` without ZeRO partitions (stage 0), which load on any number of ranks."""
+    files = list(Path(tag_dir).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    return len(files) or None
 
 
 def zero3_residency(param: torch.nn.Parameter) -> str | None:

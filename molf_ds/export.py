@@ -45,6 +45,52 @@ def export_merged(model: nn.Module, output_dir: str | Path, tokenizer: Any = Non
     return out
 
 
+def merged_state_dict(model: nn.Module, *, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The state dict of ``merge(model)`` (Hugging Face names, the model's dtypes, on the CPU),
+    built one module at a time without changing ``model``.
+
+    Works on a ZeRO-3 partitioned model: each module's parameters are gathered only while that
+    module is merged and copied, so no rank ever holds more than one module gathered. It is then
+    a collective: every rank must call it; ranks with ``keep=False`` (all but the one that
+    writes) copy nothing and get an empty dict. A parameter shared by several modules (tied
+    embeddings) appears once, under its first name, as in ``model.named_parameters()``.
+
+    Raises:
+        MoLFError: no MoLF layers, or a merged weight that is not finite.
+    """
+    layers = dict(_molf_layers_or_raise(model))
+    inside_layer = {id(m) for layer in layers.values() for m in layer.modules()} - {
+        id(layer) for layer in layers.values()
+    }
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+
+    def put(name: str, tensor: torch.Tensor) -> None:
+        if keep:
+            state[name] = tensor.detach().to("cpu", copy=True)
+
+    for prefix, module in model.named_modules():
+        if id(module) in inside_layer:
+            continue  # the base linear and LoRA factors of a MoLF layer: merged below
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(module, MoLFLinear):
+            base = module.base
+            with ds_partitions.gathered([*base.parameters(), *_lora_params(module)]):
+                put(f"{dot}weight", module.merged_weight())
+                if base.bias is not None:
+                    put(f"{dot}bias", base.bias)
+            continue
+        own = [(name, p) for name, p in module.named_parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for _, p in own)
+        with ds_partitions.gathered(p for _, p in own):
+            for name, param in own:
+                put(f"{dot}{name}", param)
+        for name, buffer in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                put(f"{dot}{name}", buffer)
+    return state
+
+
 def export_peft_adapter(
     model: nn.Module, output_dir: str | Path, base_model_name_or_path: str
 ) -> Path:

@@ -23,6 +23,7 @@ import torch
 
 from molf_ds.errors import MoLFConfigError
 from molf_ds.optimizer import MoLFAdamW
+from molf_ds.plan import RoutingPlan
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +149,15 @@ def connect(engine: Any, optimizer: MoLFAdamW) -> None:
     )
 
 
-def prepare_ds_config(config: dict | str | Path, optimizer: MoLFAdamW) -> tuple[dict, list[str]]:
+def prepare_ds_config(
+    config: dict | str | Path, optimizer: MoLFAdamW | RoutingPlan, *, allow_auto: bool = False
+) -> tuple[dict, list[str]]:
     """A copy of ``config`` with what DeepSpeed needs to run `MoLFAdamW` as a client optimizer.
+
+    ``optimizer`` may also be the model's `RoutingPlan` (``RoutingPlan.from_model(model)``),
+    for a config prepared before the optimizer exists (`molf_ds.hf` does, before the Trainer
+    fills its ``"auto"`` values). ``allow_auto`` leaves other ``"auto"`` values for whoever
+    fills them later (the Trainer, accelerate) instead of refusing them.
 
     Returns:
         ``(config, changes)``: the filled config and one line per value that was changed.
@@ -157,6 +165,7 @@ def prepare_ds_config(config: dict | str | Path, optimizer: MoLFAdamW) -> tuple[
     Raises:
         MoLFConfigError: for settings MoLF cannot honour (naming the DeepSpeed key).
     """
+    plan = optimizer.plan if isinstance(optimizer, MoLFAdamW) else optimizer
     ds_config = _load(config)
     changes: list[str] = []
 
@@ -204,12 +213,12 @@ def prepare_ds_config(config: dict | str | Path, optimizer: MoLFAdamW) -> tuple[
     if stage == 3:
         # LoRA factors must never be partitioned, so that they are not gathered and released
         # around every forward: persist every parameter up to the largest LoRA factor.
-        largest_lora = optimizer.plan.largest_lora_numel
+        largest_lora = plan.largest_lora_numel
         # One sub-group per rank, so that each step routes whole modules with one all-reduce.
         sub_group = zero.get("sub_group_size")
         if sub_group is None or sub_group == "auto":
             zero.pop("sub_group_size", None)
-            total = optimizer.plan.total_numel
+            total = plan.total_numel
             set_default(zero, "sub_group_size", max(int(1e9), total), "zero_optimization.")
         threshold = zero.get("stage3_param_persistence_threshold")
         if threshold is None or threshold == "auto":
@@ -225,7 +234,7 @@ def prepare_ds_config(config: dict | str | Path, optimizer: MoLFAdamW) -> tuple[
                 threshold,
                 largest_lora,
             )
-    remaining = _remaining_auto(ds_config)
+    remaining = [] if allow_auto else _remaining_auto(ds_config)
     if remaining:
         raise MoLFConfigError(
             f'DeepSpeed config still has "auto" values ({", ".join(remaining)}): fill them with '

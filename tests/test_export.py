@@ -176,3 +176,41 @@ def test_unwrapped_model_is_refused(tmp_path):
         export_merged(_tiny_qwen2(), tmp_path / "merged")
     with pytest.raises(molf_ds.MoLFError, match="molf_ds.wrap"):
         export_peft_adapter(_tiny_qwen2(), tmp_path / "adapter", "base")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_merged_state_dict_is_the_merged_models_and_leaves_the_model_alone(tmp_path, tied) -> None:
+    """`merged_state_dict` (what `molf_ds.hf` saves, module by module) equals the state dict of
+    `merge` applied to a copy, without the tied head twice; the saved result reloads with
+    transformers alone to the wrapped model's logits, and the wrapped model is unchanged."""
+    import copy
+
+    from molf_ds.export import merged_state_dict
+    from molf_ds.hf import save_merged
+
+    model = _tiny_qwen2()
+    model.config.tie_word_embeddings = tied
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    molf_ds.wrap(model, molf_ds.MoLFConfig(lora_ranks=RANKS))
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, molf_ds.MoLFLinear):
+                for b in layer.lora_B:
+                    b.normal_(std=0.1)  # non-zero experts, so the merge changes W
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = merged_state_dict(model)
+    expected = molf_ds.merge(copy.deepcopy(model)).state_dict()
+    assert ("lm_head.weight" in state) is not tied
+    assert set(state) == set(expected) - ({"lm_head.weight"} if tied else set())
+    for name, value in state.items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    save_merged(model, tmp_path / "merged", write=True)
+    reloaded = Qwen2ForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=TOL
+        )
+    assert merged_state_dict(model, keep=False) == {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -198,3 +199,18 @@ def test_library_works_without_training_only_packages():
         f"with {', '.join(TRAINING_ONLY)} unimportable, the library must still import, wrap a "
         f"model and step MoLFAdamW:\n{result.stderr[-4000:]}"
     )
+
+
+HF_SECTION = "## Use with Transformers, TRL and Accelerate"
+
+
+def test_readme_hf_examples_are_in_the_tested_example_files():
+    """Each Python block of the README's Transformers/TRL/Accelerate section is, verbatim, part of
+    a file in examples/ that tests/test_hf.py runs, so the README cannot drift from what works."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split(HF_SECTION, 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    examples = [p.read_text() for p in sorted((REPO / "examples").glob("*.py"))]
+    assert len(blocks) >= 2
+    for block in blocks:
+        assert any(block in text for text in examples), f"not in examples/:\n{block}"

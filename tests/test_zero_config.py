@@ -155,3 +155,42 @@ def test_fill_auto_mismatch_names_both_values(tmp_path: Path) -> None:
             gradient_clipping=1.0,
             bf16=False,
         )
+
+
+def test_prepare_from_the_plan_leaves_others_auto_values_when_asked() -> None:
+    """What `molf_ds.hf` does before the Trainer fills its "auto" values: the MoLF keys are set
+    from the model's plan (no optimizer yet), the Trainer's "auto" keys are left to it."""
+    optimizer = _optimizer()
+    raw = json.loads((CONFIG_DIR / "zero3_offload.json").read_text())
+    with pytest.raises(molf_ds.MoLFConfigError, match="auto"):
+        prepare_ds_config(raw, optimizer.plan)
+    config, _ = prepare_ds_config(raw, optimizer.plan, allow_auto=True)
+    from_optimizer, _ = prepare_ds_config(_filled("zero3_offload.json"), optimizer)
+    zero = config["zero_optimization"]
+    for key in ("stage3_param_persistence_threshold", "sub_group_size"):
+        assert zero[key] == from_optimizer["zero_optimization"][key] != "auto"
+    assert config["zero_force_ds_cpu_optimizer"] is False
+    assert config["train_batch_size"] == "auto"  # the Trainer's to fill
+
+
+def test_hf_refuses_a_peft_model_and_a_missing_molf_config() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from molf_ds.hf import _wrap_once
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(IN, OUT), nn.Linear(OUT, IN))
+
+    with pytest.raises(molf_ds.MoLFConfigError, match="molf_config"):
+        _wrap_once(model(), None, seed=0)
+    peft_model = get_peft_model(model(), LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(molf_ds.MoLFConfigError, match="PEFT"):
+        _wrap_once(peft_model, molf_ds.MoLFConfig(lora_ranks=(2,)), seed=0)
+    config = molf_ds.MoLFConfig(lora_ranks=(RANK,), target_modules=("0", "1"), exclude_modules=())
+    first, second = model(), model()
+    second.load_state_dict(first.state_dict())
+    _wrap_once(first, config, seed=3)
+    _wrap_once(second, config, seed=3)
+    _wrap_once(first, None, seed=4)  # already wrapped: kept as it is
+    for a, b in zip(first.parameters(), second.parameters(), strict=True):
+        assert a.shape == b.shape and bool((a == b).all())  # LoRA factors drawn from the seed

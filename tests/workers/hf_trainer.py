@@ -1,0 +1,181 @@
+"""`molf_ds.hf` in real Hugging Face Trainer runs; saves what happened.
+
+One plain process, the starting point every run loads (a tiny Qwen2 + byte tokenizer):
+    python tests/workers/hf_trainer.py base BASE_DIR
+A run (one plain process without DeepSpeed, or ranks started by the deepspeed launcher):
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/workers/hf_trainer.py train \
+        --base BASE_DIR --out OUT --deepspeed ds_configs/zero3.json [--steps 4] [--micro 2] \
+        [--save-steps 2] [--resume OUT/checkpoint-2] [--efficient] [--trl]
+
+The model is loaded with ``from_pretrained`` after the `TrainingArguments` exist, so under
+ZeRO-3 it is built partitioned (``zero.Init``). Every sequence has the same length and no padding,
+so the loss of a global batch is the same token mean however it is split into micro-batches and
+ranks. Rank 0 saves ``OUT/result.pt``: the trained (wrapped) parameters gathered, the logits of the
+trained model on fixed inputs, the Trainer's log history; ``trainer.save_model(OUT/final)``
+writes the merged model (and, with ``--efficient``, the adapter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+
+from trainer_molf import molf_trainer  # noqa: E402  (the README's example)
+
+import molf_ds  # noqa: E402
+from molf_ds import ds_partitions  # noqa: E402
+from molf_ds.runtime import run_then_exit  # noqa: E402
+
+VOCAB, SEQ, EXAMPLES = 320, 16, 32
+LR, WD = 2e-3, 0.01  # MoLF's options (ranks, lora_lr, top_k) are the example's
+
+
+def save_base(directory: str) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from molf_ds.train.tokenizer import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def token_rows() -> list[list[int]]:
+    generator = torch.Generator().manual_seed(7)
+    return torch.randint(3, 256, (EXAMPLES, SEQ), generator=generator).tolist()
+
+
+def probe_inputs() -> torch.Tensor:
+    return torch.randint(3, 256, (2, SEQ), generator=torch.Generator().manual_seed(99))
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.rows = token_rows()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        ids = torch.tensor(self.rows[i])
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def train(a: argparse.Namespace) -> None:
+    if "WORLD_SIZE" in os.environ:
+        molf_ds.init_distributed()  # before TrainingArguments: they start the process group
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    common = {
+        "output_dir": a.out,
+        "per_device_train_batch_size": a.micro,
+        "max_steps": a.steps,
+        "learning_rate": LR,
+        "weight_decay": WD,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 0,
+        "logging_steps": 1,
+        "save_strategy": "steps" if a.save_steps else "no",
+        "save_steps": a.save_steps or 500,
+        "report_to": ["tensorboard"],
+        "deepspeed": a.deepspeed,
+        "seed": 0,
+        "disable_tqdm": True,
+        "use_cpu": True,  # CPU ranks: accelerate then counts the ranks (gloo)
+    }
+    if a.trl:
+        from datasets import Dataset
+        from trl import SFTConfig
+
+        # SFTConfig defaults to bf16; these runs compare fp32 parameters.
+        args = SFTConfig(**common, max_length=None, packing=False, bf16=False)
+        data = Dataset.from_dict({"input_ids": token_rows()})
+    else:
+        from transformers import TrainingArguments
+
+        args = TrainingArguments(**common)
+        data = Rows()
+    model = AutoModelForCausalLM.from_pretrained(a.base, dtype=torch.float32)
+    zero_init = all(ds_partitions.zero3_residency(p) == "released" for p in model.parameters())
+    tokenizer = AutoTokenizer.from_pretrained(a.base)
+    trainer = molf_trainer(model, args, data, tokenizer, trl=a.trl, efficient=a.efficient)
+    trainer.train(resume_from_checkpoint=a.resume)
+    trainer.save_model(str(Path(a.out) / "final"))
+    result = {
+        "params": gathered_params(trainer.model, keep=args.should_save),
+        "probe": probe_inputs(),
+        "logits": probe_logits(trainer),
+        "log_history": trainer.state.log_history,
+        "world_size": args.world_size,
+        "zero_init": zero_init,  # built partitioned by from_pretrained (ZeRO-3's zero.Init)
+        "lora_residency": sorted(
+            {
+                str(ds_partitions.zero3_residency(p))
+                for n, p in model.named_parameters()
+                if "lora" in n
+            }
+        ),
+    }
+    if args.should_save:
+        torch.save(result, Path(a.out) / "result.pt")
+
+
+def gathered_params(model: torch.nn.Module, *, keep: bool) -> dict[str, torch.Tensor]:
+    params = {}
+    for name, param in model.named_parameters():
+        with ds_partitions.gathered([param]):
+            if keep:
+                params[name] = param.detach().cpu().clone()
+    return params
+
+
+@torch.no_grad()
+def probe_logits(trainer) -> torch.Tensor:
+    model = trainer.model_wrapped  # the engine under DeepSpeed: ZeRO-3 gathers in forward
+    model.eval()
+    return model(input_ids=probe_inputs()).logits.detach().cpu()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["base", "train"])
+    parser.add_argument("directory", nargs="?")
+    parser.add_argument("--base")
+    parser.add_argument("--out")
+    parser.add_argument("--deepspeed")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--micro", type=int, default=2)
+    parser.add_argument("--save-steps", type=int, default=0)
+    parser.add_argument("--resume")
+    parser.add_argument("--efficient", action="store_true")
+    parser.add_argument("--trl", action="store_true")
+    parser.add_argument("--local_rank", type=int)  # the deepspeed launcher's
+    a = parser.parse_args()
+    if a.command == "base":
+        save_base(a.directory)
+    elif "WORLD_SIZE" in os.environ:
+        run_then_exit(lambda: train(a))
+    else:
+        train(a)
+
+
+if __name__ == "__main__":
+    main()
