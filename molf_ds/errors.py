@@ -1,5 +1,8 @@
 """Exceptions raised for user mistakes: each message names what is wrong and how to fix it."""
 
+import argparse
+from typing import Any, NoReturn
+
 
 class MoLFError(ValueError):
     """Base class of molf_ds's user-facing errors (a ``ValueError``, as in PEFT).
@@ -18,3 +21,17 @@ class MoLFConfigError(MoLFError):
 
 class NoMatchingModulesError(MoLFError):
     """`molf_ds.wrap` found no linear layer matching `target_modules`."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose own errors (an unknown flag, a missing value) are one line too, like every
+    other error of molf_ds's commands: ``prog: error: ... (hint)``, exit status 2, no usage block.
+    """
+
+    def __init__(self, *args: Any, error_hint: str = "see --help", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.error_hint = error_hint
+
+    def error(self, message: str) -> NoReturn:
+        text = " ".join(message.split()).encode("utf-8", "backslashreplace").decode("utf-8")
+        self.exit(2, f"{self.prog}: error: {text} ({self.error_hint})\n")

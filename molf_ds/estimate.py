@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from molf_ds.config import DEFAULT_EXCLUDE_MODULES, DEFAULT_TARGET_MODULES, MoLFConfig
-from molf_ds.errors import MoLFError, NoMatchingModulesError
+from molf_ds.errors import MoLFError, NoMatchingModulesError, OneLineArgumentParser
 from molf_ds.zero import DS_DEFAULT_PERSISTENCE_THRESHOLD
 
 METHODS: tuple[str, ...] = ("fft", "lora", "molf", "molf-efficient")
@@ -615,13 +615,8 @@ def _count(n: int) -> str:
 # CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see --help)\n")
-
-
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineArgumentParser(
         prog="molf-estimate",
         description="Estimate per-GPU and per-node memory of model states (weights, gradients, "
         "fp32 master, AdamW moments) for FFT, LoRA, MoLF and MoLF-Efficient under DeepSpeed "

@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from molf_ds.errors import MoLFConfigError
+from molf_ds.errors import MoLFConfigError, OneLineArgumentParser
 
 Mode = Literal["fft", "lora", "adalora", "molf", "molf-efficient"]
 Schedule = Literal["constant", "linear", "cosine"]
@@ -352,16 +352,9 @@ def help_text(schema: type[BaseModel] = TrainConfig) -> str:
     return "\n".join(lines)
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse's own errors (``--lr 1e-4``, ``--config`` without a file) as one line too."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        message = " ".join(message.split())
-        self.exit(2, f"{self.prog}: error: {message} (options are key=value; see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineArgumentParser(
+        error_hint="options are key=value; see --help",
         prog="molf-train",
         usage=USAGE,
         description=DESCRIPTION,

@@ -19,9 +19,9 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from molf_ds.errors import MoLFError
+from molf_ds.errors import MoLFError, OneLineArgumentParser
 
 COLUMNS = ("run", "mode", "lr", "seed", "steps", "final_loss", "eval_loss", "exact_match")
 
@@ -128,13 +128,8 @@ def format_table(rows: list[dict]) -> str:
     )
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {_shown(message)} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineArgumentParser(
         prog="molf-sweep",
         usage="molf-sweep RUNS_DIR [--json]",
         description="One table of the finished molf-train runs under a directory.",
