@@ -16,7 +16,7 @@ import molf_ds
 modules = ('torch', 'deepspeed', 'transformers', 'peft', 'safetensors',  # molf-ds
            'datasets', 'tensorboard', 'matplotlib', 'tqdm', 'yaml', 'pydantic',  # [train]
            'accelerate',  # [hf]
-           'pytest', 'hypothesis', 'ruff', 'mpi4py', 'trl')  # [dev]
+           'pytest', 'xdist', 'hypothesis', 'ruff', 'mpi4py', 'trl')  # [dev]
 sys.exit(any(importlib.util.find_spec(m) is None for m in modules))
 " >/dev/null 2>&1 || [ ! -x "$VENV/bin/molf-train" ]; then
   echo "creating $VENV (one time, about a minute)" >&2
