@@ -15,6 +15,11 @@ class MoLFError(ValueError):
         return " ".join(super().__str__().splitlines())
 
 
+class EveryRankError(MoLFError):
+    """Raised on every rank at the same point with the same message (from a collective or an
+    all-reduced value), so a multi-rank command prints it once, on rank 0."""
+
+
 class MoLFConfigError(MoLFError):
     """An invalid `MoLFConfig` or optimizer value."""
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from molf_ds import ds_partitions
-from molf_ds.errors import MoLFError
+from molf_ds.errors import EveryRankError, MoLFError
 from molf_ds.runtime import shutdown
 from molf_ds.train import peers, storage
 from molf_ds.train.config import TrainConfig, parse_args
@@ -63,11 +63,6 @@ POSTFIX = {
     "fft_share": ("fft", "{:.2f}"),
     "skipped_steps": ("skipped", "{:d}"),
 }
-
-
-class AgreedError(MoLFError):
-    """An error every rank raises at the same point (e.g. from an all-reduced value): rank 0
-    alone says it, so the user reads it once."""
 
 
 @dataclass(frozen=True)
@@ -348,7 +343,7 @@ class Recipe:
             else:
                 bad_in_a_row += 1
                 if bad_in_a_row >= cfg.max_bad_steps:
-                    raise AgreedError(self._diverged_message(final_step, bad_in_a_row))
+                    raise EveryRankError(self._diverged_message(final_step, bad_in_a_row))
             if final_step % cfg.log_every == 0 or final_step == cfg.max_steps:
                 # mean over the applied steps only (skipped ones leave no loss)
                 mean_loss = _mean_over_ranks(torch.stack(losses).mean()) if losses else None
@@ -558,12 +553,8 @@ def main(argv: list[str] | None = None) -> None:
         recipe.finish()
         if recipe.preempted:
             code = PREEMPTED_EXIT
-    except storage.EveryRankError as err:  # the same on every rank: said once
-        if storage.is_main_rank():
-            print(f"molf-train: error: {err}", file=sys.stderr)
-        code = 1
-    except MoLFError as err:
-        if not isinstance(err, AgreedError) or recipe.derived.is_main:
+    except MoLFError as err:  # an EveryRankError is the same on every rank: said once
+        if not isinstance(err, EveryRankError) or storage.is_main_rank():
             print(f"molf-train: error: {err}", file=sys.stderr)
         code = 1
     except OSError as err:  # a write outside checkpoints and exports (metrics, logs)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from molf_ds import ds_partitions
-from molf_ds.errors import MoLFError
+from molf_ds.errors import EveryRankError
 
 STAGING_SUFFIX = ".partial"
 LATEST = "latest"
@@ -45,10 +45,6 @@ OPTIMIZER_BYTES_PER_PARAMETER = 12
 CHECKPOINT_OVERHEAD = 256 * 1024
 RUN_FILES_OVERHEAD = 1024 * 1024
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
-class EveryRankError(MoLFError):
-    """Raised on every rank with the same message, so the job prints it once (rank 0)."""
 
 
 def mib(size: int) -> str:

@@ -22,7 +22,7 @@ import traceback
 import torch
 from transformers import PreTrainedModel
 
-from molf_ds.errors import MoLFError
+from molf_ds.errors import EveryRankError, MoLFError
 from molf_ds.runtime import shutdown
 from molf_ds.train import recipe
 from molf_ds.train.config import parse_args
@@ -81,7 +81,7 @@ def main() -> None:
         job.train()
         job.finish()
     except MoLFError as err:
-        if not isinstance(err, recipe.AgreedError) or job.derived.is_main:
+        if not isinstance(err, EveryRankError) or job.derived.is_main:
             print(f"molf-train: error: {err}", file=sys.stderr)
         code = 1
     except Exception:
