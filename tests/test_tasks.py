@@ -252,6 +252,17 @@ def test_a_csv_cell_that_is_not_json_is_one_line(tmp_path):
         tasks.get("fact").load(str(path))
 
 
+@pytest.mark.parametrize(("name", "anchor"), [("med", b"Which"), ("fact", b"Ilse")])
+def test_text_that_is_not_utf8_is_one_line(tmp_path, name, anchor):
+    raw = SOURCES[name].read_bytes()
+    at = raw.index(anchor)
+    path = tmp_path / f"bad{SOURCES[name].suffix}"
+    path.write_bytes(raw[:at] + b"\xff\xfe" + raw[at:])
+    with pytest.raises(DataError, match="UTF-8") as info:
+        tasks.get(name).load(str(path))
+    assert_one_line(str(info.value))
+
+
 @pytest.mark.parametrize("name", ["med", "fact"])
 def test_hub_dataset_offline_is_one_line_pointing_at_a_local_file(monkeypatch, name):
     """The default source of med/fact is the hub; without network it is one line saying to pass
