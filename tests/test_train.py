@@ -249,7 +249,11 @@ MODES = {
     "fft": (["ds_config=zero2_offload"], "DeepSpeedCPUAdam"),
     "lora": ([], "AdamW"),
     "adalora": (["ds_config=zero0"], "AdamW"),
-    "molf-efficient": (["lora_ranks=[4,8]"], "MoLFAdamW"),
+    # ZeRO-3: built partitioned (zero.Init), exported and evaluated by rank 0 alone afterwards
+    "molf-efficient": (
+        ["lora_ranks=[4,8]", "ds_config=zero3", "gradient_checkpointing=true"],
+        "MoLFAdamW",
+    ),
 }
 
 
