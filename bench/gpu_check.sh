@@ -7,8 +7,9 @@
 #   bench/gpu_check.sh --dry-run         # a CPU machine: every step, small sizes (or DEVICE=cpu)
 #
 # The GPU machine has no network and lacks DeepSpeed, pydantic and hjson: the wheels in $WHEELS
-# (default .whl/, made by bench/gpu_wheels.sh) are installed with --no-index into a fresh folder
-# that goes first on PYTHONPATH; nothing else is installed, the project runs from this checkout.
+# (default .whl/, made by bench/gpu_wheels.sh) are installed with --no-index into $SITE (default
+# /tmp/molf-site), first on PYTHONPATH; nothing else is installed, the project runs from this
+# checkout.
 # For a dry run with this machine's python: PY_VERSION=3.11 WHEELS=.whl-py311 bench/gpu_wheels.sh,
 # then PYTHON=.venv/bin/python WHEELS=.whl-py311 bench/gpu_check.sh --dry-run.
 set -uo pipefail
@@ -20,11 +21,18 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/molf-torch-extensions}
 export MOLF_DS_CACHE="${MOLF_DS_CACHE:-/tmp/molf-ds-cache}"
 started=$SECONDS
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
-  SITE="$(mktemp -d /tmp/molf-site.XXXXXX)"
-  if ! "$PY" -m pip install -q --no-index --no-deps --disable-pip-version-check --target "$SITE" \
-      "$WHEELS"/*.whl >&2; then
-    echo '{"check": "setup", "ok": false, "error": "pip install of the carried wheels failed"}'
-    exit 1
+  # Installed once per set of wheels: a rerun keeps the same files, so DeepSpeed's ops, compiled
+  # from their sources there into $TORCH_EXTENSIONS_DIR, are not compiled again.
+  SITE="${SITE:-/tmp/molf-site}"
+  stamp="$(cd "$WHEELS" && ls -l -- *.whl | md5sum | cut -d' ' -f1)"
+  if [ "$(cat "$SITE/.wheels" 2>/dev/null)" != "$stamp" ]; then
+    rm -rf "$SITE"
+    if ! "$PY" -m pip install -q --no-index --no-deps --disable-pip-version-check \
+        --target "$SITE" "$WHEELS"/*.whl >&2; then
+      echo '{"check": "setup", "ok": false, "error": "pip install of the carried wheels failed"}'
+      exit 1
+    fi
+    echo "$stamp" > "$SITE/.wheels"
   fi
   export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"
 else

@@ -115,7 +115,18 @@ def main() -> None:
     if args.device != "cpu":
         runs.insert(1, ("foreach", "cpu"))
     for impl_name, device in runs:
-        print(json.dumps(check(impl_name, device)), flush=True)
+        try:
+            line = check(impl_name, device)
+        except Exception as err:  # noqa: BLE001 - e.g. no compiler for the kernel: say so, go on
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            line = {
+                "check": "exactness",
+                "impl": impl_name,
+                "device": device,
+                "ok": False,
+                "error": f"{type(err).__name__}: {first}",
+            }
+        print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

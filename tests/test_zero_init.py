@@ -65,6 +65,7 @@ def test_zero_init_built_partitioned_trains_bitwise_like_built_whole(
     assert a["world"] == b["world"] == (3 if "offload" in whole else 2)
     assert all(n > 0 for n in a["held_when_built"].values())  # built whole on every rank
     assert a["held_when_built"] and not any(b["held_when_built"].values())  # never whole
+    assert a["checkpoint_estimate"] == b["checkpoint_estimate"]  # from ds_numel, not (0,)
     _assert_trained(a)
     assert a["winners"] == b["winners"]
     for name, expected in a["params"].items():

@@ -12,8 +12,8 @@ Each case is what molf-train sets up for its options (`recipe.build_model`, then
 case starts from the same weights, then `STEPS` optimizer steps on fixed batches (the same global
 batch on any number of ranks). Rank 0 saves ``OUT/<case>.pt``: the full fp32 parameters after
 training and before it, how many elements of each base weight the rank held right after the
-model was built, the winners of every step, and how often the first decoder layer's attention
-was called per step.
+model was built (and molf-train's checkpoint-size estimate then), the winners of every step,
+and how often the first decoder layer's attention was called per step.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def batch(step: int, rank: int, world: int) -> dict[str, torch.Tensor]:
 def train_case(name: str, model_dir: str) -> dict:
     import deepspeed.comm as dist
 
+    from molf_ds.train import storage
     from molf_ds.train.config import TrainConfig
     from molf_ds.train.recipe import METHODS, build_model
     from molf_ds.zero import fill_auto
@@ -78,6 +79,7 @@ def train_case(name: str, model_dir: str) -> dict:
     stage = ds_config["zero_optimization"]["stage"]
     _, model = build_model(cfg, ds_config)
     held = {n: p.numel() for n, p in model.named_parameters() if n.endswith("base.weight")}
+    disk = storage.checkpoint_estimate(model)  # molf-train's disk check, from the full sizes
     engine, optimizer = METHODS[cfg.mode].build_engine(cfg, model, ds_config, stage)
     initial = full_params(engine.module)
     # calls of the first layer's attention: twice per step when activations are recomputed
@@ -98,6 +100,7 @@ def train_case(name: str, model_dir: str) -> dict:
         "params": full_params(engine.module),
         "initial": initial,
         "held_when_built": held,
+        "checkpoint_estimate": disk,
         "winners": winners,
         "layer_forwards_per_step": len(forwards) / STEPS,
         "world": world,
