@@ -73,6 +73,9 @@ def runs(tmp_path_factory) -> dict:
             "--cases",
             ",".join(FP32_CASES + BF16_CASES + list(FFT_OPTIMIZERS)),
             *common,
+            # the first run on a machine also compiles DeepSpeed's CPU Adam (about 2 minutes on
+            # 2 cores) for the FFT baseline under offload
+            timeout=600,
         )
     launch.deepspeed(
         1, "zero_train.py", "--out", str(root / "w1"), "--cases", ",".join(BF16_CASES), *common
