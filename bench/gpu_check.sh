@@ -1,21 +1,42 @@
 #!/usr/bin/env bash
-# GPU check, for when an NVIDIA GPU is lent (under 5 minutes on one GPU):
-#   bench/gpu_check.sh            # needs torch (CUDA build), deepspeed, transformers, peft
-# 1. exactness: ZeRO-0/1/2/3 and CPU offload on one GPU rank (world size 1) against one plain CPU
-#    process on the same global batches: parameters within 1e-5, identical winners (JSON);
-# 2. time: MoLFAdamW.step() against torch's fused AdamW on the GPU (bench/optimizer_step.py).
-set -euo pipefail
+# The GPU check: the one command to run when a GPU is lent. One JSON line per check on stdout
+# (what each check measures: bench/gpu_check.py); under 8 minutes on one H200.
+#
+#   bench/gpu_wheels.sh                  # here, once, with network: .whl/ for the GPU machine
+#   bench/gpu_check.sh                   # there, from the repository root, with .whl/ carried
+#   bench/gpu_check.sh --dry-run         # a CPU machine: every step, small sizes (or DEVICE=cpu)
+#
+# The GPU machine has no network and lacks DeepSpeed, pydantic and hjson: the wheels in $WHEELS
+# (default .whl/, made by bench/gpu_wheels.sh) are installed with --no-index into $SITE (default
+# /tmp/molf-site), first on PYTHONPATH; nothing else is installed, the project runs from this
+# checkout.
+# For a dry run with this machine's python: PY_VERSION=3.11 WHEELS=.whl-py311 bench/gpu_wheels.sh,
+# then PYTHON=.venv/bin/python WHEELS=.whl-py311 bench/gpu_check.sh --dry-run.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
-OUT="${OUT:-$(mktemp -d)}"
-CASES="z0,z1,z2,z3,z1_offload,z2_offload,z3_offload,z3_offload_param,z2_efficient,z3_efficient"
-
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name())"
-"$PY" tests/workers/zero_train.py --reference --out "$OUT/ref" --cases "$CASES" --data-world 1
-"$(dirname "$(command -v "$PY")")/deepspeed" --num_gpus 1 tests/workers/zero_train.py \
-  --out "$OUT/gpu" --cases "$CASES" --data-world 1
-"$PY" tests/workers/zero_train.py --compare "$OUT/ref" --out "$OUT/gpu" --cases "$CASES" \
-  | tee "$OUT/exactness.json"
-"$PY" bench/optimizer_step.py --device cuda | tee "$OUT/optimizer_step.json"
-echo "results in $OUT"
+WHEELS="${WHEELS:-.whl}"
+export PYTHONUNBUFFERED=1
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/molf-torch-extensions}"
+export MOLF_DS_CACHE="${MOLF_DS_CACHE:-/tmp/molf-ds-cache}"
+started=$SECONDS
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  # Installed once per set of wheels: a rerun keeps the same files, so DeepSpeed's ops, compiled
+  # from their sources there into $TORCH_EXTENSIONS_DIR, are not compiled again.
+  SITE="${SITE:-/tmp/molf-site}"
+  stamp="$(cd "$WHEELS" && ls -l -- *.whl | md5sum | cut -d' ' -f1)"
+  if [ "$(cat "$SITE/.wheels" 2>/dev/null)" != "$stamp" ]; then
+    rm -rf "$SITE"
+    if ! "$PY" -m pip install -q --no-index --no-deps --disable-pip-version-check \
+        --target "$SITE" "$WHEELS"/*.whl >&2; then
+      echo '{"check": "setup", "ok": false, "error": "pip install of the carried wheels failed"}'
+      exit 1
+    fi
+    echo "$stamp" > "$SITE/.wheels"
+  fi
+  export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"
+else
+  echo "no wheels in $WHEELS: using the python's own packages" >&2
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+exec "$PY" bench/gpu_check.py --setup-s "$((SECONDS - started))" "$@"

@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/optimizer_step.py            # the default model (~46M routed params)
     .venv/bin/python bench/optimizer_step.py --layers 2 --repeats 5   # a quick look
+    python3 bench/optimizer_step.py --device cuda --layers 20 --hidden 2048 --mlp 5632 \
+        --kernels --targets 1.5,1.0                     # ~1.1B parameters on a GPU (gpu_check.sh)
 
 Model (the defaults): a Qwen2ForCausalLM of 12 decoder layers (hidden 512, MLP 1408, 8 heads,
 full multi-head attention, vocabulary 256, tied embeddings) with one LoRA expert of rank 64 on all
@@ -13,7 +15,10 @@ burn-in. Two routing cases are forced through the learning rates (EPD scores sca
 measured share of modules the FFT expert won, so the case is checked, not assumed. Host reads
 per step are counted by `molf_ds.host_reads.HostReadCounter`, transient memory and dispatched
 ops by `molf_ds.probes`, each on one extra step. ``--impl`` picks MoLFAdamW's path (default:
-the fused kernel on CPU float32 tensors, the multi-tensor path elsewhere).
+the fused kernel on CPU float32 tensors, the multi-tensor path elsewhere). ``--kernels`` adds,
+per case, what torch.profiler records of one step of each optimizer: on a GPU the kernels that
+ran and the launch calls that started them, on the CPU the top-level aten ops. ``--targets F,L``
+adds whether MoLF over torch's fused AdamW is at most F (FFT wins) and L (LoRA wins).
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ def build_model(layers: int, hidden: int, mlp: int, rank: int, device: str) -> t
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).to(device)
+    with torch.device(device):  # drawn on the device: seconds for ~1B parameters on a GPU
+        model = Qwen2ForCausalLM(config)
     molf_ds.wrap(model, molf_ds.MoLFConfig(lora_ranks=(rank,)))
     with torch.no_grad():
         for p in model.parameters():
@@ -73,6 +79,37 @@ def host_reads(optimizer: torch.optim.Optimizer) -> int:
     return counter.count
 
 
+def profiled(optimizer: torch.optim.Optimizer, device: str) -> dict:
+    """What torch.profiler records of one step: on a GPU, the kernels that ran and the launch
+    API calls that started them; on the CPU, the top-level aten ops."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device != "cpu":
+        activities.append(ProfilerActivity.CUDA)
+    synchronize()
+    with profile(activities=activities) as prof:
+        optimizer.step()
+        synchronize()
+    events = prof.events()
+    if device == "cpu":
+        top = [e for e in events if e.name.startswith("aten::") and not _under_aten(e)]
+        return {"cpu_ops": len(top)}
+    return {
+        "kernels": sum(1 for e in events if e.device_type == DeviceType.CUDA),
+        "launch_calls": sum(1 for e in events if e.name in LAUNCH_CALLS),
+    }
+
+
+def _under_aten(event) -> bool:
+    parent = event.cpu_parent
+    return parent is not None and (parent.name.startswith("aten::") or _under_aten(parent))
+
+
+LAUNCH_CALLS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"}
+
+
 def time_step(optimizer: torch.optim.Optimizer) -> float:
     synchronize()
     start = time.perf_counter()
@@ -95,7 +132,12 @@ IMPLEMENTATIONS = {  # --impl: MoLFAdamW's flags
 
 
 def bench_case(
-    model: torch.nn.Module, lora_lr: float, repeats: int, burn_in: int, impl: str
+    model: torch.nn.Module,
+    lora_lr: float,
+    repeats: int,
+    burn_in: int,
+    impl: str,
+    kernels: bool = False,
 ) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizers = {
@@ -119,7 +161,10 @@ def bench_case(
     median = {name: statistics.median(t) for name, t in times.items()}
     reference = molf_ds.MoLFAdamW(model, lr=LR, lora_lr=lora_lr, **IMPLEMENTATIONS["reference"])
     fused_adamw = optimizers["fused_adamw"]
+    device = next(model.parameters()).device.type
+    launches = {name: profiled(opt, device) for name, opt in optimizers.items()} if kernels else {}
     return {
+        **({"kernels_per_step": launches} if kernels else {}),
         "median_step_s": {name: round(t, 5) for name, t in median.items()},
         "molf_over_fused": round(median["molf"] / median["fused_adamw"], 3),
         "molf_over_foreach": round(median["molf"] / median["foreach_adamw"], 3),
@@ -149,6 +194,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--burn-in", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--kernels", action="store_true", help="profile one step of each")
+    parser.add_argument(
+        "--targets", help="F,L: MoLF over torch's fused AdamW at most F (FFT wins), L (LoRA wins)"
+    )
     parser.add_argument(
         "--impl",
         choices=sorted(IMPLEMENTATIONS),
@@ -172,9 +221,21 @@ def main() -> None:
         "routed_params": routed_numel,
         "routed_modules": len(routed.module_names),
         "largest_routed_module_bytes": largest_module,
-        "fft_wins": bench_case(model, LR / 1000, args.repeats, args.burn_in, args.impl),
-        "lora_wins": bench_case(model, LR * 1000, args.repeats, args.burn_in, args.impl),
+        "fft_wins": bench_case(
+            model, LR / 1000, args.repeats, args.burn_in, args.impl, args.kernels
+        ),
+        "lora_wins": bench_case(
+            model, LR * 1000, args.repeats, args.burn_in, args.impl, args.kernels
+        ),
     }
+    if args.targets:
+        limits = dict(
+            zip(("fft_wins", "lora_wins"), map(float, args.targets.split(",")), strict=True)
+        )
+        result["targets_molf_over_fused"] = limits
+        result["meets_targets"] = all(
+            result[case]["molf_over_fused"] <= limit for case, limit in limits.items()
+        )
     print(json.dumps(result))
 
 

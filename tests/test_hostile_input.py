@@ -80,7 +80,8 @@ VALUES = st.recursive(
 # ---- the spec of a valid config ----------------------------------------------------------
 NAME_FIELDS = ("output_dir", "model", "data", "prompt_field", "completion_field", "ds_config")
 PATH_FIELDS = ("output_dir", "model", "data", "ds_config")  # and resume
-BOOL_FIELDS = ("overwrite", "use_rslora", "bf16")
+BOOL_FIELDS = ("overwrite", "use_rslora", "zero_init", "gradient_checkpointing")
+OPTIONAL_BOOL_FIELDS = ("bf16",)  # or null (bf16: chosen by the ranks' device)
 INT_MINIMUM = {
     "save_every": 0,
     "stop_after": 0,
@@ -104,12 +105,20 @@ CHOICES = {
     "schedule": ("constant", "linear", "cosine"),
     "score": ("epd", "pfn"),
     "task": ("sql", "med", "fact"),
+    "attn_implementation": (
+        "sdpa",
+        "eager",
+        "flash_attention_2",
+        "flash_attention_3",
+        "flex_attention",
+    ),
 }
 POSITIVE_FLOATS = ("lora_alpha", "collective_timeout_s")  # finite and > 0
 OTHER_FIELDS = ("resume", "seed", *POSITIVE_FLOATS, "eval_fraction", "lora_ranks")
 SPEC_FIELDS = (
     *NAME_FIELDS,
     *BOOL_FIELDS,
+    *OPTIONAL_BOOL_FIELDS,
     *INT_MINIMUM,
     *FLOAT_MINIMUM,
     *OPTIONAL_FLOAT_MINIMUM,
@@ -164,6 +173,8 @@ def _field_valid(key: str, value: Any) -> bool:
         return _is_name(value)
     if key in BOOL_FIELDS:
         return isinstance(value, bool)
+    if key in OPTIONAL_BOOL_FIELDS:
+        return value is None or isinstance(value, bool)
     if key in INT_MINIMUM:
         return _is_int(value) and INT_MINIMUM[key] <= value <= MAX_COUNT
     if key in FLOAT_MINIMUM or key in OPTIONAL_FLOAT_MINIMUM:
@@ -212,6 +223,8 @@ def _valid_value(key: str) -> st.SearchStrategy:
         return st.text(min_size=1, max_size=12).filter(lambda s: "\x00" not in s) | st.integers()
     if key in BOOL_FIELDS:
         return st.booleans()
+    if key in OPTIONAL_BOOL_FIELDS:
+        return st.booleans() | st.none()
     if key in INT_MINIMUM:
         return st.integers(min_value=INT_MINIMUM[key], max_value=MAX_COUNT)
     if key in FLOAT_MINIMUM or key in OPTIONAL_FLOAT_MINIMUM:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import molf_ds
 from molf_ds import routed_step
@@ -235,3 +236,44 @@ def test_foreach_step_chunks_bound_transient_memory(monkeypatch) -> None:
     with whole_peak:
         whole.step()
     assert whole_peak.peak > max(chunk_bytes, largest) + small_tensors, "chunking had no effect"
+
+
+class _HostToDevice(TorchFunctionMode):
+    """Calls that move or build a tensor from host data: on an accelerator each is a copy."""
+
+    NAMES = frozenset({"to", "cpu", "cuda", "copy_", "tensor", "as_tensor"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.NAMES:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _transfers_of_second_step(model: nn.Module) -> tuple[list[str], list[tuple]]:
+    optimizer = molf_ds.MoLFAdamW(model, lr=1e-2, foreach=True)
+    reduced = []  # what reaches the cross-rank reduction (here: over one rank, nothing to add)
+    optimizer.reduce_scores = lambda scores: reduced.append((tuple(scores.shape), scores.dtype))
+    _backward_deep(model)
+    optimizer.step()
+    reduced.clear()
+    with _HostToDevice() as moves:
+        optimizer.step()
+    return moves.calls, reduced
+
+
+def test_foreach_step_reduces_scores_once_and_copies_nothing_per_segment() -> None:
+    """The multi-tensor path's host-device traffic and its one reduction do not grow with the
+    number of segments: the ``[modules x experts]`` score sums reach ``reduce_scores`` once per
+    step (with NCCL and offloaded partitions, the one trip to the GPU and back), and the tensors
+    it builds on the host and moves are a fixed few per step."""
+    small, large = _deep_model(2), _deep_model(20)
+    small_moves, small_reduced = _transfers_of_second_step(small)
+    large_moves, large_reduced = _transfers_of_second_step(large)
+    assert small_reduced == [((2, 3), torch.float64)]
+    assert large_reduced == [((20, 3), torch.float64)]
+    assert small_moves == large_moves and 0 < len(large_moves) <= 10, large_moves

@@ -455,15 +455,15 @@ def _tiny(preset: str):
     embeddings, they repeat one token)."""
     import transformers
 
-    from molf_ds.train.recipe import TINY_PRESETS, TINY_SHAPE
+    from molf_ds.train.recipe import PRESETS
 
-    config_cls, model_cls, extra = TINY_PRESETS[preset]
-    shape = {**TINY_SHAPE, "num_hidden_layers": 2, "tie_word_embeddings": False}
+    config_cls, shape = PRESETS[preset]
+    shape = {**shape, "num_hidden_layers": 2, "tie_word_embeddings": False}
     config = getattr(transformers, config_cls)(
-        vocab_size=VOCAB_SIZE + 5, initializer_range=0.3, **shape, **extra
+        vocab_size=VOCAB_SIZE + 5, initializer_range=0.3, **shape
     )
     torch.manual_seed(0)
-    return getattr(transformers, model_cls)(config).eval()
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
 PROMPTS = [

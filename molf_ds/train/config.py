@@ -36,6 +36,10 @@ Mode = Literal["fft", "lora", "adalora", "molf", "molf-efficient"]
 Schedule = Literal["constant", "linear", "cosine"]
 Score = Literal["epd", "pfn"]
 TaskName = Literal["sql", "med", "fact"]  # molf_ds.train.tasks.NAMES
+# transformers' attention kernels (flash_attention_* need the flash-attn package and a GPU)
+AttnImplementation = Literal[
+    "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"
+]
 MODES: tuple[str, ...] = typing.get_args(Mode)
 TASKS: tuple[str, ...] = typing.get_args(TaskName)
 SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
@@ -85,7 +89,9 @@ class TrainConfig(BaseModel):
     )
     # model
     model: str = Field(
-        "tiny-qwen2", description="HF path or hub id, or tiny-qwen2 / tiny-llama / tiny-gemma3"
+        "tiny-qwen2",
+        description="HF path or hub id, or a preset: tiny-qwen2 / tiny-llama / tiny-gemma3, or "
+        "random-qwen2.5-0.5b / random-qwen2.5-3b (those shapes, random weights)",
     )
     # data
     task: TaskName = Field(
@@ -139,7 +145,22 @@ class TrainConfig(BaseModel):
     ds_config: str = Field(
         "zero2", description="a ds_configs/ name (zero0..zero3_offload_all) or path"
     )
-    bf16: bool = Field(False, description="bf16 weights (fp32 master)")
+    bf16: bool | None = Field(
+        None,
+        description="bf16 weights (fp32 master); null: true when the ranks are GPUs, false on "
+        "CPU ranks",
+    )
+    zero_init: bool = Field(
+        True,
+        description="under ZeRO-3, build the model partitioned (deepspeed.zero.Init), so no rank "
+        "ever holds it whole",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward (non-reentrant; use_cache off)"
+    )
+    attn_implementation: AttnImplementation = Field(
+        "sdpa", description="attention kernel: " + ", ".join(typing.get_args(AttnImplementation))
+    )
     log_every: Count = Field(5, ge=1, description="log metrics every N steps")
     collective_timeout_s: float = Field(
         1800.0,

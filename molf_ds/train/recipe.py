@@ -26,6 +26,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,15 +34,11 @@ from typing import Any
 
 from molf_ds import ds_partitions
 from molf_ds.errors import EveryRankError, MoLFError
+from molf_ds.estimate import PRESETS as ESTIMATE_PRESETS
 from molf_ds.runtime import shutdown
 from molf_ds.train import peers, storage
 from molf_ds.train.config import TrainConfig, parse_args
 
-TINY_PRESETS = {
-    "tiny-qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-    "tiny-llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "tiny-gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16}),
-}
 TINY_SHAPE = {
     "hidden_size": 64,
     "intermediate_size": 176,
@@ -50,6 +47,26 @@ TINY_SHAPE = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 256,
     "tie_word_embeddings": True,
+}
+# Real models' shapes with random weights (for throughput and memory checks without a download).
+_QWEN_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "tie_word_embeddings",
+)
+# Models built from a config (no download; random weights drawn from `seed`; the byte-level
+# tokenizer): name -> (transformers config class, its fields).
+PRESETS = {
+    "tiny-qwen2": ("Qwen2Config", TINY_SHAPE),
+    "tiny-llama": ("LlamaConfig", TINY_SHAPE),
+    "tiny-gemma3": ("Gemma3TextConfig", {**TINY_SHAPE, "head_dim": 16}),
+    **{
+        f"random-{shape}": ("Qwen2Config", {k: ESTIMATE_PRESETS[shape][k] for k in _QWEN_FIELDS})
+        for shape in ("qwen2.5-0.5b", "qwen2.5-3b")
+    },
 }
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 # Exit status of a run stopped by SIGUSR1/SIGTERM after checkpointing: EX_TEMPFAIL ("try again"),
@@ -74,6 +91,7 @@ class Derived:
     world_size: int
     gradient_accumulation_steps: int
     zero_stage: int  # from the DeepSpeed config
+    bf16: bool  # `bf16`, or when null: whether the ranks are GPUs
 
     @property
     def is_main(self) -> bool:
@@ -142,7 +160,7 @@ class Recipe:
         rank, world_size = self._setup_distributed()
         storage.agree(storage.writable_problem(self.output_dir))
         self.derived, ds_config = self._setup_derived(rank, world_size)
-        self.tokenizer, self.model = self._setup_model()
+        self.tokenizer, self.model = self._setup_model(ds_config)
         self.checkpoint_bytes, self.exports_bytes = self._check_space(self.model)
         self.train_examples, self.eval_records, self.eval_task = self._setup_data(self.tokenizer)
         self.engine, self.optimizer = self.method.build_engine(
@@ -212,21 +230,26 @@ class Recipe:
             raise MoLFError(
                 f"`ds_config` {cfg.ds_config!r} not found: give a path or one of {names}"
             )
+        bf16 = _bf16(cfg, ds_path)
         ds_config = fill_auto(
             ds_path,
             micro_batch_size=cfg.micro_batch_size,
             gradient_accumulation_steps=accumulation,
             world_size=world_size,
             gradient_clipping=cfg.gradient_clipping,
-            bf16=cfg.bf16,
+            bf16=bf16,
         )
+        if "optimizer" in ds_config:
+            raise MoLFError(
+                f"`ds_config` {cfg.ds_config!r} has an `optimizer` section, but molf-train builds "
+                "the optimizer from its options (lr, weight_decay, ...): remove the section"
+            )
         ds_config["steps_per_print"] = 10**9
         stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-        return Derived(rank, world_size, accumulation, stage), ds_config
+        return Derived(rank, world_size, accumulation, stage, bf16), ds_config
 
-    def _setup_model(self):
-        tokenizer, model = load_model(self.config.model, seed=self.config.seed)
-        return tokenizer, self.method.build_model(self.config, model)
+    def _setup_model(self, ds_config: dict):
+        return build_model(self.config, ds_config)
 
     def _setup_data(self, tokenizer) -> tuple[list, list, Any]:
         """``(training examples, held-out records, the task scoring them)``: records of
@@ -354,7 +377,9 @@ class Recipe:
                 if bad_in_a_row >= cfg.max_bad_steps:
                     raise EveryRankError(self._diverged_message(final_step, bad_in_a_row))
             if final_step % cfg.log_every == 0 or final_step == cfg.max_steps:
-                # mean over the applied steps only (skipped ones leave no loss)
+                # Each record covers the steps since the previous one (the first: the warm-up of
+                # kernels and allocators too). Mean over the applied steps only (skipped ones
+                # leave no loss).
                 mean_loss = _mean_over_ranks(torch.stack(losses).mean()) if losses else None
                 losses.clear()
                 elapsed = time.perf_counter() - started
@@ -375,6 +400,7 @@ class Recipe:
                     if record.get(k) is not None
                 }
                 progress.set_postfix(shown)
+                tokens_done, started, waited = 0, time.perf_counter(), 0.0
             progress.update(1)
             if final_step == cfg.max_steps:
                 break
@@ -491,7 +517,10 @@ class Recipe:
 
     def _write_outputs(self) -> None:
         """Rank 0: exports, evaluation, figures, outputs.json."""
-        outputs = {"checkpoint": str(self.ckpt_dir / f"step{self.final_step}")}
+        outputs = {
+            "checkpoint": str(self.ckpt_dir / f"step{self.final_step}"),
+            "optimizer": type(self.optimizer).__name__,  # the class that ran the steps
+        }
         outputs.update(self._export())
         outputs.update(self._evaluate())
         outputs["metrics"] = str(self.output_dir / "metrics.jsonl")
@@ -516,7 +545,9 @@ class Recipe:
             state = get_fp32_state_dict_from_zero_checkpoint(
                 str(self.ckpt_dir), tag=f"step{self.final_step}"
             )
-        tokenizer, base = load_model(cfg.model, seed=cfg.seed)
+        tokenizer, base = load_model(
+            cfg.model, seed=cfg.seed, attn_implementation=cfg.attn_implementation
+        )
 
         def load_trained():
             return _with_state(self.method.build_model(cfg, base), state)
@@ -693,19 +724,70 @@ def _molf_engine(cfg: TrainConfig, model, ds_config: dict, zero_stage: int):
 
 
 def _adamw_engine(cfg: TrainConfig, model, ds_config: dict, zero_stage: int, *, lr: float):
-    """torch AdamW over the trainable parameters under `deepspeed.initialize`."""
+    """DeepSpeed's own Adam over the trainable parameters, from an ``optimizer`` section: what a
+    DeepSpeed user's baseline runs (`baseline_optimizer_section`), so a MoLF-vs-baseline figure
+    compares against it. The schedule is the same client `LambdaLR` as MoLF's, over DeepSpeed's
+    optimizer."""
     import deepspeed
-    import torch
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.weight_decay)
-    ds_config = {**ds_config, "zero_allow_untested_optimizer": True}
-    if (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device"):
-        ds_config["zero_force_ds_cpu_optimizer"] = False
+    section = baseline_optimizer_section(ds_config, lr=lr, weight_decay=cfg.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config, lr_scheduler=_scheduler(cfg)
+        model=model,
+        model_parameters=trainable,
+        config={**ds_config, "optimizer": section},
+        lr_scheduler=_scheduler(cfg),
     )
-    return engine, optimizer
+    return engine, ds_partitions.client_optimizer(engine)
+
+
+def baseline_optimizer_section(ds_config: dict, *, lr: float, weight_decay: float) -> dict:
+    """The ``optimizer`` section of the baselines (fft, lora, adalora): ``AdamW`` with torch's
+    defaults for betas and eps, for which DeepSpeed 0.19.8 builds ``FusedAdam`` on GPUs and
+    ``DeepSpeedCPUAdam`` under ``offload_optimizer``.
+
+    Two exceptions, each a plain torch ``AdamW`` through DeepSpeed's ``torch_adam`` switch:
+    on CPU ranks without offload (DeepSpeed's choice there is its ``FusedAdam`` C++ op for the
+    CPU, which compiles for minutes the first time and only ever serves tests), and where
+    DeepSpeed's op does not build (no CUDA compiler, say), with a warning that says so (on
+    GPUs that AdamW is torch's fused one).
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    params = {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": weight_decay}
+    offload = (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get(
+        "device", "none"
+    ) not in ("none", None)
+    on_cpu = get_accelerator().device_name() == "cpu"
+    if on_cpu and not offload:
+        return {"type": "AdamW", "params": {**params, "torch_adam": True}}
+    problem = _ds_op_problem("CPUAdamBuilder" if offload else "FusedAdamBuilder")
+    if problem is None:
+        return {"type": "AdamW", "params": params}
+    if storage.is_main_rank():
+        print(
+            f"molf-train: warning: DeepSpeed's {'CPU Adam' if offload else 'FusedAdam'} op does "
+            f"not build here ({problem}); the baseline runs torch's AdamW instead",
+            file=sys.stderr,
+            flush=True,
+        )
+    fused = {} if offload or on_cpu else {"fused": True}
+    return {"type": "AdamW", "params": {**params, "torch_adam": True, **fused}}
+
+
+def _ds_op_problem(builder_name: str) -> str | None:
+    """None when DeepSpeed's op ``builder_name`` loads (prebuilt, or compiled now: DeepSpeed
+    would compile it a moment later anyway), else the first line of why not."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder(builder_name)
+    if builder is None:
+        return f"no {builder_name} for this accelerator"
+    try:
+        builder.load(verbose=False)
+    except Exception as err:  # noqa: BLE001 - any failure to build means: use torch's AdamW
+        return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return None
 
 
 def _fft_engine(cfg: TrainConfig, model, ds_config: dict, zero_stage: int):
@@ -759,7 +841,7 @@ def _export_molf_adapter(cfg: TrainConfig, tokenizer, base, load_trained, out: P
     base_dir = Path(_save_pretrained(base, tokenizer, out / "base"))  # before it is wrapped
     model = load_trained()
     merged = export.export_merged(model, out / "merged", tokenizer=tokenizer)
-    base_name = cfg.model if cfg.model not in TINY_PRESETS else str(base_dir.resolve())
+    base_name = cfg.model if cfg.model not in PRESETS else str(base_dir.resolve())
     adapter = export.export_peft_adapter(model, out / "adapter", base_name)
     return {"merged_model": str(merged), "peft_adapter": str(adapter)}
 
@@ -790,36 +872,121 @@ METHODS: dict[str, Method] = {
 
 
 # ---- helpers --------------------------------------------------------------------------------
-def load_model(name: str, seed: int = 0):
-    """``(tokenizer, model)`` from a tiny preset (built from a config, no download; initialised
-    from ``seed``) or from a local path / hub id with ``from_pretrained``."""
+def build_model(cfg: TrainConfig, ds_config: dict):
+    """``(tokenizer, model)``: the model ``cfg`` trains, built the way its mode builds it
+    (`METHODS`), with gradient checkpointing when asked.
+
+    Under ZeRO-3 (``zero_init``) it is built partitioned: transformers constructs (or loads) it
+    inside ``deepspeed.zero.Init``, as Trainer and accelerate do, so no rank ever holds it whole;
+    a preset's random weights are then drawn by transformers' ZeRO-3 initialiser (rank 0's
+    generator, seeded from ``seed``): the same on any number of ranks, other values than a
+    preset built whole. The adapters' random init depends on ``seed`` alone, not on how the
+    model was built.
+    """
+    import torch
+
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    with _built_partitioned(ds_config if zero3 and cfg.zero_init else None):
+        tokenizer, model = load_model(
+            cfg.model, seed=cfg.seed, attn_implementation=cfg.attn_implementation
+        )
+        if cfg.gradient_checkpointing:
+            _checkpoint_activations(model)
+        torch.manual_seed(cfg.seed)
+        model = METHODS[cfg.mode].build_model(cfg, model)
+    return tokenizer, model
+
+
+@contextmanager
+def _built_partitioned(ds_config: dict | None):
+    """Within: transformers builds models inside ``deepspeed.zero.Init`` for ``ds_config`` (a
+    ZeRO-3 config; None: as usual), through the ``HfDeepSpeedConfig`` that Trainer and accelerate
+    keep alive. After: never again, so that rank 0's export and evaluation load and generate
+    alone."""
+    if ds_config is None:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        del alive
+        unset_hf_deepspeed_config()
+
+
+def _checkpoint_activations(model) -> None:
+    """Non-reentrant activation checkpointing (torch's recommended mode; it needs no input that
+    requires grad), and no KV cache, which training never reads."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
+def load_model(name: str, seed: int = 0, attn_implementation: str = "sdpa"):
+    """``(tokenizer, model)`` from a preset (`PRESETS`: built from a config, no download;
+    initialised from ``seed``, on the rank's GPU when there is one) or from a local path / hub id
+    with ``from_pretrained``."""
     import torch
     import transformers
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
-    if name in TINY_PRESETS:
+    if name in PRESETS:
         torch.manual_seed(seed)
         from molf_ds.train.tokenizer import byte_tokenizer
 
         tokenizer = byte_tokenizer()
-        config_cls, model_cls, extra = TINY_PRESETS[name]
+        config_cls, shape = PRESETS[name]
         vocab = 64 * math.ceil(len(tokenizer) / 64)
-        config = getattr(transformers, config_cls)(vocab_size=vocab, **TINY_SHAPE, **extra)
+        config = getattr(transformers, config_cls)(vocab_size=vocab, **shape)
         config.pad_token_id = tokenizer.pad_token_id
-        return tokenizer, getattr(transformers, model_cls)(config)
+        # drawn where it will train (seconds on a GPU for a model that takes minutes on a CPU);
+        # zero.Init places the partitions itself
+        device = "cpu" if is_deepspeed_zero3_enabled() or not _cuda() else _local_device()
+        with torch.device(device), _attention_problem(name, attn_implementation):
+            model = transformers.AutoModelForCausalLM.from_config(
+                config, attn_implementation=attn_implementation
+            )
+        return tokenizer, model
     looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
     if looks_local and not Path(name).expanduser().is_dir():
         raise MoLFError(
             f"`model` path {name} does not exist: give a local model directory, a hub id, "
-            f"or one of {', '.join(TINY_PRESETS)}"
+            f"or one of {', '.join(PRESETS)}"
         )
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-        model = transformers.AutoModelForCausalLM.from_pretrained(name)
+        with _attention_problem(name, attn_implementation):
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                name, attn_implementation=attn_implementation
+            )
     except OSError as err:
         raise MoLFError(f"cannot load `model` {name!r}: {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, model
+
+
+@contextmanager
+def _attention_problem(name: str, attn_implementation: str):
+    """transformers' refusal of an attention kernel (not installed, not for this model) as one
+    line."""
+    try:
+        yield
+    except (ImportError, ValueError) as err:
+        if attn_implementation not in str(err) and "attention" not in str(err).lower():
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise MoLFError(
+            f"`attn_implementation` {attn_implementation!r} does not work for `model` {name!r}: "
+            f"{first}; choose another (sdpa is the default)"
+        ) from None
 
 
 def _with_state(model, state: dict):
@@ -924,6 +1091,25 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") != "cpu"
+
+
+def _bf16(cfg: TrainConfig, ds_path: Path) -> bool:
+    """``bf16``; when null, the DeepSpeed config's own ``bf16.enabled`` where it sets one, else
+    whether the ranks are GPUs."""
+    if cfg.bf16 is not None:
+        return cfg.bf16
+    import json
+
+    try:
+        fixed = json.loads(ds_path.read_text()).get("bf16", {}).get("enabled", "auto")
+    except (OSError, ValueError, AttributeError):  # fill_auto reports a broken file
+        fixed = "auto"
+    return _cuda() if fixed == "auto" else bool(fixed)
+
+
+def _local_device() -> str:
+    """This rank's GPU (the one DeepSpeed's engine will use)."""
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
 
 
 def _ensure_launch_env() -> None:

@@ -125,16 +125,22 @@ def checkpoint_estimate(model: Any) -> int:
     """Bytes of one DeepSpeed checkpoint of ``model`` over all ranks: the module's weights (rank
     0's model states) and 12 bytes per trainable parameter (the optimizer shards)."""
     params = list(model.parameters())
-    weights = sum(p.numel() * p.element_size() for p in params)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
+    weights = sum(_numel(p) * p.element_size() for p in params)
+    trainable = sum(_numel(p) for p in params if p.requires_grad)
     return weights + OPTIMIZER_BYTES_PER_PARAMETER * trainable + CHECKPOINT_OVERHEAD
 
 
 def exports_estimate(model: Any, copies: int) -> int:
     """Bytes of the exports: ``copies`` full models (merged; MoLF-Efficient adds the base) in
     fp32 at most, and the run's small files."""
-    numel = sum(p.numel() for p in model.parameters())
+    numel = sum(_numel(p) for p in model.parameters())
     return copies * 4 * numel + RUN_FILES_OVERHEAD
+
+
+def _numel(param: Any) -> int:
+    """Elements of the whole parameter, also when ``deepspeed.zero.Init`` built it partitioned
+    (its local tensor is then empty; ``ds_numel`` is DeepSpeed's documented full size)."""
+    return int(getattr(param, "ds_numel", param.numel()))
 
 
 def write_problem(err: Exception, what: str, where: Path, needed: int) -> str | None:

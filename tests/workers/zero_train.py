@@ -70,6 +70,11 @@ CASES: dict[str, dict] = {
     "bf16_z1": {"zero": {"stage": 1}, "bf16": True, "grad_accum_dtype": "fp32"},
     "bf16_z2": {"zero": {"stage": 2}, "bf16": True},
     "bf16_z3": {"zero": {"stage": 3}, "bf16": True},
+    # molf-train's FFT baseline (`METHODS["fft"]`): DeepSpeed's own Adam from an `optimizer`
+    # section, against torch's AdamW in one plain process.
+    "fft_z2": {"zero": {"stage": 2}, "fft": True},
+    "fft_z2_offload": {"zero": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "fft": True},
+    "fft_z3_offload": {"zero": {"stage": 3, "offload_optimizer": {"device": "cpu"}}, "fft": True},
 }
 
 
@@ -116,6 +121,16 @@ def build(case: dict) -> tuple[nn.Module, molf_ds.MoLFAdamW]:
     return model, optimizer
 
 
+def build_fft() -> tuple[nn.Module, object]:
+    """The unwrapped model and molf-train's FFT options (constant lr, so that the plain
+    reference needs no schedule)."""
+    from molf_ds.train.config import TrainConfig
+
+    torch.manual_seed(1234)
+    config = TrainConfig(mode="fft", lr=LR, weight_decay=WD, schedule="constant", warmup_steps=0)
+    return TinyDecoder(), config
+
+
 def global_batch(step: int, micro: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1000 * step + micro)
     tokens = torch.randint(0, VOCAB, (MICRO_BATCH * world, SEQ + 1), generator=generator)
@@ -158,10 +173,16 @@ def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
     case = CASES[name]
     rank, world = dist.get_rank(), dist.get_world_size()
     micro_batch = MICRO_BATCH * world_of_data // world  # same global batch on any world size
-    model, optimizer = build(case)
-    engine, _, _, _ = molf_ds.initialize(
-        model=model, optimizer=optimizer, config=ds_config(case, micro_batch, world)
-    )
+    config = ds_config(case, micro_batch, world)
+    if case.get("fft"):
+        from molf_ds.train.recipe import METHODS
+
+        model, train_config = build_fft()
+        stage = case["zero"]["stage"]
+        engine, optimizer = METHODS["fft"].build_engine(train_config, model, config, stage)
+    else:
+        model, optimizer = build(case)
+        engine, _, _, _ = molf_ds.initialize(model=model, optimizer=optimizer, config=config)
     winners, residency = [], []
     for step in range(steps):
         for micro in range(GRAD_ACCUM):
@@ -173,7 +194,8 @@ def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
             engine.backward(loss)
             engine.step()
             residency.append(zero3_residency(engine.module))
-        winners.append(optimizer.last_routing.winners.tolist())
+        routing = getattr(optimizer, "last_routing", None)  # (MoLFAdamW's)
+        winners.append(routing.winners.tolist() if routing is not None else [])
     params = {name: full_param(param) for name, param in engine.module.named_parameters()}
     every_rank, every_state = [None] * world, [None] * world
     dist.all_gather_object(every_rank, winners)
@@ -184,10 +206,15 @@ def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
         "world": world,
         "residency": residency,
         "ds_optimizer": type(engine.optimizer).__name__,
-        "implementation": optimizer.last_routing.implementation,
+        "basic_optimizer": type(optimizer).__name__,
+        "implementation": routing.implementation if routing is not None else None,
         "state_bytes": every_state,
-        "trainable_numel": optimizer.plan.total_numel,
+        "trainable_numel": sum(getattr(p, "ds_numel", p.numel()) for p in trainable(model)),
     }
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def state_bytes(engine) -> int:
@@ -223,21 +250,35 @@ def full_param(param: torch.nn.Parameter) -> torch.Tensor:
 
 def run_reference(name: str, steps: int, world_of_data: int) -> dict:
     case = CASES[name]
-    model, optimizer = build(case)
     if case.get("bf16"):
         raise SystemExit("the plain reference is fp32; run bf16 cases under deepspeed")
+    if case.get("fft"):  # torch's AdamW with the section's betas and eps (torch's defaults)
+        model, config = build_fft()
+        optimizer = torch.optim.AdamW(
+            trainable(model), lr=config.lr, weight_decay=config.weight_decay
+        )
+    else:
+        model, optimizer = build(case)
+    initial = {n: p.detach().float().clone() for n, p in model.named_parameters()}
     winners, clipped = [], 0
     for step in range(steps):
         for micro in range(GRAD_ACCUM):
             inputs, targets = global_batch(step, micro, world_of_data)
             (loss_fn(model, inputs, targets) / GRAD_ACCUM).backward()
-        norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], CLIP)
+        norm = nn.utils.clip_grad_norm_(trainable(model), CLIP)
         clipped += int(norm > CLIP)
         optimizer.step()
         optimizer.zero_grad()
-        winners.append(optimizer.last_routing.winners.tolist())
+        routing = getattr(optimizer, "last_routing", None)
+        winners.append(routing.winners.tolist() if routing is not None else [])
     params = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-    return {"params": params, "winners": [winners], "world": 1, "clipped_steps": clipped}
+    return {
+        "params": params,
+        "initial": initial,
+        "winners": [winners],
+        "world": 1,
+        "clipped_steps": clipped,
+    }
 
 
 def compare(reference_dir: str, run_dir: str, cases: list[str]) -> dict:

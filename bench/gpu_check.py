@@ -1,0 +1,409 @@
+"""The GPU check: what a lent GPU is for, as one command; prints one JSON line per check.
+
+    bench/gpu_check.sh               # on the GPU machine (installs the carried wheels, then this)
+    bench/gpu_check.sh --dry-run     # every step on the CPU with small sizes (also: DEVICE=cpu)
+
+Each check runs in a subprocess with a time limit, so a check that fails or hangs costs at most
+its limit and the next one still runs; the whole stays within ``--budget-s`` (default 450 s: under
+8 minutes with the wheels' installation). A dry run on a CPU machine (2 busy cores) is slower
+than the GPU machine: its limits are 4x, its budget 1800 s. In order:
+
+- ``environment``: python, torch, the GPU, DeepSpeed, transformers; whether ``nvcc`` and ``g++``
+  exist (DeepSpeed's ops compile with them on first use).
+- ``ds_op`` (one line per op, built in the background while ``exactness`` runs): DeepSpeed's
+  FusedAdam and CPU Adam ops loaded or compiled, timed (on CPU ranks only CPU Adam: molf-train
+  runs torch's AdamW there); where one cannot build, molf-train's baselines fall back to torch's
+  AdamW and say so. The build is never killed: ninja puts the compilers in process groups of
+  their own, so a killed build would leave them running and its lock file behind, and every
+  later load of the op would wait on that lock.
+- ``exactness`` (one line per implementation): bench/gpu_exactness.py, MoLFAdamW on the GPU
+  (multi-tensor and reference paths; the fused kernel on the CPU) against the float64 CPU
+  reference of tests/test_optimizer_exactness.py.
+- ``zero``: tests/workers/zero_train.py on one GPU rank (ZeRO-2, ZeRO-3, optimizer and parameter
+  offload, the FFT baseline with DeepSpeed's Adam) against one plain CPU process: within 1e-5,
+  the same winners.
+- ``optimizer_step``: bench/optimizer_step.py on ~1.1B parameters, MoLFAdamW against torch's fused
+  AdamW (targets: at most 1.5x when FFT wins, 1.0x when LoRA wins); ``kernel_launches`` from the
+  same run: kernels and launch calls per step (torch.profiler) of MoLF and of fused AdamW.
+- ``train`` (one line per model): bench/train_loop.py, molf-train's loop on one GPU in bf16,
+  tokens/s of ``mode=molf`` and ``mode=fft``: tiny-qwen2, then the random-qwen2.5 presets in
+  increasing size while the previous pair took at most 2 minutes and the budget lasts.
+- ``molf_train``: one whole ``python -m molf_ds.train`` run (tiny-qwen2, defaults: bf16, ZeRO-2,
+  checkpoint, merged export, evaluation) on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+ZERO_CASES = "z2,z3,z2_offload,z3_offload_param,fft_z2,fft_z2_offload"
+GPU_PRESETS = ["tiny-qwen2", "random-qwen2.5-0.5b", "random-qwen2.5-3b"]
+PAIR_LIMIT_S = 120  # a model's fft + molf runs: the "2-minute budget"
+
+
+class Checks:
+    """Runs the checks one after another within a deadline and prints their lines."""
+
+    def __init__(self, budget_s: float, device: str, dry_run: bool) -> None:
+        self.deadline = time.monotonic() + budget_s
+        self.device = device
+        self.dry_run = dry_run
+        self.slowness = 4.0 if dry_run else 1.0  # time limits are for the GPU machine
+        self.env = dict(os.environ)
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            p for p in [str(REPO), self.env.get("PYTHONPATH", "")] if p
+        )
+        if device == "cpu":
+            self.env["DS_ACCELERATOR"] = "cpu"
+        self.all_ok = True
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def emit(self, line: dict) -> None:
+        if line.get("ok") is False:
+            self.all_ok = False
+        print(json.dumps(line), flush=True)
+
+    def run(self, command: list[str], limit_s: float, **env: str) -> dict:
+        """``command`` (with ``env`` added to the environment) in a process group of its own, for
+        at most ``limit_s`` and the budget: ``{"rc", "seconds", "lines" (its JSON lines), "tail"
+        (the end of its stderr)}``."""
+        limit = max(1.0, min(limit_s * self.slowness, self.remaining()))
+        started = time.monotonic()
+        with subprocess.Popen(
+            command,
+            cwd=REPO,
+            env={**self.env, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        ) as proc:
+            try:
+                out, err = proc.communicate(timeout=limit)
+                rc = proc.returncode
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out, err = proc.communicate()
+                rc = "timeout"
+        return {
+            "rc": rc,
+            "seconds": round(time.monotonic() - started, 1),
+            "lines": [json.loads(x) for x in out.splitlines() if x.startswith("{")],
+            "tail": " | ".join(err.strip().splitlines()[-3:])[-600:],
+        }
+
+    def failed(self, check: str, done: dict, **extra) -> None:
+        self.emit(
+            {
+                "check": check,
+                "ok": False,
+                "rc": done["rc"],
+                "seconds": done["seconds"],
+                "error": done["tail"],
+                **extra,
+            }
+        )
+
+    def skipped(self, check: str, why: str, **extra) -> None:
+        self.emit({"check": check, "ok": None, "skipped": why, **extra})
+
+
+def environment(setup_s: float | None) -> dict:
+    import torch
+
+    line = {
+        "check": "environment",
+        "ok": True,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "gpus": torch.cuda.device_count(),
+        "nvcc": shutil.which("nvcc")
+        or (
+            os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+            if "CUDA_HOME" in os.environ
+            else None
+        ),
+        "gxx": shutil.which("g++") or shutil.which("c++"),
+        "wheels_install_s": setup_s,
+    }
+    for module in ("deepspeed", "transformers", "peft", "pydantic"):
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # (DeepSpeed logs to stdout)
+                line[module] = __import__(module).__version__
+        except Exception as err:  # noqa: BLE001 - report what is missing, go on
+            line[module] = None
+            line["ok"] = False
+            line.setdefault("missing", []).append(f"{module}: {err}")
+    return line
+
+
+DS_OP_SCRIPT = """
+import json, time
+from deepspeed.accelerator import get_accelerator
+on_cpu = get_accelerator().device_name() == "cpu"
+for name in ("CPUAdamBuilder",) if on_cpu else ("FusedAdamBuilder", "CPUAdamBuilder"):
+    started = time.monotonic()
+    line = {"check": "ds_op", "op": name, "accelerator": get_accelerator().device_name()}
+    try:
+        get_accelerator().create_op_builder(name).load(verbose=False)
+        line["ok"] = True
+    except Exception as err:
+        line["ok"] = False
+        line["error"] = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    line["seconds"] = round(time.monotonic() - started, 1)
+    print(json.dumps(line), flush=True)
+"""
+
+
+def ds_ops(checks: Checks, ops: subprocess.Popen, limit_s: float) -> None:
+    """The op builds' lines once they finish, or a line saying they are still running (they go
+    on: later loads of an op wait for its build, then find it built)."""
+    try:
+        out, _ = ops.communicate(timeout=max(1.0, min(limit_s, checks.remaining())))
+    except subprocess.TimeoutExpired:
+        return checks.emit(
+            {"check": "ds_op", "ok": False, "error": f"still building after {limit_s:.0f} s"}
+        )
+    for line in out.splitlines():
+        if line.startswith("{"):
+            checks.emit(json.loads(line))
+
+
+def exactness(checks: Checks) -> None:
+    done = checks.run(
+        [sys.executable, str(BENCH / "gpu_exactness.py"), "--device", checks.device], 120
+    )
+    for line in done["lines"]:
+        checks.emit(line)
+    if done["rc"] != 0 or not done["lines"]:
+        checks.failed("exactness", done)
+
+
+def zero(checks: Checks, out: Path) -> None:
+    """One GPU rank under ZeRO against one plain CPU process (zero_train.py's own compare)."""
+    worker = str(REPO / "tests" / "workers" / "zero_train.py")
+    common = ["--cases", ZERO_CASES, "--data-world", "1"]
+    reference = [sys.executable, worker, "--reference", "--out", str(out / "ref"), *common]
+    done = checks.run(reference, 60, CUDA_VISIBLE_DEVICES="")  # the plain process: on the CPU
+    if done["rc"] != 0:
+        return checks.failed("zero", done, step="reference")
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1"]
+    launcher += ["--master_port", str(_free_port())]
+    done = checks.run([*launcher, worker, "--out", str(out / "gpu"), *common], 150)
+    if done["rc"] != 0:
+        return checks.failed("zero", done, step="deepspeed")
+    compared = checks.run(
+        [sys.executable, worker, "--compare", str(out / "ref"), "--out", str(out / "gpu"), *common],
+        30,
+    )
+    if compared["rc"] != 0 or not compared["lines"]:
+        return checks.failed("zero", compared, step="compare")
+    import torch
+
+    report = compared["lines"][0]
+    for case in report:
+        result = torch.load(out / "gpu" / f"{case}.pt", weights_only=False)
+        report[case]["optimizer"] = result.get("basic_optimizer")
+        report[case]["implementation"] = result.get("implementation")
+    checks.emit(
+        {
+            "check": "zero",
+            "ok": all(r["ok"] for r in report.values()),
+            "device": checks.device,
+            "seconds": done["seconds"],
+            "cases": report,
+        }
+    )
+
+
+def optimizer_step(checks: Checks) -> None:
+    small = "--layers 2 --hidden 128 --mlp 352 --rank 8 --repeats 3 --burn-in 1"
+    large = "--layers 20 --hidden 2048 --mlp 5632 --rank 64 --repeats 10 --burn-in 3"
+    size = (small if checks.dry_run else large).split()
+    command = [
+        sys.executable,
+        str(BENCH / "optimizer_step.py"),
+        "--device",
+        checks.device,
+        *size,
+        "--kernels",
+        "--targets",
+        "1.5,1.0",
+    ]
+    done = checks.run(command, 150)
+    if done["rc"] != 0 or not done["lines"]:
+        return checks.failed("optimizer_step", done)
+    result = done["lines"][0]
+    launches = {case: result[case].pop("kernels_per_step") for case in ("fft_wins", "lora_wins")}
+    checks.emit(
+        {
+            "check": "optimizer_step",
+            # the targets are for ~1B parameters on a GPU; a dry run's tiny CPU case only runs
+            "ok": True if checks.dry_run else result["meets_targets"],
+            "seconds": done["seconds"],
+            **result,
+        }
+    )
+    checks.emit(
+        {
+            "check": "kernel_launches",
+            "ok": True,
+            "device": checks.device,
+            "routed_modules": result["routed_modules"],
+            "per_step": launches,
+        }
+    )
+
+
+def train(checks: Checks, presets: list[str], steps: dict[str, int], micro: int) -> None:
+    """fft and molf on each preset in turn; the next, larger one only if this pair fit in
+    `PAIR_LIMIT_S` and the budget still holds a pair."""
+    pair_limit = PAIR_LIMIT_S * checks.slowness
+    for model in presets:
+        if checks.remaining() < pair_limit:
+            return checks.skipped("train", "budget", model=model)
+        runs, started = {}, time.monotonic()
+        for mode in ("fft", "molf"):
+            command = [
+                sys.executable,
+                str(BENCH / "train_loop.py"),
+                f"model={model}",
+                f"mode={mode}",
+                f"max_steps={steps[model]}",
+                f"micro_batch_size={micro}",
+            ]
+            left = pair_limit - (time.monotonic() - started)
+            done = checks.run(command, max(left / checks.slowness, 1.0))
+            if done["rc"] != 0 or not done["lines"]:
+                return checks.failed("train", done, model=model, mode=mode)
+            runs[mode] = done["lines"][0]
+        pair_s = round(time.monotonic() - started, 1)
+        tokens = {mode: round(r["tokens_per_s"], 1) for mode, r in runs.items()}
+        checks.emit(
+            {
+                "check": "train",
+                "ok": True,
+                "model": model,
+                "trainable_params": runs["fft"]["trainable_params"],
+                "bf16": runs["fft"]["bf16"],
+                "tokens_per_s": tokens,
+                "molf_over_fft": round(tokens["molf"] / tokens["fft"], 3),
+                "optimizer": {mode: r["optimizer"] for mode, r in runs.items()},
+                "peak_gpu_bytes": {mode: r["peak_gpu_bytes"] for mode, r in runs.items()},
+                "steps": steps[model],
+                "micro_batch_size": micro,
+                "pair_s": pair_s,
+                "fits_2_min": pair_s <= PAIR_LIMIT_S,
+            }
+        )
+        if pair_s > pair_limit:
+            return
+
+
+def molf_train(checks: Checks, out: Path, steps: int, micro: int) -> None:
+    run_dir = out / "molf_train"
+    command = [
+        sys.executable,
+        "-m",
+        "molf_ds.train",
+        f"output_dir={run_dir}",
+        f"max_steps={steps}",
+        f"micro_batch_size={micro}",
+        "eval_examples=2",
+        f"log_every={steps}",
+    ]
+    done = checks.run(command, 120)
+    outputs = run_dir / "outputs.json"
+    if done["rc"] != 0 or not outputs.is_file():
+        return checks.failed("molf_train", done)
+    written = json.loads(outputs.read_text())
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    checks.emit(
+        {
+            "check": "molf_train",
+            "ok": all(Path(written[k]).exists() for k in ("checkpoint", "merged_model")),
+            "seconds": done["seconds"],
+            "optimizer": written.get("optimizer"),
+            "eval_loss": written.get("eval_eval_loss", written.get("eval_loss")),
+            "final_metrics": metrics[-1],
+        }
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="on the CPU, small sizes")
+    parser.add_argument("--budget-s", type=float, help="default: 450 (GPU), 1800 (dry run)")
+    parser.add_argument("--setup-s", type=float, help="(gpu_check.sh) the wheels' install time")
+    args = parser.parse_args()
+    device = "cpu" if args.dry_run or os.environ.get("DEVICE") == "cpu" else "cuda"
+    dry_run = device == "cpu"
+    budget = args.budget_s or (1800.0 if dry_run else 450.0)
+    checks = Checks(budget, device, dry_run)
+    started = time.monotonic()
+    env = environment(args.setup_s)
+    checks.emit(env)
+    if device == "cuda" and not env["gpu"]:
+        checks.emit({"check": "summary", "ok": False, "error": "no CUDA GPU: use --dry-run"})
+        sys.exit(1)
+    out = Path(tempfile.mkdtemp(prefix="molf-gpu-check-"))
+    ops = subprocess.Popen(  # compiles on the CPU cores while exactness runs on the GPU
+        [sys.executable, "-c", DS_OP_SCRIPT],
+        cwd=REPO,
+        env=checks.env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    exactness(checks)
+    ds_ops(checks, ops, limit_s=180 * checks.slowness)
+    zero(checks, out)
+    optimizer_step(checks)
+    if dry_run:
+        train(checks, ["tiny-qwen2"], {"tiny-qwen2": 4}, micro=2)
+        molf_train(checks, out, steps=2, micro=2)
+    else:
+        steps = {"tiny-qwen2": 40, "random-qwen2.5-0.5b": 30, "random-qwen2.5-3b": 20}
+        train(checks, GPU_PRESETS[:1], steps, micro=8)
+        molf_train(checks, out, steps=10, micro=8)
+        train(checks, GPU_PRESETS[1:], steps, micro=8)
+    if ops.returncode is None:  # (never killed, see ds_op above)
+        ds_ops(checks, ops, limit_s=checks.remaining())
+    shutil.rmtree(out, ignore_errors=True)
+    checks.emit(
+        {
+            "check": "summary",
+            "ok": checks.all_ok,
+            "device": device,
+            "seconds": round(time.monotonic() - started, 1),
+        }
+    )
+    sys.exit(0 if checks.all_ok else 1)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+if __name__ == "__main__":
+    main()
