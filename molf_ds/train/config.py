@@ -35,6 +35,7 @@ from molf_ds.errors import MoLFConfigError, OneLineArgumentParser
 Mode = Literal["fft", "lora", "adalora", "molf", "molf-efficient"]
 Schedule = Literal["constant", "linear", "cosine"]
 Score = Literal["epd", "pfn"]
+LogLevel = Literal["warning", "info", "debug"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
 SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
 ROUTED_MODES = ("molf", "molf-efficient")
@@ -130,6 +131,11 @@ class TrainConfig(BaseModel):
     )
     bf16: bool = Field(False, description="bf16 weights (fp32 master)")
     log_every: Count = Field(5, ge=1, description="log metrics every N steps")
+    log_level: LogLevel = Field(
+        "warning",
+        description="console: warning (quiet: DeepSpeed's warnings only, known deprecation "
+        "notices of dependencies hidden), info (DeepSpeed's INFO lines), debug (everything)",
+    )
     collective_timeout_s: float = Field(
         1800.0,
         gt=0,
