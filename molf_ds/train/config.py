@@ -84,7 +84,9 @@ class TrainConfig(BaseModel):
     )
     # model
     model: str = Field(
-        "tiny-qwen2", description="HF path or hub id, or tiny-qwen2 / tiny-llama / tiny-gemma3"
+        "small-qwen2",
+        description="HF path or hub id, or a preset: small-qwen2, tiny-qwen2, tiny-llama, "
+        "tiny-gemma3",
     )
     # data
     data: str = Field("sql", description="'sql' (embedded task), a .jsonl/.csv/.parquet or hub id")
@@ -92,7 +94,7 @@ class TrainConfig(BaseModel):
     completion_field: str = Field("completion", description="completion column")
     max_length: Count = Field(224, ge=1, description="tokens per example")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="held-out share of the data")
-    eval_examples: Count = Field(32, ge=1, description="held-out examples generated at end")
+    eval_examples: Count = Field(100, ge=1, description="held-out examples generated at end")
     # method
     mode: Mode = Field("molf", description="one of " + ", ".join(MODES))
     lora_ranks: tuple[Annotated[Count, Field(gt=0)], ...] = Field(
@@ -103,16 +105,16 @@ class TrainConfig(BaseModel):
     top_k: Count = Field(1, ge=1, description="experts updated per module")
     score: Score = Field("epd", description="router score: epd or pfn")
     # optimizer
-    lr: float = Field(3e-3, ge=0, description="FFT (and plain AdamW) learning rate")
+    lr: float = Field(2e-3, ge=0, description="FFT (and plain AdamW) learning rate")
     lora_lr: float | None = Field(None, ge=0, description="LoRA lr (null: lr)")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
     lora_weight_decay: float | None = Field(
         None, ge=0, description="LoRA weight decay (null: same)"
     )
     schedule: Schedule = Field("cosine", description="constant, linear or cosine")
-    warmup_steps: Count = Field(20, ge=0, description="linear warm-up steps")
-    max_steps: Count = Field(600, ge=1, description="optimizer steps")
-    micro_batch_size: Count = Field(8, ge=1, description="sequences per rank per micro-step")
+    warmup_steps: Count = Field(40, ge=0, description="linear warm-up steps")
+    max_steps: Count = Field(2400, ge=1, description="optimizer steps")
+    micro_batch_size: Count = Field(4, ge=1, description="sequences per rank per micro-step")
     gradient_accumulation_steps: Count = Field(1, ge=1, description="micro-steps per step")
     batch_size: Count = Field(
         0, ge=0, description="global batch; 0 = micro x ranks x accumulation (else must divide)"
