@@ -9,8 +9,19 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-$PWD/.venv/bin/python}"
 BIN="$(dirname "$PY")"
 command -v nvidia-smi >/dev/null 2>&1 || export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+# The launcher logs at molf-train's log_level= (from this command line): info and debug show its
+# INFO lines (the command, the world, each rank spawned); at the default, warning, it logs errors
+# only: its one warning is that a single-node run has no hostfile.
+LAUNCHER_LOG_LEVEL=error
+for arg in "$@"; do
+  case "$arg" in
+    log_level=info | log_level=debug) LAUNCHER_LOG_LEVEL="${arg#log_level=}" ;;
+    log_level=*) LAUNCHER_LOG_LEVEL=error ;;
+  esac
+done
 if [ -n "${HOSTFILE:-}" ]; then
-  exec "$BIN/deepspeed" --hostfile "$HOSTFILE" --module molf_ds.train "$@"
+  exec "$BIN/deepspeed" --log_level "$LAUNCHER_LOG_LEVEL" --hostfile "$HOSTFILE" \
+    --module molf_ds.train "$@"
 fi
-exec "$BIN/deepspeed" --num_gpus "${NUM_GPUS:-2}" --master_port "${MASTER_PORT:-29500}" \
-  --module molf_ds.train "$@"
+exec "$BIN/deepspeed" --log_level "$LAUNCHER_LOG_LEVEL" --num_gpus "${NUM_GPUS:-2}" \
+  --master_port "${MASTER_PORT:-29500}" --module molf_ds.train "$@"

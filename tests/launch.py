@@ -74,3 +74,61 @@ def deepspeed(ranks: int, script: str, *args: str, timeout: float = 300):
 def python(script: str, *args: str, timeout: float = 300):
     """``python tests/workers/SCRIPT ARGS`` in one plain process."""
     return run([sys.executable, str(WORKERS / script), *args], timeout=timeout)
+
+
+def run_in_terminal(
+    command: list[str], env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess:
+    """Run ``command`` with a pseudo-terminal as its stdin, stdout and stderr (what a user at a
+    terminal gives it); returns what it wrote there as ``stdout`` (``\\r\\n`` line ends, as a
+    terminal's). On timeout its process group is killed."""
+    import select
+    import time
+
+    controller, terminal = open_terminal()
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        start_new_session=True,
+    )
+    os.close(terminal)  # the child holds it now: reading gives EIO once the child is gone
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                text = b"".join(chunks).decode(errors="replace")
+                raise AssertionError(f"{' '.join(command)} ran past {timeout} s:\n{text[-6000:]}")
+            ready, _, _ = select.select([controller], [], [], min(left, 1.0))
+            if not ready:
+                continue
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: every holder of the terminal side has closed it
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(controller)
+    returncode = proc.wait(timeout=60)
+    return subprocess.CompletedProcess(command, returncode, b"".join(chunks).decode(), "")
+
+
+def open_terminal(columns: int = 120, rows: int = 40) -> tuple[int, int]:
+    """``(controller, terminal)`` file descriptors of a new pseudo-terminal of that size (a new
+    one is 0 x 0, where a progress bar that fits the width draws nothing)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    return controller, terminal

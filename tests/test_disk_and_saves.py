@@ -26,6 +26,7 @@ from molf_ds.train import storage
 from tests.launch import REPO, cpu_env, free_port, run_group
 
 ARGS = [
+    "model=tiny-qwen2",  # the disk sizes below are its checkpoints' and exports'
     "max_steps=6",
     "save_every=1",
     "micro_batch_size=2",

@@ -112,6 +112,7 @@ CHOICES = {
         "flash_attention_3",
         "flex_attention",
     ),
+    "log_level": ("warning", "info", "debug"),
 }
 POSITIVE_FLOATS = ("lora_alpha", "collective_timeout_s")  # finite and > 0
 OTHER_FIELDS = ("resume", "seed", *POSITIVE_FLOATS, "eval_fraction", "lora_ranks")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.launch import REPO, cpu_env, free_port, run_group
+from tests.launch import REPO, cpu_env, free_port, run_group, run_in_terminal
 
 SMALL = [
     "max_steps=6",
@@ -170,6 +170,41 @@ def test_train_cpu_ranks_leave_deepspeeds_shm_op_out(straight_run: Path) -> None
     assert "deepspeed_shm_comm" not in log
     port = (straight_run.parent / "master_port").read_text()
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+@pytest.mark.slow
+def test_train_console_in_a_log_file_is_plain_lines_and_a_true_summary(straight_run: Path) -> None:
+    """Output to a pipe (a Slurm log): no progress bar (no carriage return), none of the
+    launcher's or DeepSpeed's INFO lines, no known deprecation notice; progress as plain lines
+    and a summary whose figures are those in the run's files."""
+    log = (straight_run.parent / "launch.log").read_text()
+    assert "\r" not in log
+    for noise in ("[INFO]", "FutureWarning", "untested optimizer", "Loading weights"):
+        assert noise not in log, noise
+    metrics = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().split()]
+    last = next(line for line in log.splitlines() if line.startswith("molf-train: step 6/6 "))
+    assert f"loss {metrics[-1]['loss']:.3f}" in last
+    assert "molf-train: done: molf, 6 steps, 2 ranks, ZeRO-2: training " in log
+    evaluation = json.loads((straight_run / "eval.json").read_text())
+    hits = round(evaluation["exact_match"] * evaluation["examples"])
+    score = f"exact_match {evaluation['exact_match']:.3f} ({hits} of 2 held-out)"
+    assert f"molf-train: eval: {score}, loss {evaluation['loss']:.4f}\n" in log
+    assert f"molf-train: outputs in {straight_run}: " in log
+    assert len(log.splitlines()) <= 10, log  # the run's whole console, both ranks, launcher
+
+
+@pytest.mark.slow
+def test_train_on_a_terminal_shows_a_progress_bar(tmp_path) -> None:
+    out = tmp_path / "run"
+    args = [f"output_dir={out}", *SMALL, "max_steps=3", "eval_examples=1", "ds_config=zero0"]
+    env = cpu_env()
+    env["MASTER_PORT"] = str(free_port())
+    result = run_in_terminal([sys.executable, "-m", "molf_ds.train", *args], env, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:]
+    bar = [part for part in result.stdout.split("\r") if part.startswith("molf-train: 100%")]
+    assert bar and "3/3" in bar[-1], result.stdout[-4000:]
+    assert "molf-train: step " not in result.stdout  # plain lines only without a terminal
+    assert "molf-train: done: molf, 3 steps, 1 rank, ZeRO-0: training " in result.stdout
 
 
 @pytest.mark.slow

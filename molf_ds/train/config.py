@@ -40,6 +40,7 @@ TaskName = Literal["sql", "med", "fact"]  # molf_ds.train.tasks.NAMES
 AttnImplementation = Literal[
     "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"
 ]
+LogLevel = Literal["warning", "info", "debug"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
 TASKS: tuple[str, ...] = typing.get_args(TaskName)
 SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
@@ -89,9 +90,9 @@ class TrainConfig(BaseModel):
     )
     # model
     model: str = Field(
-        "tiny-qwen2",
-        description="HF path or hub id, or a preset: tiny-qwen2 / tiny-llama / tiny-gemma3, or "
-        "random-qwen2.5-0.5b / random-qwen2.5-3b (those shapes, random weights)",
+        "small-qwen2",
+        description="HF path or hub id, or a preset: small-qwen2, tiny-qwen2, tiny-llama, "
+        "tiny-gemma3, or random-qwen2.5-0.5b / random-qwen2.5-3b (those shapes, random weights)",
     )
     # data
     task: TaskName = Field(
@@ -108,7 +109,7 @@ class TrainConfig(BaseModel):
     completion_field: str = Field("completion", description="completion column")
     max_length: Count = Field(224, ge=1, description="tokens per example")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="held-out share of the data")
-    eval_examples: Count = Field(32, ge=1, description="held-out examples generated at end")
+    eval_examples: Count = Field(100, ge=1, description="held-out examples generated at end")
     # method
     mode: Mode = Field("molf", description="one of " + ", ".join(MODES))
     lora_ranks: tuple[Annotated[Count, Field(gt=0)], ...] = Field(
@@ -119,16 +120,16 @@ class TrainConfig(BaseModel):
     top_k: Count = Field(1, ge=1, description="experts updated per module")
     score: Score = Field("epd", description="router score: epd or pfn")
     # optimizer
-    lr: float = Field(3e-3, ge=0, description="FFT (and plain AdamW) learning rate")
+    lr: float = Field(2e-3, ge=0, description="FFT (and plain AdamW) learning rate")
     lora_lr: float | None = Field(None, ge=0, description="LoRA lr (null: lr)")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
     lora_weight_decay: float | None = Field(
         None, ge=0, description="LoRA weight decay (null: same)"
     )
     schedule: Schedule = Field("cosine", description="constant, linear or cosine")
-    warmup_steps: Count = Field(20, ge=0, description="linear warm-up steps")
-    max_steps: Count = Field(600, ge=1, description="optimizer steps")
-    micro_batch_size: Count = Field(8, ge=1, description="sequences per rank per micro-step")
+    warmup_steps: Count = Field(40, ge=0, description="linear warm-up steps")
+    max_steps: Count = Field(2400, ge=1, description="optimizer steps")
+    micro_batch_size: Count = Field(4, ge=1, description="sequences per rank per micro-step")
     gradient_accumulation_steps: Count = Field(1, ge=1, description="micro-steps per step")
     batch_size: Count = Field(
         0, ge=0, description="global batch; 0 = micro x ranks x accumulation (else must divide)"
@@ -162,6 +163,11 @@ class TrainConfig(BaseModel):
         "sdpa", description="attention kernel: " + ", ".join(typing.get_args(AttnImplementation))
     )
     log_every: Count = Field(5, ge=1, description="log metrics every N steps")
+    log_level: LogLevel = Field(
+        "warning",
+        description="console: warning (quiet: DeepSpeed's warnings only, known deprecation "
+        "notices of dependencies hidden), info (DeepSpeed's INFO lines), debug (everything)",
+    )
     collective_timeout_s: float = Field(
         1800.0,
         gt=0,

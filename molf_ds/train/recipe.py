@@ -36,7 +36,7 @@ from molf_ds import ds_partitions
 from molf_ds.errors import EveryRankError, MoLFError
 from molf_ds.estimate import PRESETS as ESTIMATE_PRESETS
 from molf_ds.runtime import shutdown
-from molf_ds.train import peers, storage
+from molf_ds.train import console, peers, storage
 from molf_ds.train.config import TrainConfig, parse_args
 
 TINY_SHAPE = {
@@ -58,8 +58,14 @@ _QWEN_FIELDS = (
     "tie_word_embeddings",
 )
 # Models built from a config (no download; random weights drawn from `seed`; the byte-level
-# tokenizer): name -> (transformers config class, its fields).
+# tokenizer): name -> (transformers config class, its fields). small-qwen2, the main job's, is
+# twice as wide and half as deep as tiny-qwen2 (0.4M parameters against 0.2M): on the SQL task it
+# gets further per second of a 2-core machine (README, Quick start).
 PRESETS = {
+    "small-qwen2": (
+        "Qwen2Config",
+        {**TINY_SHAPE, "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2},
+    ),
     "tiny-qwen2": ("Qwen2Config", TINY_SHAPE),
     "tiny-llama": ("LlamaConfig", TINY_SHAPE),
     "tiny-gemma3": ("Gemma3TextConfig", {**TINY_SHAPE, "head_dim": 16}),
@@ -72,14 +78,6 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 # Exit status of a run stopped by SIGUSR1/SIGTERM after checkpointing: EX_TEMPFAIL ("try again"),
 # which slurm/train.sbatch turns into `scontrol requeue`; `resume=auto` then continues.
 PREEMPTED_EXIT = 75
-# What the progress bar shows of a metrics record: key -> (label, format).
-POSTFIX = {
-    "loss": ("loss", "{:.3f}"),
-    "lr": ("lr", "{:.2e}"),
-    "tokens_per_s": ("tok/s", "{:.0f}"),
-    "fft_share": ("fft", "{:.2f}"),
-    "skipped_steps": ("skipped", "{:d}"),
-}
 
 
 @dataclass(frozen=True)
@@ -127,6 +125,7 @@ class Recipe:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
+        self.started = time.perf_counter()  # the summary's total time
         self.method = METHODS[config.mode]
         self.output_dir = Path(config.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
@@ -152,11 +151,14 @@ class Recipe:
         self.signals: _PreemptionSignals | None = None
         self.final_step = 0
         self.preempted = False
+        self.train_s = 0.0  # wall time of the loop
+        self.tokens_per_s: float | None = None  # over the loop, all ranks
 
     # ---- set-up: everything is checked before anything is written -------------------------
     def setup(self) -> None:
         cfg = self.config
         self._check_output_dir()
+        console.quiet_dependencies(cfg.log_level)  # (imports DeepSpeed: after the cheap check)
         rank, world_size = self._setup_distributed()
         storage.agree(storage.writable_problem(self.output_dir))
         self.derived, ds_config = self._setup_derived(rank, world_size)
@@ -314,30 +316,25 @@ class Recipe:
 
     # ---- the loop ---------------------------------------------------------------------------
     def train(self) -> None:
-        from tqdm import tqdm
-
         cfg, derived = self.config, self.derived
-        progress = tqdm(
-            total=cfg.max_steps,
-            initial=self.start_step,
-            desc="molf-train",
-            dynamic_ncols=True,
-            disable=not derived.is_main,
-        )
+        # a bar on a terminal; in a log file (Slurm, a pipe) plain lines
+        progress = console.Progress(cfg.max_steps, self.start_step, enabled=derived.is_main)
         stream = self._micro_batches(self.start_step * derived.gradient_accumulation_steps)
         self.engine.train()
         self.signals = _PreemptionSignals()
+        started = time.perf_counter()
         try:
-            self.final_step, self.preempted = self._loop(stream, progress)
+            self.final_step, self.preempted, self.tokens_per_s = self._loop(stream, progress)
         finally:
             progress.close()  # ends its line: an error after it starts a line of its own
+        self.train_s = time.perf_counter() - started
         # On an exception the handlers stay until cleanup: a launcher SIGTERMs the ranks left
         # when one dies, and a rank must still get to say which one (main's error line).
         if not self.preempted:  # else kept until cleanup: a second signal must not cut
             self.signals.restore()  # the checkpoint finish() writes short
 
-    def _loop(self, stream, progress) -> tuple[int, bool]:
-        """Steps from ``start_step``; returns ``(final step, preempted)``.
+    def _loop(self, stream, progress) -> tuple[int, bool, float | None]:
+        """Steps from ``start_step``; returns ``(final step, preempted, tokens/s)``.
 
         A step whose loss or gradient is not finite is skipped on every rank (weights, moments,
         routing and LR schedule stay as they were; its batch is used up) and counted;
@@ -347,7 +344,7 @@ class Recipe:
 
         cfg, derived, engine = self.config, self.derived, self.engine
         tokens_done, started, losses, waited = 0, time.perf_counter(), [], 0.0
-        final_step, bad_in_a_row = self.start_step, 0
+        final_step, bad_in_a_row, tokens_per_s = self.start_step, 0, None
         for step in range(self.start_step, cfg.max_steps):
             step_losses, stop = [], False
             for micro in range(derived.gradient_accumulation_steps):
@@ -383,10 +380,11 @@ class Recipe:
                 mean_loss = _mean_over_ranks(torch.stack(losses).mean()) if losses else None
                 losses.clear()
                 elapsed = time.perf_counter() - started
+                tokens_per_s = tokens_done / max(elapsed, 1e-9)
                 record = {
                     "loss": mean_loss,
                     "lr": engine.get_lr()[0],
-                    "tokens_per_s": tokens_done / max(elapsed, 1e-9),
+                    "tokens_per_s": tokens_per_s,
                     # share of wall time spent waiting for batches: the data pipeline's cost
                     "data_wait_share": waited / max(elapsed, 1e-9),
                     "skipped_steps": ds_partitions.skipped_steps(engine),
@@ -394,23 +392,18 @@ class Recipe:
                 if self.method.routed:
                     record["fft_share"] = self.optimizer.last_routing.fft_share()
                 self.metrics.log(final_step, record)
-                shown = {
-                    name: fmt.format(record[k])
-                    for k, (name, fmt) in POSTFIX.items()
-                    if record.get(k) is not None
-                }
-                progress.set_postfix(shown)
+                progress.show(final_step, record)
                 tokens_done, started, waited = 0, time.perf_counter(), 0.0
             progress.update(1)
             if final_step == cfg.max_steps:
                 break
-            if stop:
-                return final_step, True  # finish() checkpoints here, resume=auto continues
+            if stop:  # finish() checkpoints here, resume=auto continues
+                return final_step, True, tokens_per_s
             if final_step == cfg.stop_after:  # (0: never)
                 break  # as if preempted: finish() checkpoints here, resume=auto continues
             if cfg.save_every and final_step % cfg.save_every == 0:
                 self.save_checkpoint(final_step)
-        return final_step, False
+        return final_step, False, tokens_per_s
 
     def _agree_before_step(self) -> tuple[bool, bool]:
         """``(stop, skip)``, the same on every rank, from one all-reduce (MAX) per step.
@@ -522,14 +515,31 @@ class Recipe:
             "optimizer": type(self.optimizer).__name__,  # the class that ran the steps
         }
         outputs.update(self._export())
-        outputs.update(self._evaluate())
+        evaluation = self._evaluate()
+        outputs["eval"] = str(self.output_dir / "eval.json")
+        outputs.update({f"eval_{k}": v for k, v in evaluation.items()})
         outputs["metrics"] = str(self.output_dir / "metrics.jsonl")
         if self.routing_log is not None:
             outputs["routing_log"] = str(self.output_dir / "routing.jsonl")
         outputs.update(self._plot())
         _write_json(self.output_dir / "outputs.json", outputs)
-        for key, value in outputs.items():
-            print(f"molf-train: {key}: {value}", flush=True)
+        outputs["outputs"] = str(self.output_dir / "outputs.json")
+        for line in self._summary(outputs, evaluation):
+            print(line, flush=True)
+
+    def _summary(self, outputs: dict, evaluation: dict) -> list[str]:
+        return console.summary(
+            mode=self.config.mode,
+            steps=self.final_step,
+            world_size=self.derived.world_size,
+            zero_stage=self.derived.zero_stage,
+            train_s=self.train_s,
+            total_s=time.perf_counter() - self.started,
+            tokens_per_s=self.tokens_per_s,
+            evaluation=evaluation,
+            output_dir=self.output_dir,
+            outputs={k: v for k, v in outputs.items() if not k.startswith("eval_")},
+        )
 
     def _export(self) -> dict:
         """Rebuild the trained model on the CPU from the final checkpoint (DeepSpeed's
@@ -542,9 +552,10 @@ class Recipe:
                 k: v.detach().float().cpu() for k, v in self.engine.module.state_dict().items()
             }
         else:
-            state = get_fp32_state_dict_from_zero_checkpoint(
-                str(self.ckpt_dir), tag=f"step{self.final_step}"
-            )
+            with console.chatter_hidden(cfg.log_level):  # its prints and bar, step by step
+                state = get_fp32_state_dict_from_zero_checkpoint(
+                    str(self.ckpt_dir), tag=f"step{self.final_step}"
+                )
         tokenizer, base = load_model(
             cfg.model, seed=cfg.seed, attn_implementation=cfg.attn_implementation
         )
@@ -555,18 +566,17 @@ class Recipe:
         return self.method.export(cfg, tokenizer, base, load_trained, self.output_dir)
 
     def _evaluate(self) -> dict:
+        """Evaluate the merged export on the held-out records; writes and returns eval.json."""
         from molf_ds.train.evaluate import evaluate_merged
 
         result = evaluate_merged(
             self.output_dir / "merged",
             self.eval_records[: self.config.eval_examples],
             task=self.eval_task,
+            max_length=self.config.max_length,
         )
         _write_json(self.output_dir / "eval.json", result)
-        return {
-            "eval": str(self.output_dir / "eval.json"),
-            **{f"eval_{k}": v for k, v in result.items()},
-        }
+        return result
 
     def _plot(self) -> dict:
         from molf_ds.train import plot
