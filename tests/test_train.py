@@ -181,7 +181,9 @@ def test_train_console_in_a_log_file_is_plain_lines_and_a_true_summary(straight_
     assert "\r" not in log
     for noise in ("[INFO]", "FutureWarning", "untested optimizer", "Loading weights"):
         assert noise not in log, noise
-    metrics = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().split()]
+    metrics = [
+        json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()
+    ]
     last = next(line for line in log.splitlines() if line.startswith("molf-train: step 6/6 "))
     assert f"loss {metrics[-1]['loss']:.3f}" in last
     assert "molf-train: done: molf, 6 steps, 2 ranks, ZeRO-2: training " in log
