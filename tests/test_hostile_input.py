@@ -103,6 +103,7 @@ CHOICES = {
     "mode": ("fft", "lora", "adalora", "molf", "molf-efficient"),
     "schedule": ("constant", "linear", "cosine"),
     "score": ("epd", "pfn"),
+    "task": ("sql", "med", "fact"),
 }
 POSITIVE_FLOATS = ("lora_alpha", "collective_timeout_s")  # finite and > 0
 OTHER_FIELDS = ("resume", "seed", *POSITIVE_FLOATS, "eval_fraction", "lora_ranks")

@@ -32,10 +32,14 @@ EXIT_CRASH = "terminate called"  # gloo's abort at interpreter exit (docs/design
 
 
 def _train(
-    args: list[str], launcher: str | None = None, timeout: float = 300, port: int | None = None
+    args: list[str],
+    launcher: str | None = None,
+    timeout: float = 300,
+    port: int | None = None,
+    env_extra: dict[str, str] | None = None,
 ):
     """Run molf-train; ``launcher`` is None (one process) or a launch/ script name."""
-    env = cpu_env()
+    env = {**cpu_env(), **(env_extra or {})}
     env["MASTER_PORT"] = str(port or free_port())
     if launcher is None:
         command = [sys.executable, "-m", "molf_ds.train", *args]
@@ -118,6 +122,8 @@ def test_train_help_lists_every_option_with_default() -> None:
     assert result.returncode == 0
     for name in TrainConfig.model_fields:
         assert f"  {name} " in result.stdout, name
+    task_line = next(line for line in result.stdout.splitlines() if line.startswith("  task "))
+    assert all(choice in task_line for choice in ("sql", "med", "fact")), task_line
 
 
 # ---- real runs ------------------------------------------------------------------------------
@@ -152,6 +158,8 @@ def test_train_two_ranks_writes_every_output(straight_run: Path) -> None:
     assert any(name.startswith("routing_heatmap_") for name in pngs)
     evaluation = json.loads((straight_run / "eval.json").read_text())
     assert evaluation["examples"] == 2 and 0.0 <= evaluation["exact_match"] <= 1.0
+    assert evaluation["examples_per_s"] > 0
+    assert outputs["eval_exact_match"] == evaluation["exact_match"]
 
 
 @pytest.mark.slow
@@ -226,6 +234,46 @@ def test_train_local_model_dir_and_jsonl_data(tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
     evaluation = json.loads((out / "eval.json").read_text())
     assert "exact_match" not in evaluation and evaluation["examples"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("task", "data", "metrics"),
+    [
+        ("med", "medmcqa.jsonl", ("accuracy",)),
+        ("fact", "counterfact.json", ("efficacy", "paraphrase")),
+    ],
+)
+def test_train_task_on_a_local_file_in_the_datasets_schema(tmp_path, task, data, metrics) -> None:
+    """One process, made-up records in the public dataset's own schema: the job trains on the
+    task's prompts and evaluates the merged model with the task's metric."""
+    out = tmp_path / "run"
+    data_path = REPO / "tests" / "fixtures" / data
+    args = [f"output_dir={out}", f"task={task}", f"data={data_path}", *SMALL, "max_steps=2"]
+    result = _train([*args, "eval_fraction=0.25", "max_length=160"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    evaluation = json.loads((out / "eval.json").read_text())
+    outputs = json.loads((out / "outputs.json").read_text())
+    assert evaluation["examples"] == 2 and evaluation["examples_per_s"] > 0
+    assert evaluation["loss"] > 0 and "exact_match" not in evaluation
+    for metric in metrics:
+        assert (
+            evaluation[metric] in (0.0, 0.5, 1.0)
+            and outputs[f"eval_{metric}"] == evaluation[metric]
+        )
+
+
+@pytest.mark.slow
+def test_train_task_hub_default_offline_is_one_line(tmp_path) -> None:
+    """task=med reads MedMCQA from the hub by default; offline that is one line pointing at
+    data=, and nothing is written."""
+    out = tmp_path / "run"
+    result = _train([f"output_dir={out}", "task=med"], env_extra={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "molf-train: error" in line]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert "openlifescienceai/medmcqa" in errors[0] and "via data=PATH" in errors[0]
+    assert not out.exists()
 
 
 @pytest.mark.slow

@@ -35,7 +35,9 @@ from molf_ds.errors import MoLFConfigError, OneLineArgumentParser
 Mode = Literal["fft", "lora", "adalora", "molf", "molf-efficient"]
 Schedule = Literal["constant", "linear", "cosine"]
 Score = Literal["epd", "pfn"]
+TaskName = Literal["sql", "med", "fact"]  # molf_ds.train.tasks.NAMES
 MODES: tuple[str, ...] = typing.get_args(Mode)
+TASKS: tuple[str, ...] = typing.get_args(TaskName)
 SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
 ROUTED_MODES = ("molf", "molf-efficient")
 
@@ -86,7 +88,16 @@ class TrainConfig(BaseModel):
         "tiny-qwen2", description="HF path or hub id, or tiny-qwen2 / tiny-llama / tiny-gemma3"
     )
     # data
-    data: str = Field("sql", description="'sql' (embedded task), a .jsonl/.csv/.parquet or hub id")
+    task: TaskName = Field(
+        "sql",
+        description="one of sql (text-to-SQL), med (MedMCQA), fact (CounterFact): the data's "
+        "schema, the prompts and the eval metric",
+    )
+    data: str = Field(
+        "default",
+        description="'default' (sql: the embedded generated task; med/fact: the hub dataset), "
+        "'sql' (embedded), a .jsonl/.json/.csv/.parquet file or a hub id",
+    )
     prompt_field: str = Field("prompt", description="prompt column")
     completion_field: str = Field("completion", description="completion column")
     max_length: Count = Field(224, ge=1, description="tokens per example")

@@ -56,7 +56,7 @@ def load_records(
     if source is None or source == "sql":
         records = _generated(num_generated, seed)
     else:
-        records = _from_dataset(_load_dataset(source), source, prompt_field, completion_field)
+        records = records_from_dataset(read_dataset(source), source, prompt_field, completion_field)
     return split_records(records, eval_fraction=eval_fraction, seed=seed)
 
 
@@ -80,8 +80,16 @@ def _generated(num_generated: int, seed: int) -> list[dict]:
         raise DataError(f"num_generated: {e}") from None
 
 
-def _load_dataset(source: str) -> Any:
-    """A ``datasets.Dataset``: local files by extension, an existing folder, else a hub id."""
+HUB_HINT = "check the id, or pass 'sql' or a local " + "/".join(FILE_FORMATS) + " file"
+
+
+def read_dataset(source: str, *, split: str = "train", hub_hint: str = HUB_HINT) -> Any:
+    """A ``datasets.Dataset``: local files by extension, an existing folder, else a hub id.
+
+    ``split`` is the hub dataset's (or folder's) split; a local file is one split. A source that
+    cannot be read is a `DataError` of one line, ending in ``hub_hint`` for a hub id or folder
+    (what to do instead: the caller knows which file schema it needs).
+    """
     path = Path(source)
     fmt = FILE_FORMATS.get(path.suffix.lower())
     if fmt is not None:
@@ -95,12 +103,9 @@ def _load_dataset(source: str) -> Any:
 
     where = "folder" if path.is_dir() else "hub dataset"
     try:
-        return datasets.load_dataset(source, split="train")
+        return datasets.load_dataset(source, split=split)
     except Exception as e:  # any failure here is the user's source being unusable
-        raise DataError(
-            f"could not load {where} {source!r} ({_reason(e)}); check the id, or pass 'sql' or "
-            f"a local {'/'.join(FILE_FORMATS)} file"
-        ) from e
+        raise DataError(f"could not load {where} {source!r} ({_reason(e)}); {hub_hint}") from e
 
 
 def _load_file(path: Path, fmt: str) -> Any:
@@ -165,7 +170,9 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def _from_dataset(ds: Any, source: str, prompt_field: str, completion_field: str) -> list[dict]:
+def records_from_dataset(
+    ds: Any, source: str, prompt_field: str, completion_field: str
+) -> list[dict]:
     """Validated ``{"prompt", "completion"}`` records from a dataset's two columns."""
     if len(ds) == 0:
         raise DataError(f"dataset {source} has no records; add examples or use another split")
@@ -179,13 +186,30 @@ def _from_dataset(ds: Any, source: str, prompt_field: str, completion_field: str
     try:
         prompts, completions = list(ds[prompt_field]), list(ds[completion_field])
     except UnicodeDecodeError as e:  # pyarrow's JSON reader leaves bytes unchecked until read
-        raise DataError(
-            f"dataset {source} holds text that is not UTF-8 ({e.reason} at byte {e.start} of a "
-            "value); re-save the file as UTF-8"
-        ) from None
+        raise DataError(_not_utf8(source, e)) from None
     for field, values in ((prompt_field, prompts), (completion_field, completions)):
         _check_strings(values, field, source)
     return [{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)]
+
+
+def dataset_rows(ds: Any, source: str) -> list[dict]:
+    """Every record of ``ds`` as a dict of all its columns (nested ones as dicts and lists).
+
+    An empty dataset, or text that is not UTF-8, is one line naming ``source``.
+    """
+    if len(ds) == 0:
+        raise DataError(f"dataset {source} has no records; add examples or use another split")
+    try:
+        return ds.to_list()
+    except UnicodeDecodeError as e:
+        raise DataError(_not_utf8(source, e)) from None
+
+
+def _not_utf8(source: str, e: UnicodeDecodeError) -> str:
+    return (
+        f"dataset {source} holds text that is not UTF-8 ({e.reason} at byte {e.start} of a "
+        "value); re-save the file as UTF-8"
+    )
 
 
 def _check_strings(values: Iterable[Any], field: str, source: str) -> None:

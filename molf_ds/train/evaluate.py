@@ -1,66 +1,61 @@
-"""Evaluate an exported (merged) model on held-out prompt/completion records.
+"""Evaluate an exported (merged) model on held-out records: completion loss and the task's metric.
 
 Loads the plain Hugging Face export, so the score is that of what a user ships, not of the
-training engine's view of the weights.
+training engine's view of the weights. Everything runs in batches (`tasks.scoring`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+from molf_ds.train.data import IGNORE_INDEX
 
 
 def evaluate_merged(
     model_dir: str | Path,
     records: list[dict],
     *,
-    exact_match: bool,
+    task: Any = None,
     max_length: int = 256,
-    max_new_tokens: int = 64,
+    batch_size: int = 16,
 ) -> dict:
-    """Held-out completion loss, and (for the SQL task) exact match of greedy generations."""
+    """``examples``, held-out ``loss`` (mean over completion tokens) and, with a ``task``
+    (`molf_ds.train.tasks.Task`; ``records`` in its schema), the task's metric and its
+    ``examples_per_s``. Without one, ``records`` are prompt/completion pairs and
+    ``examples_per_s`` is the loss pass's."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from molf_ds.train import data
+    from molf_ds.train.tasks.base import Timer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     result: dict = {"examples": len(records)}
     if not records:
         return result
-    examples = data.tokenize(records, tokenizer, max_length)
-    with torch.no_grad():
-        total, count = 0.0, 0
-        for example in examples:
-            ids = torch.tensor([example["input_ids"]])
-            labels = torch.tensor([example["labels"]])
-            n = int((labels[:, 1:] != -100).sum())
-            total += float(model(input_ids=ids, labels=labels).loss) * n
-            count += n
-        result["loss"] = total / max(count, 1)
-        if exact_match:
-            result["exact_match"] = _exact_match(model, tokenizer, records, max_new_tokens)
+    timer = Timer()
+    examples = task.to_examples(records) if task is not None else records
+    result["loss"] = heldout_loss(model, tokenizer, examples, max_length, batch_size)
+    result["examples_per_s"] = timer.rate(len(records))
+    if task is not None:
+        result.update(task.evaluate(model, tokenizer, records, batch_size=batch_size))
     return result
 
 
-def _exact_match(model, tokenizer, records: list[dict], max_new_tokens: int) -> float:
-    import torch
+def heldout_loss(
+    model: Any, tokenizer: Any, examples: list[dict], max_length: int, batch_size: int
+) -> float:
+    """Mean negative log-likelihood per completion token (and eos), tokenized as in training."""
+    from molf_ds.train import data
+    from molf_ds.train.tasks import scoring
 
-    from molf_ds.train.data import encode_prompts
-    from molf_ds.train.sql_task import exact_match
-
-    hits = 0
-    prompts = encode_prompts(tokenizer, [record["prompt"] for record in records])
-    for record, prompt_ids in zip(records, prompts, strict=True):
-        prompt = torch.tensor([prompt_ids])  # encoded exactly as in training
-        out = model.generate(
-            input_ids=prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        text = tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True)
-        hits += exact_match(text.split("\n")[0], record["completion"])
-    return hits / len(records)
+    pairs = []
+    for example in data.tokenize(examples, tokenizer, max_length):
+        # the prompt is the labels' masked prefix (tokenize keeps at least one target token)
+        n_prompt = next(i for i, t in enumerate(example["labels"]) if t != IGNORE_INDEX)
+        pairs.append((example["input_ids"][:n_prompt], example["input_ids"][n_prompt:]))
+    scores = scoring.sequence_logprobs(
+        model, pairs, pad=scoring.pad_id(tokenizer), batch_size=batch_size
+    )
+    return -sum(total for total, _ in scores) / max(sum(n for _, n in scores), 1)

@@ -118,7 +118,8 @@ class Recipe:
         self.tokenizer = None
         self.model = None
         self.train_examples: list | None = None
-        self.eval_records: list | None = None
+        self.eval_records: list | None = None  # in the task's schema (prompt/completion: plain)
+        self.eval_task = None  # the task scoring eval_records; None: plain prompt/completion data
         self.engine = None
         self.optimizer = None
         self.start_step = 0
@@ -143,7 +144,7 @@ class Recipe:
         self.derived, ds_config = self._setup_derived(rank, world_size)
         self.tokenizer, self.model = self._setup_model()
         self.checkpoint_bytes, self.exports_bytes = self._check_space(self.model)
-        self.train_examples, self.eval_records = self._setup_data(self.tokenizer)
+        self.train_examples, self.eval_records, self.eval_task = self._setup_data(self.tokenizer)
         self.engine, self.optimizer = self.method.build_engine(
             cfg, self.model, ds_config, self.derived.zero_stage
         )
@@ -227,17 +228,25 @@ class Recipe:
         tokenizer, model = load_model(self.config.model, seed=self.config.seed)
         return tokenizer, self.method.build_model(self.config, model)
 
-    def _setup_data(self, tokenizer) -> tuple[list, list]:
-        from molf_ds.train import data
+    def _setup_data(self, tokenizer) -> tuple[list, list, Any]:
+        """``(training examples, held-out records, the task scoring them)``: records of
+        ``data`` in ``task``'s schema (or plain prompt/completion ones, scored by loss only),
+        split once by ``seed``, the training share tokenized."""
+        from molf_ds.train import data, tasks
 
         cfg, world_size = self.config, self.derived.world_size
-        train_records, eval_records = data.load_records(
-            None if cfg.data == "sql" else cfg.data,
+        records, scorer = tasks.training_records(
+            tasks.get(cfg.task),
+            cfg.data,
             prompt_field=cfg.prompt_field,
             completion_field=cfg.completion_field,
-            eval_fraction=cfg.eval_fraction,
             seed=cfg.seed,
         )
+        train_records, eval_records = data.split_records(
+            records, eval_fraction=cfg.eval_fraction, seed=cfg.seed
+        )
+        if scorer is not None:
+            train_records = scorer.to_examples(train_records)
         examples = data.tokenize(train_records, tokenizer, cfg.max_length)
         global_batch = cfg.micro_batch_size * world_size
         if len(examples) < global_batch:
@@ -246,7 +255,7 @@ class Recipe:
                 f"{global_batch} (micro_batch_size={cfg.micro_batch_size} x {world_size} "
                 "ranks): lower micro_batch_size or add data"
             )
-        return examples, eval_records
+        return examples, eval_records, scorer
 
     def _resume(self) -> int:
         """The step to start from: 0, or that of the checkpoint ``resume`` names."""
@@ -520,7 +529,7 @@ class Recipe:
         result = evaluate_merged(
             self.output_dir / "merged",
             self.eval_records[: self.config.eval_examples],
-            exact_match=self.config.data == "sql",
+            task=self.eval_task,
         )
         _write_json(self.output_dir / "eval.json", result)
         return {
