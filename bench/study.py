@@ -41,12 +41,36 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: the repository's molf_ds
     sys.path.insert(0, str(REPO))
 
+from study_data import (  # noqa: E402
+    FactSplits,
+    SqlSplits,
+    fact_sentences,
+    fact_splits,
+    make_facts,
+    packed_samples,
+    sql_documents,
+    sql_splits,
+)
+from study_report import (  # noqa: E402
+    METHODS,
+    TASK_METRICS,
+    choose_option,
+    claims,
+    json_summary,
+    memory_table,
+    options_label,
+    plot_routing,
+    routing_curves,
+    summarize,
+    task_scores,
+    write_report,
+)
+
 from molf_ds.errors import MoLFError, OneLineArgumentParser  # noqa: E402
 
 # Bump when the corpus, the world or the pretraining loop change: the cache key includes it.
 CORPUS_VERSION = 1
 CACHE_DIR = REPO / ".cache" / "study"
-METHODS = ("fft", "lora", "adalora", "molf", "molf-efficient")
 
 
 # ---- settings ----------------------------------------------------------------------------------
@@ -57,7 +81,9 @@ class PretrainSettings:
     model: str = "tiny-qwen2"  # molf-train's preset: Qwen2, hidden 64, 4 layers, byte tokenizer
     shape: tuple[tuple[str, int], ...] = ()  # changes to the preset's shape (config fields)
     subjects: int = 48  # invented people; each has one object per relation (4 facts)
-    steps: int = 1000
+    # the SQL documents' question -> statement mapping "clicks" (copying values from the
+    # question) between steps ~1250 and ~1750 of a 2500-step run; 2000 leaves it learned
+    steps: int = 2000
     batch_size: int = 16
     seq_len: int = 192  # tokens (bytes) per packed sample, whole lines only
     fact_share: float = 0.5  # share of lines drawn from fact sentences (the rest: SQL)
@@ -77,7 +103,7 @@ class StudySettings:
     sql_train: int = 2000
     sql_val: int = 48
     sql_test: int = 96
-    sql_steps: int = 150
+    sql_steps: int = 100
     batch_size: int = 16
     warmup_steps: int = 10
     eval_batch_size: int = 32
@@ -86,12 +112,12 @@ class StudySettings:
         default_factory=lambda: {
             "fft": ({"lr": 3e-4}, {"lr": 1e-3}, {"lr": 3e-3}),
             "lora": ({"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}),
-            "adalora": ({"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}),
-            "molf": (
-                {"lr": 3e-4, "lora_lr": 1e-3},
-                {"lr": 1e-3, "lora_lr": 3e-3},
-                {"lr": 3e-3, "lora_lr": 1e-2},
-            ),
+            # PEFT's AdaLoRA scales by alpha / rank (no rsLoRA) and starts its singular values at
+            # zero: it needs larger rates than LoRA (measured)
+            "adalora": ({"lr": 3e-3}, {"lr": 1e-2}, {"lr": 3e-2}),
+            # one rate for both experts (molf-train's default, lora_lr=null), or a 3x higher LoRA
+            # rate (under EPD routing the LoRA expert then wins almost every module: measured)
+            "molf": ({"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-3, "lora_lr": 3e-3}),
             "molf-efficient": ({"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}),
         }
     )
@@ -126,275 +152,6 @@ SMOKE = StudySettings(
         "molf-efficient": ({"lr": 3e-3},),
     },
 )
-
-
-# ---- the world of facts -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Relation:
-    """A relation: CounterFact's relation id, phrasings (the first is the edit prompt, the others
-    its paraphrases), and the objects it takes."""
-
-    relation_id: str
-    phrasings: tuple[str, ...]
-    objects: tuple[str, ...]
-
-
-RELATIONS = (
-    Relation(
-        "P103",  # CounterFact's "native language"
-        (
-            "The mother tongue of {} is",
-            "The native language of {} is",
-            "{} grew up speaking",
-            "The first language of {} is",
-            "At home, {} speaks",
-        ),
-        (
-            "French",
-            "English",
-            "Spanish",
-            "German",
-            "Italian",
-            "Dutch",
-            "Polish",
-            "Greek",
-            "Swedish",
-            "Finnish",
-        ),
-    ),
-    Relation(
-        "P106",  # "occupation"
-        (
-            "{} works as a",
-            "The profession of {} is",
-            "By trade, {} is a",
-            "{} earns a living as a",
-            "The job of {} is",
-        ),
-        (
-            "pilot",
-            "baker",
-            "farmer",
-            "painter",
-            "doctor",
-            "lawyer",
-            "sailor",
-            "teacher",
-            "singer",
-            "chemist",
-        ),
-    ),
-    Relation(
-        "P551",  # "residence"
-        (
-            "{} lives in the city of",
-            "The home town of {} is",
-            "{} resides in",
-            "The city where {} lives is",
-            "{} has a house in",
-        ),
-        ("Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Rome", "Dublin", "Madrid", "Berlin", "Seoul"),
-    ),
-    Relation(
-        "P1303",  # "instrument"
-        (
-            "{} plays the",
-            "The instrument of {} is the",
-            "{} is known for playing the",
-            "On stage, {} plays the",
-            "The favourite instrument of {} is the",
-        ),
-        (
-            "piano",
-            "violin",
-            "guitar",
-            "flute",
-            "cello",
-            "drums",
-            "harp",
-            "trumpet",
-            "banjo",
-            "organ",
-        ),
-    ),
-)
-_ONSETS = (
-    "b",
-    "d",
-    "f",
-    "g",
-    "k",
-    "l",
-    "m",
-    "n",
-    "p",
-    "r",
-    "s",
-    "t",
-    "v",
-    "z",
-    "br",
-    "dr",
-    "gr",
-    "kl",
-    "st",
-    "th",
-    "qu",
-)
-_VOWELS = ("a", "e", "i", "o", "u", "ai", "ou")
-_CODAS = ("", "", "n", "r", "l", "th", "k", "s")
-
-
-@dataclass(frozen=True)
-class Fact:
-    subject: str
-    relation: Relation
-    obj: str
-
-
-def _invented_name(rng: random.Random) -> str:
-    def word(syllables: int) -> str:
-        text = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables))
-        return (text + rng.choice(_CODAS)).capitalize()
-
-    return f"{word(2)} {word(rng.choice((1, 2)))}"
-
-
-def make_facts(subjects: int, seed: int) -> list[Fact]:
-    """``subjects`` invented people, each with one object per relation, a function of ``seed``."""
-    rng = random.Random(f"study-facts:{seed}")
-    names: list[str] = []
-    while len(names) < subjects:
-        name = _invented_name(rng)
-        if name not in names:
-            names.append(name)
-    return [Fact(name, rel, rng.choice(rel.objects)) for name in names for rel in RELATIONS]
-
-
-def fact_sentences(facts: list[Fact]) -> list[str]:
-    """Every fact in every phrasing: the pretraining corpus's fact lines."""
-    return [f"{p.format(f.subject)} {f.obj}." for f in facts for p in f.relation.phrasings]
-
-
-def counterfact_record(case_id: int, fact: Fact, new: str) -> dict:
-    """A record in CounterFact's schema asking to rewrite ``fact``'s object to ``new``."""
-    rel = fact.relation
-    return {
-        "case_id": case_id,
-        "requested_rewrite": {
-            "prompt": rel.phrasings[0],
-            "relation_id": rel.relation_id,
-            "subject": fact.subject,
-            "target_new": {"str": new},
-            "target_true": {"str": fact.obj},
-        },
-        "paraphrase_prompts": [p.format(fact.subject) for p in rel.phrasings[1:]],
-    }
-
-
-@dataclass(frozen=True)
-class FactSplits:
-    """CounterFact records: ``val`` and ``test`` edits (made together, scored apart);
-    ``kept_val`` and ``kept_test``, halves of the facts left alone, as records whose "new"
-    target is the *true* object (their efficacy is the share of untouched facts the model still
-    knows: CounterFact's neighbourhood idea, on other subjects and relations); ``known``: every
-    fact that way, with its paraphrases (the pretraining check)."""
-
-    val: list[dict]
-    test: list[dict]
-    kept_val: list[dict]
-    kept_test: list[dict]
-    known: list[dict]
-
-
-def fact_splits(facts: list[Fact], edits_per_split: int, seed: int) -> FactSplits:
-    """Pick ``2 * edits_per_split`` facts to edit, each to another object of its relation."""
-    rng = random.Random(f"study-edits:{seed}")
-    wrong = {id(f): rng.choice([o for o in f.relation.objects if o != f.obj]) for f in facts}
-    order = list(range(len(facts)))
-    rng.shuffle(order)
-    if 2 * edits_per_split >= len(facts):
-        raise MoLFError(
-            f"{2 * edits_per_split} edits need more than {len(facts)} facts: raise subjects"
-        )
-    edited = [facts[i] for i in order[: 2 * edits_per_split]]
-    kept = [facts[i] for i in order[2 * edits_per_split :]]
-    records = [counterfact_record(i, f, wrong[id(f)]) for i, f in enumerate(edited)]
-
-    def as_known(start: int, fs: list[Fact], paraphrases: bool = True) -> list[dict]:
-        recs = [counterfact_record(start + i, f, wrong[id(f)]) for i, f in enumerate(fs)]
-        for r in recs:  # "new" = the true object: efficacy = share of facts known
-            rw = r["requested_rewrite"]
-            rw["target_new"], rw["target_true"] = rw["target_true"], rw["target_new"]
-            if not paraphrases:  # (scored on the rewrite prompt only: half the cost)
-                r["paraphrase_prompts"] = []
-        return recs
-
-    half = len(kept) // 2
-    return FactSplits(
-        val=records[:edits_per_split],
-        test=records[edits_per_split:],
-        kept_val=as_known(len(edited), kept[:half], paraphrases=False),
-        kept_test=as_known(len(edited) + half, kept[half:], paraphrases=False),
-        known=as_known(0, edited + kept),
-    )
-
-
-# ---- the SQL task's splits and the pretraining corpus ----------------------------------------
-@dataclass(frozen=True)
-class SqlSplits:
-    train: list[dict]
-    val: list[dict]
-    test: list[dict]
-
-
-def sql_splits(settings: StudySettings) -> SqlSplits:
-    """The embedded generator's records (Gretel's schema), one fixed shuffle, three splits: the
-    seeds vary the fine-tuning (initialisation, data order), never which questions are held out."""
-    from molf_ds.train import tasks
-
-    records = tasks.get("sql").load("generated", seed=0)
-    random.Random("study-sql-split").shuffle(records)
-    n_val, n_test = settings.sql_val, settings.sql_test
-    needed = n_val + n_test + settings.sql_train
-    if needed > len(records):
-        raise MoLFError(f"the SQL splits need {needed} records, the generator gave {len(records)}")
-    return SqlSplits(
-        train=records[n_val + n_test : needed],
-        val=records[:n_val],
-        test=records[n_val : n_val + n_test],
-    )
-
-
-def sql_documents(held_out: list[dict]) -> list[str]:
-    """The pretraining corpus's SQL: each question of the embedded task as a SQL comment above
-    its statement (as SQL appears in code on the web), except the held-out records' statements,
-    whose questions and answers the model never sees before the test."""
-    from molf_ds.train import sql_task
-
-    excluded = {sql_task.normalize_sql(r["sql"]) for r in held_out}
-    documents = []
-    for pool in sql_task.all_examples():
-        for example in pool:
-            statement = example["completion"].strip()
-            if sql_task.normalize_sql(statement) not in excluded:
-                question = example["prompt"].split("\nquestion: ")[1].removesuffix("\nsql:")
-                documents.append(f"-- {question}\n{statement}")
-    return documents
-
-
-def packed_samples(lines_a: list[str], lines_b: list[str], share_a: float, seq_len: int, rng):
-    """An endless stream of texts of whole lines (joined by newlines) of at most ``seq_len``
-    bytes, each line drawn from ``lines_a`` with probability ``share_a``, else from ``lines_b``."""
-    while True:
-        text = ""
-        while True:
-            line = rng.choice(lines_a if rng.random() < share_a else lines_b)
-            candidate = f"{text}\n{line}" if text else line
-            if len(candidate.encode()) > seq_len:
-                break
-            text = candidate
-        yield text or line[:seq_len]
 
 
 # ---- stage 1: pretraining ----------------------------------------------------------------------
@@ -696,16 +453,56 @@ def _worker_main(model_dir: str, settings: StudySettings, data, jobs, results) -
             results.put({"error": f"{job}:\n{traceback.format_exc()}"})
 
 
-def run_jobs(jobs: list[Job], model_dir: Path, settings, data, workers: int, log) -> list[dict]:
-    """Every job's result, run by ``workers`` processes (spawned: a fresh interpreter each, one
-    DeepSpeed process group each); the longest jobs (SQL) go first."""
+class GridSearch:
+    """The study's runs: for each task and method, every grid option with the first seed; once
+    those are in, the option with the best validation score (`study_report.choose_option`) with
+    each other seed. SQL first: its runs are the longest, so the workers finish together."""
+
+    def __init__(self, settings: StudySettings) -> None:
+        self.settings = settings
+        self.first_seed = settings.seeds[0]
+        self.grid_results: dict[tuple[str, str], dict[int, dict]] = {}
+
+    def first_jobs(self) -> list[Job]:
+        s = self.settings
+        return [
+            Job(task, method, option, self.first_seed)
+            for task in sorted(TASK_METRICS, key=lambda t: t != "sql")
+            for method in METHODS
+            for option in range(len(s.grids[method]))
+        ]
+
+    def total(self) -> int:
+        s = self.settings
+        per_seed = sum(len(s.grids[m]) for m in METHODS) + len(METHODS) * (len(s.seeds) - 1)
+        return len(TASK_METRICS) * per_seed
+
+    def follow_up(self, result: dict) -> list[Job]:
+        """The jobs ``result`` completes the grid for: the chosen option's other seeds."""
+        if result["seed"] != self.first_seed:
+            return []
+        group = (result["task"], result["method"])
+        done = self.grid_results.setdefault(group, {})
+        done[result["option"]] = result
+        if len(done) < len(self.settings.grids[result["method"]]):
+            return []
+        selection_metric = TASK_METRICS[result["task"]][0]
+        chosen = choose_option([done[i]["scores"]["val"][selection_metric] for i in sorted(done)])
+        return [Job(*group, chosen, seed) for seed in self.settings.seeds[1:]]
+
+
+def run_jobs(search: GridSearch, model_dir: Path, settings, data, workers: int, log) -> list[dict]:
+    """Every result of ``search``'s jobs, run by ``workers`` processes (spawned: a fresh
+    interpreter each, one DeepSpeed process group each)."""
     import multiprocessing as mp
     import queue
 
     context = mp.get_context("spawn")
     job_queue, results = context.Queue(), context.Queue()
-    for job in sorted(jobs, key=lambda j: j.task != "sql"):
+    submitted = 0
+    for job in search.first_jobs():
         job_queue.put(job)
+        submitted += 1
     processes = [
         context.Process(
             target=_worker_main, args=(str(model_dir), settings, data, job_queue, results)
@@ -713,11 +510,10 @@ def run_jobs(jobs: list[Job], model_dir: Path, settings, data, workers: int, log
         for _ in range(workers)
     ]
     for process in processes:
-        job_queue.put(None)
         process.start()
     done: list[dict] = []
     try:
-        while len(done) < len(jobs):
+        while len(done) < submitted:
             try:
                 result = results.get(timeout=10)
             except queue.Empty:
@@ -727,12 +523,18 @@ def run_jobs(jobs: list[Job], model_dir: Path, settings, data, workers: int, log
             if "error" in result:
                 raise RuntimeError(f"a fine-tuning run failed: {result['error']}")
             done.append(result)
-            log(f"[{len(done)}/{len(jobs)}] {_describe(result)}")
+            log(f"[{len(done)}/{search.total()}] {_describe(result)}")
+            for job in search.follow_up(result):
+                job_queue.put(job)
+                submitted += 1
+        for _ in processes:
+            job_queue.put(None)  # every job is done: the workers may leave
     finally:
         for process in processes:
+            process.join(timeout=30)
             if process.is_alive():
                 process.terminate()
-            process.join()
+                process.join()
     return done
 
 
@@ -743,572 +545,14 @@ def _describe(result: dict) -> str:
         for name, value in values.items()
     )
     return (
-        f"{result['task']} {result['method']} {_options_label(result['options'])} seed "
+        f"{result['task']} {result['method']} {options_label(result['options'])} seed "
         f"{result['seed']}: {scores} ({result['train_s']:.0f}+{result['eval_s']:.0f} s)"
     )
 
 
-def _options_label(options: dict) -> str:
-    return ", ".join(f"{k}={v:g}" for k, v in options.items())
-
-
-# ---- the metrics of each task --------------------------------------------------------------
-# The numbers a run is compared by, per task; the first is the one the learning rate is chosen by.
-TASK_METRICS = {"fact": ("score", "efficacy", "paraphrase", "kept"), "sql": ("exact_match",)}
 # Evaluator options per task: the embedded SQL task's answers are at most 80 bytes (+ eos), and
 # the tiny model's 256 positions must hold prompt and generation.
 EVAL_OPTIONS = {"fact": {}, "sql": {"max_new_tokens": 96}}
-
-
-def task_scores(task: str, metrics: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """``{"val": {metric: value}, "test": {...}}`` from the evaluators' outputs per split.
-
-    fact: efficacy and paraphrase of the split's edits, ``kept`` (the share of untouched facts
-    still known), and ``score``, CounterFact's summary: their harmonic mean, so an edit that
-    generalises but erases other knowledge scores low (and so does one that changes nothing).
-    """
-    if task == "sql":
-        return {split: {"exact_match": metrics[split]["exact_match"]} for split in ("val", "test")}
-    out = {}
-    for split in ("val", "test"):
-        values = {
-            "efficacy": metrics[split]["efficacy"],
-            "paraphrase": metrics[split]["paraphrase"],
-            "kept": metrics[f"kept_{split}"]["efficacy"],
-        }
-        out[split] = {"score": _harmonic_mean(values.values()), **values}
-    return out
-
-
-def _harmonic_mean(values) -> float:
-    values = list(values)
-    return 0.0 if min(values) <= 0 else len(values) / sum(1 / v for v in values)
-
-
-# ---- stage 3: summary -------------------------------------------------------------------------
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-
-
-def summarize(runs: list[dict], settings: StudySettings) -> dict:
-    """Per task and method: the option chosen on validation (highest mean over seeds of the
-    task's first metric; the first option on a tie) and its test metrics over the seeds."""
-    summary: dict = {}
-    for task, metrics in TASK_METRICS.items():
-        summary[task] = {}
-        for method in METHODS:
-            mine = [r for r in runs if r["task"] == task and r["method"] == method]
-            if not mine:
-                continue
-            options = settings.grids[method]
-            val = []
-            for index in range(len(options)):
-                values = [r["scores"]["val"][metrics[0]] for r in mine if r["option"] == index]
-                val.append(mean_std(values)[0])
-            chosen = max(range(len(options)), key=lambda i: (val[i], -i))
-            at_chosen = sorted((r for r in mine if r["option"] == chosen), key=lambda r: r["seed"])
-            test = {m: mean_std([r["scores"]["test"][m] for r in at_chosen]) for m in metrics}
-            summary[task][method] = {
-                "chosen": chosen,
-                "options": options[chosen],
-                "val_by_option": val,
-                "test": {m: {"mean": v[0], "std": v[1]} for m, v in test.items()},
-                "test_by_seed": {m: [r["scores"]["test"][m] for r in at_chosen] for m in metrics},
-                "seeds": [r["seed"] for r in at_chosen],
-                "final_loss": mean_std([r["final_loss"] for r in at_chosen])[0],
-                "train_s": mean_std([r["train_s"] for r in mine])[0],
-                "eval_s": mean_std([r["eval_s"] for r in mine])[0],
-            }
-    return summary
-
-
-def compare(summary: dict, task: str, metric: str, method: str, against: list[str]) -> dict:
-    """``method``'s test mean minus the best of ``against`` (absolute and relative), with the
-    standard error of that difference over the seeds."""
-    rows = summary[task]
-    best = max(against, key=lambda m: rows[m]["test"][metric]["mean"])
-    a, b = rows[method]["test"][metric], rows[best]["test"][metric]
-    n_a, n_b = len(rows[method]["seeds"]), len(rows[best]["seeds"])
-    gap = a["mean"] - b["mean"]
-    se = math.sqrt(a["std"] ** 2 / n_a + b["std"] ** 2 / n_b)
-    return {
-        "method": method,
-        "reference": best,
-        "value": a["mean"],
-        "reference_value": b["mean"],
-        "gap": gap,
-        "relative_gap": gap / b["mean"] if b["mean"] else float("nan"),
-        "se": se,
-    }
-
-
-def claims(summary: dict) -> dict:
-    """The paper's two claims, checked on every metric of every task."""
-    within, beats = [], []
-    for task, metrics in TASK_METRICS.items():
-        if not all(m in summary[task] for m in METHODS):
-            continue
-        for metric in metrics:
-            row = compare(summary, task, metric, "molf", ["fft", "lora"])
-            holds = row["gap"] >= -0.015 * row["reference_value"]  # (a 0 reference: gap >= 0)
-            row.update(task=task, metric=metric, holds=holds)
-            within.append(row)
-            row = compare(summary, task, metric, "molf-efficient", ["adalora"])
-            row.update(task=task, metric=metric, holds=row["gap"] > 0)
-            beats.append(row)
-    return {"molf_within_1.5pct_of_best_of_fft_lora": within, "molf_efficient_beats_adalora": beats}
-
-
-def memory_table(runs: list[dict]) -> dict:
-    """Per method: trainable parameters and the most optimizer state measured in any run."""
-    table = {}
-    for method in METHODS:
-        mine = [r for r in runs if r["method"] == method]
-        if mine:
-            table[method] = {
-                "trainable_parameters": max(r["trainable_parameters"] for r in mine),
-                "state_bytes": max(r["state_bytes"] for r in mine),
-            }
-    return table
-
-
-LAYER_TYPES = {
-    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "mlp": ("gate_proj", "up_proj", "down_proj"),
-}
-
-
-def routing_curves(runs: list[dict], summary: dict) -> dict:
-    """Per task and routed method, at the chosen option, averaged over the seeds: per step the
-    share of modules of each layer type (and of each projection) whose update went to the
-    *tracked* expert -- the FFT expert for MoLF, the largest LoRA expert for MoLF-Efficient
-    (whose frozen base never wins)."""
-    curves: dict = {}
-    for task in summary:
-        for method, row in summary[task].items():
-            routed = [
-                r["routing"]
-                for r in runs
-                if r["task"] == task
-                and r["method"] == method
-                and r["option"] == row["chosen"]
-                and "routing" in r
-            ]
-            if not routed:
-                continue
-            names, experts = routed[0]["module_names"], routed[0]["expert_names"]
-            tracked = 0 if method == "molf" else len(experts) - 1
-            projections = [p for ps in LAYER_TYPES.values() for p in ps]
-            curves.setdefault(task, {})[method] = {
-                "tracked_expert": experts[tracked],
-                "by_type": {
-                    t: _share_curve(routed, _rows(names, ps), tracked)
-                    for t, ps in LAYER_TYPES.items()
-                },
-                "by_projection": {
-                    p: _share_curve(routed, _rows(names, (p,)), tracked) for p in projections
-                },
-            }
-    return curves
-
-
-def _rows(module_names: list[str], projections: tuple[str, ...]) -> list[int]:
-    return [i for i, name in enumerate(module_names) if name.endswith(projections)]
-
-
-def _share_curve(routed: list[dict], rows: list[int], expert: int) -> list[float]:
-    """Per step, the share of (run, module in ``rows``) pairs whose winner was ``expert``."""
-    steps = len(routed[0]["winners"])
-    return [
-        sum(r["winners"][step][i] == expert for r in routed for i in rows)
-        / (len(routed) * len(rows))
-        for step in range(steps)
-    ]
-
-
-def plot_routing(curves: dict, settings: StudySettings, path: Path) -> Path:
-    """One panel per task and routed method: the share of modules taking the tracked expert's
-    update per step, attention vs MLP (thick), each projection (thin)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    tasks = [t for t in ("fact", "sql") if t in curves]
-    methods = [m for m in ("molf", "molf-efficient") if any(m in curves[t] for t in tasks)]
-    fig = Figure(figsize=(5.2 * len(methods), 3.4 * len(tasks)), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(tasks), len(methods), squeeze=False, sharey=True)
-    colours = {"attention": "tab:blue", "mlp": "tab:orange"}
-    for row, task in enumerate(tasks):
-        for col, method in enumerate(methods):
-            ax = axes[row][col]
-            curve = curves[task].get(method)
-            if curve is None:
-                ax.set_axis_off()
-                continue
-            for layer_type, projections in LAYER_TYPES.items():
-                for p in projections:
-                    y = curve["by_projection"][p]
-                    ax.plot(range(1, len(y) + 1), y, color=colours[layer_type], lw=0.6, alpha=0.35)
-                y = curve["by_type"][layer_type]
-                label = f"{layer_type} ({'/'.join(p.split('_')[0] for p in projections)})"
-                ax.plot(range(1, len(y) + 1), y, color=colours[layer_type], lw=2, label=label)
-            ranks = settings.ranks[method]
-            tracked = curve["tracked_expert"]
-            what = "FFT expert" if tracked == "fft" else f"rank-{max(ranks)} LoRA expert"
-            ax.set(
-                title=f"{task}: {method}",
-                xlabel="step",
-                ylabel=f"share of modules updating\nthe {what}",
-                ylim=(-0.03, 1.03),
-            )
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8, loc="best")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    return path
-
-
-def _early_late(series: list[float]) -> tuple[float, float]:
-    """Mean of the first and of the last fifth of the steps."""
-    k = max(1, len(series) // 5)
-    return sum(series[:k]) / k, sum(series[-k:]) / k
-
-
-# ---- the report ------------------------------------------------------------------------------
-METRIC_LABELS = {
-    "score": "fact score",
-    "efficacy": "fact efficacy",
-    "paraphrase": "fact paraphrase",
-    "kept": "facts kept",
-    "exact_match": "SQL exact match",
-}
-
-
-def _pm(cell: dict) -> str:
-    return f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}"
-
-
-def write_report(report: dict, settings: StudySettings, out: Path) -> Path:
-    """``out/results.md`` from the study's report (the same numbers as the JSON summary)."""
-    summary, pre = report["summary"], report["pretraining"]
-    lines = [
-        "# Study: FFT vs LoRA vs AdaLoRA vs MoLF vs MoLF-Efficient at CPU scale",
-        "",
-        "Generated by `bench/study.py` (do not edit: rerun it). Command:",
-        "",
-        f"    {report['command']}",
-        "",
-        f"Wall time: **{report['wall_s'] / 60:.1f} min** in all (pretraining "
-        f"{'cached, 0' if pre['cached'] else format(pre['wall_s'] / 60, '.1f')} min; "
-        f"{len(report['runs'])} fine-tuning runs {report['finetune_wall_s'] / 60:.1f} min on "
-        f"{report['workers']} worker processes) on a machine with {report['cpus']} CPU cores; "
-        f"load average {report['load_start']:.1f} at the start and {report['load_end']:.1f} at the "
-        "end (above the core count: other jobs shared the machine).",
-        "",
-        "## Set-up",
-        "",
-        f"- **Model**: molf-train's `{settings.pretrain.model}` preset (Qwen2: hidden 64, 4 "
-        f"layers, {pre['parameters']:,} parameters, byte tokenizer), **pretrained** from "
-        f"scratch for {settings.pretrain.steps} steps of {settings.pretrain.batch_size} packed "
-        f"samples of ≤ {settings.pretrain.seq_len} bytes (AdamW, lr "
-        f"{settings.pretrain.lr:g}, cosine) on a generated corpus: {pre['fact_lines']} fact "
-        f"sentences ({pre['facts']} invented facts: {settings.pretrain.subjects} people × "
-        f"{len(RELATIONS)} relations — native language, occupation, residence, instrument — each "
-        f"in 5 phrasings) and {pre['sql_documents']} SQL documents (a question of the embedded "
-        "SQL task as a `--` comment above its statement; the fine-tuning task's validation and "
-        "test statements left out). Final pretraining loss "
-        f"{pre['final_loss']:.3f} nats/byte.",
-        f"- **Knowledge check** (the `fact` evaluator on every fact, true object vs the "
-        f"counterfactual one): the pretrained model prefers the true object for "
-        f"**{100 * pre['known']['efficacy']:.1f} %** of the facts on the edit prompt and "
-        f"{100 * pre['known']['paraphrase']:.1f} % on the paraphrases (untrained model: "
-        f"{100 * pre['known_untrained']['efficacy']:.1f} % / "
-        f"{100 * pre['known_untrained']['paraphrase']:.1f} %). "
-        + (
-            "So the edits below overwrite facts the model knows."
-            if pre["known"]["efficacy"] >= 0.9
-            else "**Too low: the fact-editing results below do not mean much.**"
-        ),
-        f"- **fact** (counterfactual editing, CounterFact's schema): {2 * settings.fact_edits} "
-        f"known facts are rewritten to another object of their relation in one fine-tuning run "
-        f"({settings.fact_steps} steps of {settings.batch_size}, training on the edit prompt "
-        f"only); {settings.fact_edits} of the edits are the validation split, "
-        f"{settings.fact_edits} the test split. Metrics: efficacy (the new object beats the "
-        "true one after the edit prompt), paraphrase (the same on the 4 other phrasings, never "
-        "trained on), kept (the share of the untouched facts — other people, other relations — "
-        "still known; half scored with validation, half with test) and score, their harmonic "
-        "mean (CounterFact's summary; the learning rate is chosen by it).",
-        f"- **sql** (the `sql` task's embedded generator, Gretel's schema): {settings.sql_train} "
-        f"training records, {settings.sql_val} validation, {settings.sql_test} test (a fixed "
-        f"split), {settings.sql_steps} steps of {settings.batch_size}; metric: exact match of "
-        "the greedy generation (the `sql` evaluator).",
-        "- **Methods**: built by molf-train's own table (`molf_ds.train.recipe.METHODS`: "
-        "`build_model`, `build_engine`, `after_backward`) on a single-process DeepSpeed engine "
-        "(`ds_config=zero0`, fp32, gradient clipping 1.0, warm-up "
-        f"{settings.warmup_steps} steps then cosine), molf-train's loop. "
-        + "; ".join(f"`{m}`: {_method_shape(m, settings)}" for m in METHODS)
-        + ".",
-        f"- **Learning rates**: a grid of {len(settings.grids['fft'])} per method, the option "
-        "with the best mean over the seeds on the validation split is reported on the test "
-        f"split; seeds {', '.join(map(str, settings.seeds))} (LoRA initialisation and data "
-        "order; the splits are fixed).",
-        "",
-        "## Results (test split, % mean ± std over the seeds, at the learning rate chosen on "
-        "validation)",
-        "",
-    ]
-    lines += _results_table(report)
-    lines += ["", "## The paper's claims at this scale", ""]
-    lines += _claims_section(report["claims"])
-    lines += ["", "## Optimizer-state memory (measured)", ""]
-    lines += _memory_section(report["memory"])
-    lines += ["", "## Routing dynamics", ""]
-    lines += _routing_section(report, settings)
-    lines += ["", "## Learning-rate grid (validation, mean over the seeds)", ""]
-    lines += _grid_table(summary, settings)
-    lines += ["", "## Discussion", ""]
-    lines += _discussion(report, settings)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _method_shape(method: str, settings: StudySettings) -> str:
-    ranks = settings.ranks[method]
-    return {
-        "fft": "every weight, AdamW",
-        "lora": f"PEFT LoRA r={ranks[0]} (rsLoRA, alpha 16) on q/k/v/o/gate/up/down, AdamW",
-        "adalora": f"PEFT AdaLoRA from r={ranks[0]} to an average of {max(1, ranks[0] // 2)}, "
-        "AdamW, ranks re-allocated after each backward",
-        "molf": f"`molf_ds.wrap` FFT expert + LoRA r={ranks[0]}, `MoLFAdamW` top-1 (EPD)",
-        "molf-efficient": "`molf_ds.wrap` base frozen, LoRA experts r="
-        + "+".join(map(str, ranks))
-        + ", `MoLFAdamW` top-1 (EPD)",
-    }[method]
-
-
-def _results_table(report: dict) -> list[str]:
-    summary, baseline = report["summary"], report["pretrained_scores"]
-    columns = [(t, m) for t, ms in TASK_METRICS.items() for m in ms if t in summary]
-    head = "| method | learning rate (chosen) | " + " | ".join(METRIC_LABELS[m] for _, m in columns)
-    lines = [head + " |", "|---" * (len(columns) + 2) + "|"]
-    cells = [f"{100 * baseline[t][m]:.1f}" for t, m in columns]
-    lines.append("| pretrained, not fine-tuned | — | " + " | ".join(cells) + " |")
-    for method in METHODS:
-        lrs = {
-            t: _options_label(summary[t][method]["options"])
-            for t in summary
-            if method in summary[t]
-        }
-        if not lrs:
-            continue
-        lr_text = "; ".join(f"{t}: {v}" for t, v in lrs.items())
-        cells = [
-            _pm(summary[t][method]["test"][m]) if method in summary[t] else "—" for t, m in columns
-        ]
-        lines.append(f"| {method} | {lr_text} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def _relative(row: dict) -> str:
-    relative = row["relative_gap"]
-    return "—" if math.isnan(relative) else f"{100 * relative:+.1f} %"
-
-
-def _claims_section(checked: dict) -> list[str]:
-    lines = [
-        "**Claim 1: MoLF stays within 1.5 % of the better of FFT and LoRA on every task.** "
-        "Gap = MoLF − the better of the two (test means); relative = gap / the better's mean; "
-        "SE = standard error of the gap over the seeds.",
-        "",
-        "| task | metric | better of FFT, LoRA | MoLF | gap (points) | relative | SE (points) "
-        "| within 1.5 %? |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in checked["molf_within_1.5pct_of_best_of_fft_lora"]:
-        lines.append(_claim_row(row, "yes" if row["holds"] else "**no**"))
-    lines += [
-        "",
-        "**Claim 2: MoLF-Efficient beats AdaLoRA (by up to 20 % on factual knowledge).**",
-        "",
-        "| task | metric | AdaLoRA | MoLF-Efficient | gap (points) | relative | SE (points) "
-        "| beats AdaLoRA? |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in checked["molf_efficient_beats_adalora"]:
-        lines.append(_claim_row(row, "yes" if row["holds"] else "**no**"))
-    return lines
-
-
-def _claim_row(row: dict, verdict: str) -> str:
-    reference = f"{row['reference']} {100 * row['reference_value']:.1f}"
-    relative_text = _relative(row)
-    resolved = abs(row["gap"]) >= 2 * row["se"] if row["se"] > 0 else True
-    return (
-        f"| {row['task']} | {METRIC_LABELS[row['metric']]} | {reference} | "
-        f"{100 * row['value']:.1f} | {100 * row['gap']:+.1f} | {relative_text} | "
-        f"{100 * row['se']:.1f}{'' if resolved else ' (gap < 2 SE)'} | {verdict} |"
-    )
-
-
-def _memory_section(memory: dict) -> list[str]:
-    lines = [
-        "Bytes of every tensor the optimizer keeps (AdamW's two moments and step counts; "
-        "`MoLFAdamW` keeps moments for *every* expert, winner or not), plus AdaLoRA's "
-        "sensitivity averages held by PEFT's rank allocator, at the step where the sum was "
-        "largest. fp32 throughout.",
-        "",
-        "| method | trainable parameters | optimizer state | × LoRA | × FFT |",
-        "|---|---|---|---|---|",
-    ]
-    lora, fft = memory["lora"]["state_bytes"], memory["fft"]["state_bytes"]
-    for method, row in memory.items():
-        b = row["state_bytes"]
-        lines.append(
-            f"| {method} | {row['trainable_parameters']:,} | {b:,} B ({b / 2**20:.2f} MiB) | "
-            f"{b / lora:.2f} | {b / fft:.2f} |"
-        )
-    return lines
-
-
-def _routing_section(report: dict, settings: StudySettings) -> list[str]:
-    curves = report["routing"]
-    lines = [
-        f"![routing]({report['routing_figure']})",
-        "",
-        "Share of routed modules whose update went to the tracked expert — the FFT expert for "
-        "MoLF, the largest LoRA expert for MoLF-Efficient (its frozen base is no candidate) — "
-        "per step, at the chosen learning rate, averaged over the seeds; thick: attention "
-        "(q/k/v/o) and MLP (gate/up/down), thin: each projection. First and last fifth of the "
-        "steps:",
-        "",
-        "| task | method | tracked expert | attention: first → last | MLP: first → last |",
-        "|---|---|---|---|---|",
-    ]
-    for task, methods in curves.items():
-        for method, curve in methods.items():
-            cells = []
-            for layer_type in LAYER_TYPES:
-                early, late = _early_late(curve["by_type"][layer_type])
-                cells.append(f"{100 * early:.0f} % → {100 * late:.0f} %")
-            lines.append(
-                f"| {task} | {method} | {curve['tracked_expert']} | " + " | ".join(cells) + " |"
-            )
-    return lines
-
-
-def _grid_table(summary: dict, settings: StudySettings) -> list[str]:
-    lines = [
-        "| task (metric) | method | "
-        + " | ".join(f"option {i + 1}" for i in range(max(len(g) for g in settings.grids.values())))
-        + " |",
-        "|---|---|" + "---|" * max(len(g) for g in settings.grids.values()),
-    ]
-    for task, rows in summary.items():
-        for method, row in rows.items():
-            cells = []
-            for i, options in enumerate(settings.grids[method]):
-                text = f"{_options_label(options)}: {100 * row['val_by_option'][i]:.1f}"
-                cells.append(f"**{text}**" if i == row["chosen"] else text)
-            metric = METRIC_LABELS[TASK_METRICS[task][0]]
-            lines.append(f"| {task} ({metric}) | {method} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def _discussion(report: dict, settings: StudySettings) -> list[str]:
-    """What the numbers say, worded from them (so a rerun's text matches its numbers), then
-    what limits them."""
-    checked, memory, curves = report["claims"], report["memory"], report["routing"]
-    within = checked["molf_within_1.5pct_of_best_of_fft_lora"]
-    beats = checked["molf_efficient_beats_adalora"]
-    lines = []
-    failed = [r for r in within if not r["holds"]]
-    noisy = [r for r in failed if abs(r["gap"]) < 2 * r["se"]]
-    lines.append(
-        f"- **Claim 1** holds on {len(within) - len(failed)} of {len(within)} task metrics. "
-        + (
-            "Where it fails: "
-            + "; ".join(
-                f"{r['task']} {METRIC_LABELS[r['metric']]} ({100 * r['gap']:+.1f} points vs "
-                f"{r['reference']}, {_relative(r)})"
-                for r in failed
-            )
-            + ". "
-            + (
-                f"{len(noisy)} of these gaps are smaller than twice their standard error over "
-                f"{len(settings.seeds)} seeds, i.e. not resolved by this study."
-                if noisy
-                else ""
-            )
-            if failed
-            else "Every gap is above −1.5 %."
-        )
-    )
-    won = [r for r in beats if r["holds"]]
-    best = max(beats, key=lambda r: r["relative_gap"] if r["reference_value"] else -1, default=None)
-    lines.append(
-        f"- **Claim 2**: MoLF-Efficient beats AdaLoRA on {len(won)} of {len(beats)} task "
-        "metrics"
-        + (
-            f"; the largest relative margin is {_relative(best)} "
-            f"({best['task']} {METRIC_LABELS[best['metric']]}, "
-            f"{100 * best['reference_value']:.1f} → {100 * best['value']:.1f})."
-            if best
-            else "."
-        )
-        + " AdaLoRA here is PEFT's, with a schedule squeezed into a few dozen steps "
-        "(warm-up, rank budget, final phase: `recipe._adalora_model`); that is a real handicap "
-        "at this length and part of any margin."
-    )
-    ratio = memory["molf"]["state_bytes"] / memory["fft"]["state_bytes"]
-    lines.append(
-        f"- **Memory**: MoLF keeps {ratio:.2f}× "
-        f"the optimizer state of FFT (moments of the FFT expert *and* the LoRA expert, every "
-        "step: the router needs both), MoLF-Efficient "
-        f"{memory['molf-efficient']['state_bytes'] / memory['lora']['state_bytes']:.2f}× that "
-        f"of LoRA r={settings.ranks['lora'][0]} (its experts' ranks add up to "
-        f"{sum(settings.ranks['molf-efficient'])}), AdaLoRA "
-        f"{memory['adalora']['state_bytes'] / memory['lora']['state_bytes']:.2f}× LoRA's "
-        "(its singular values and sensitivity averages). On this 64-wide model the "
-        "embeddings and norms (trained by FFT and MoLF) are a large share; on a real model the "
-        "FFT moments dominate and MoLF ≈ FFT + LoRA."
-    )
-    for task, methods in curves.items():
-        curve = methods.get("molf")
-        if curve is None:
-            continue
-        parts = []
-        for layer_type in LAYER_TYPES:
-            early, late = _early_late(curve["by_type"][layer_type])
-            parts.append(f"{layer_type} {100 * early:.0f} % → {100 * late:.0f} %")
-        lines.append(
-            f"- **Routing, {task}**: MoLF's share of modules taking the FFT update, first → last "
-            f"fifth of the steps: {', '.join(parts)}."
-        )
-    lines += [
-        "- **Scale**: a 0.2M-parameter model with 64-wide layers, where a rank-8 LoRA is 1/8 "
-        "of the width (on a 0.5B model, r=64 of 896 is 1/14 and the FFT expert has ~1000× "
-        "the parameters), a byte tokenizer, tens to a few hundred fine-tuning steps, "
-        f"{len(settings.seeds)} seeds and test sets of {2 * settings.fact_edits // 2} edits "
-        f"and {settings.sql_test} questions: one edit is "
-        f"{100 / settings.fact_edits:.1f} points of efficacy and one question "
-        f"{100 / settings.sql_test:.1f} points of exact match, so gaps of a few points are "
-        "within the noise, and the paper's 1.5 % threshold is below this study's resolution.",
-        "- **What transfers and what does not**: the claims are about relative quality at "
-        "the scale of the paper's models and data; this study checks that the machinery "
-        "(routing in the optimizer, PEFT baselines, one harness) produces them the same way, "
-        "and reports what happens on a tiny model. A claim that fails here may hold at scale "
-        "and the reverse; what the study does show is measured directly: the memory cost of "
-        "routing (every expert's moments), and how the router splits the work between FFT "
-        "and LoRA as training goes.",
-    ]
-    return lines
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -1425,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         p = settings.pretrain
         facts = fact_splits(make_facts(p.subjects, p.seed), settings.fact_edits, p.seed)
-        sql = sql_splits(settings)
+        sql = sql_splits(settings.sql_train, settings.sql_val, settings.sql_test)
         model_dir, pre = pretrained_model(settings, sql, facts.known, Path(args.cache), log)
     except MoLFError as err:
         print(f"bench/study.py: error: {err}", file=sys.stderr)
@@ -1436,16 +680,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     data = task_data(facts, sql)
     baseline = pretrained_scores(model_dir, data, settings)
-    jobs = [
-        Job(task, method, option, seed)
-        for task in TASK_METRICS
-        for method in METHODS
-        for option in range(len(settings.grids[method]))
-        for seed in settings.seeds
-    ]
-    log(f"{len(jobs)} fine-tuning runs on {workers} processes")
+    search = GridSearch(settings)
+    log(f"{search.total()} fine-tuning runs on {workers} processes")
     finetune_started = time.perf_counter()
-    runs = run_jobs(jobs, model_dir, settings, data, workers, log)
+    runs = run_jobs(search, model_dir, settings, data, workers, log)
     finetune_wall = time.perf_counter() - finetune_started
     summary = summarize(runs, settings)
     out = Path(args.out)
@@ -1472,36 +710,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = write_report(report, settings, out)
     log(f"wrote {path} and {figure}")
-    print(json.dumps(_json_summary(report, path, figure)))
+    print(json.dumps(json_summary(report, path, figure)))
     return 0
-
-
-def _json_summary(report: dict, path: Path, figure: Path) -> dict:
-    """The stdout line: everything results.md states, without the per-run and per-step data."""
-    return {
-        "study": "molf_vs_baselines",
-        "command": report["command"],
-        "results_md": str(path),
-        "routing_figure": str(figure),
-        "wall_s": round(report["wall_s"], 1),
-        "finetune_wall_s": round(report["finetune_wall_s"], 1),
-        "runs": len(report["runs"]),
-        "pretraining": report["pretraining"],
-        "pretrained_scores": report["pretrained_scores"],
-        "results": {
-            task: {
-                method: {
-                    "options": row["options"],
-                    "test": row["test"],
-                    "val_by_option": row["val_by_option"],
-                }
-                for method, row in rows.items()
-            }
-            for task, rows in report["summary"].items()
-        },
-        "claims": report["claims"],
-        "memory": report["memory"],
-    }
 
 
 if __name__ == "__main__":
