@@ -79,7 +79,6 @@ class PretrainSettings:
     """The pretraining run; its JSON is the cache key (with `CORPUS_VERSION`)."""
 
     model: str = "tiny-qwen2"  # molf-train's preset: Qwen2, hidden 64, 4 layers, byte tokenizer
-    shape: tuple[tuple[str, int], ...] = ()  # changes to the preset's shape (config fields)
     subjects: int = 48  # invented people; each has one object per relation (4 facts)
     # the SQL documents' question -> statement mapping "clicks" (copying values from the
     # question) between steps ~1250 and ~1750 of a 2500-step run; 2000 leaves it learned
@@ -90,6 +89,7 @@ class PretrainSettings:
     lr: float = 3e-3
     warmup_steps: int = 50
     seed: int = 0
+    processes: int = 2  # data-parallel pretraining processes (batch_size is split among them)
 
 
 @dataclass(frozen=True)
@@ -155,59 +155,113 @@ SMOKE = StudySettings(
 
 
 # ---- stage 1: pretraining ----------------------------------------------------------------------
-def pretrain(settings: PretrainSettings, fact_lines: list[str], sql_lines: list[str], probe=None):
-    """``(tokenizer, model, info)``: molf-train's preset trained from scratch on the corpus by
-    plain AdamW (warm-up, cosine). ``probe(step, model)`` is called every 250 steps, if given."""
+def pretrain(settings: PretrainSettings, fact_lines: list[str], sql_lines: list[str], out: Path):
+    """``info`` of molf-train's preset trained from scratch on the corpus and saved to ``out``
+    (``save_pretrained``, with the tokenizer): plain AdamW (warm-up, cosine, clipping at 1), loss
+    on every byte, data-parallel over ``settings.processes`` spawned processes (gloo, DDP; each
+    draws its share of the batch from its own stream). On a 2-core machine shared with other
+    jobs, two processes also get twice the CPU share of one."""
+    import multiprocessing as mp
+    import queue
+
+    context = mp.get_context("fork")  # (see `run_jobs`)
+    results = context.Queue()
+    port = _free_port()
+    processes = [
+        context.Process(
+            target=_pretrain_rank,
+            args=(rank, port, settings, fact_lines, sql_lines, str(out), results),
+        )
+        for rank in range(settings.processes)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        while True:
+            try:
+                result = results.get(timeout=10)
+                break
+            except queue.Empty:
+                if not all(p.is_alive() for p in processes):
+                    raise MoLFError("a pretraining process exited early") from None
+        if "error" in result:
+            raise RuntimeError(f"pretraining failed: {result['error']}")
+    finally:
+        for process in processes:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+    return result["info"]
+
+
+def _pretrain_rank(rank: int, port: int, settings, fact_lines, sql_lines, out: str, results):
+    """One pretraining process; rank 0 saves the model to ``out`` and puts ``info`` on
+    ``results`` (any rank its traceback, on an error)."""
+    import traceback
+    from datetime import timedelta
+
     import torch
-
-    tokenizer, model = new_model(settings)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _warmup_cosine(settings.warmup_steps, settings.steps)
-    )
-    rng = random.Random(f"study-pretrain:{settings.seed}")
-    stream = packed_samples(fact_lines, sql_lines, settings.fact_share, settings.seq_len, rng)
-    model.train()
-    started, losses = time.perf_counter(), []
-    for step in range(settings.steps):
-        texts = [next(stream) for _ in range(settings.batch_size)]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        if probe is not None and (step + 1) % 250 == 0:
-            probe(step + 1, model, sum(losses[-50:]) / len(losses[-50:]))
-            model.train()
-    model.eval()
-    info = {
-        "final_loss": sum(losses[-50:]) / len(losses[-50:]),
-        "wall_s": time.perf_counter() - started,
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
-    return tokenizer, model, info
-
-
-def new_model(settings: PretrainSettings):
-    """``(tokenizer, model)``: molf-train's preset (`recipe.load_model`), its shape changed by
-    ``settings.shape``, initialised from ``settings.seed``."""
-    import torch
-    import transformers
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
 
     from molf_ds.train.recipe import load_model
 
-    tokenizer, model = load_model(settings.model, seed=settings.seed)
-    if not settings.shape:
-        return tokenizer, model
-    config = model.config.to_dict()
-    config.update(dict(settings.shape))
-    torch.manual_seed(settings.seed)
-    config = type(model.config).from_dict(config)
-    return tokenizer, transformers.AutoModelForCausalLM.from_config(config)
+    try:
+        _quiet_dependencies()
+        torch.set_num_threads(1)
+        world = settings.processes
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(minutes=5),
+        )
+        tokenizer, model = load_model(settings.model, seed=settings.seed)  # the same on every rank
+        ddp = DistributedDataParallel(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _warmup_cosine(settings.warmup_steps, settings.steps)
+        )
+        rng = random.Random(f"study-pretrain:{settings.seed}:{rank}")
+        stream = packed_samples(fact_lines, sql_lines, settings.fact_share, settings.seq_len, rng)
+        model.train()
+        started, losses = time.perf_counter(), []
+        for _ in range(settings.steps):
+            texts = [next(stream) for _ in range(settings.batch_size // world)]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            loss = ddp(**batch, labels=labels).loss
+            loss.backward()  # (DDP averages the gradients over the processes)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        final_loss = torch.tensor(sum(losses[-50:]) / len(losses[-50:]))
+        dist.all_reduce(final_loss)
+        if rank == 0:
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            info = {
+                "final_loss": float(final_loss) / world,
+                "wall_s": time.perf_counter() - started,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "processes": world,
+            }
+            results.put({"info": info})
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - reported by the parent, which stops the study
+        results.put({"error": f"rank {rank}:\n{traceback.format_exc()}"})
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _warmup_cosine(warmup: int, total: int):
@@ -406,15 +460,10 @@ def rank_allocator_bytes(model) -> int:
 
 def _start_single_rank_group() -> None:
     """A one-rank process group (gloo), as `deepspeed.initialize` needs, on a free port."""
-    import socket
-
     from molf_ds.zero import init_distributed
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
+    os.environ["MASTER_PORT"] = str(_free_port())
     init_distributed()
 
 
@@ -492,12 +541,14 @@ class GridSearch:
 
 
 def run_jobs(search: GridSearch, model_dir: Path, settings, data, workers: int, log) -> list[dict]:
-    """Every result of ``search``'s jobs, run by ``workers`` processes (spawned: a fresh
-    interpreter each, one DeepSpeed process group each)."""
+    """Every result of ``search``'s jobs, run by ``workers`` processes, one DeepSpeed process
+    group each. Forked, not spawned: a spawned process imports torch, transformers and DeepSpeed
+    again, over a minute on this machine when it is busy; this process holds no thread pool or
+    process group to inherit (one torch thread, no collectives here)."""
     import multiprocessing as mp
     import queue
 
-    context = mp.get_context("spawn")
+    context = mp.get_context("fork")
     job_queue, results = context.Queue(), context.Queue()
     submitted = 0
     for job in search.first_jobs():
@@ -564,8 +615,10 @@ def pretrained_model(
     import shutil
 
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from molf_ds.train import tasks
+    from molf_ds.train.recipe import load_model
 
     p = settings.pretrain
     facts = make_facts(p.subjects, p.seed)
@@ -583,9 +636,13 @@ def pretrained_model(
         log(f"pretrained model: cached in {where}")
         return where, {**info, "cached": True}
     log(f"pretraining {p.steps} steps: {len(fact_lines)} fact lines, {len(documents)} SQL docs")
-    tokenizer, model, info = pretrain(p, fact_lines, sql_lines=documents)
+    partial = cache / f"{key}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    info = pretrain(p, fact_lines, documents, partial)
+    tokenizer = AutoTokenizer.from_pretrained(partial)
+    model = AutoModelForCausalLM.from_pretrained(partial, dtype=torch.float32).eval()
     fact_task = tasks.get("fact")
-    _, untrained = new_model(p)
+    _, untrained = load_model(p.model, seed=p.seed)
     with torch.no_grad():
         info["known"] = _scores_only(
             fact_task.evaluate(model, tokenizer, facts_known, batch_size=64)
@@ -594,10 +651,6 @@ def pretrained_model(
             fact_task.evaluate(untrained.eval(), tokenizer, facts_known, batch_size=64)
         )
     info.update(facts=len(facts), fact_lines=len(fact_lines), sql_documents=len(documents))
-    partial = cache / f"{key}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
     (partial / "pretraining.json").write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(where, ignore_errors=True)
     partial.rename(where)  # published only complete
@@ -625,6 +678,16 @@ def pretrained_scores(model_dir: Path, data: dict[str, TaskData], settings: Stud
     return out
 
 
+def _process_age_s() -> float:
+    """Seconds since this process started (Linux's /proc; 0 elsewhere)."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def parse_args(argv: list[str] | None):
     parser = OneLineArgumentParser(
         prog="bench/study.py",
@@ -648,7 +711,7 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.perf_counter()
+    started = time.perf_counter() - _process_age_s()  # the wall time counts the imports too
     load_start = os.getloadavg()[0]
     settings = SMOKE if args.smoke else StudySettings()
     if args.seeds is not None:

@@ -277,12 +277,21 @@ def write_report(report: dict, settings: StudySettings, out: Path) -> Path:
         "",
         f"    {report['command']}",
         "",
-        f"Wall time: **{report['wall_s'] / 60:.1f} min** in all (pretraining "
-        f"{'cached, 0' if pre['cached'] else format(pre['wall_s'] / 60, '.1f')} min; "
-        f"{len(report['runs'])} fine-tuning runs {report['finetune_wall_s'] / 60:.1f} min on "
-        f"{report['workers']} worker processes) on a machine with {report['cpus']} CPU cores; "
-        f"load average {report['load_start']:.1f} at the start and {report['load_end']:.1f} at the "
-        "end (above the core count: other jobs shared the machine).",
+        f"Wall time: **{report['wall_s'] / 60:.1f} min** in all on a machine with "
+        f"{report['cpus']} CPU cores: pretraining "
+        + (
+            f"cached (it took {pre['wall_s'] / 60:.1f} min when it ran)"
+            if pre["cached"]
+            else f"{pre['wall_s'] / 60:.1f} min"
+        )
+        + f", {len(report['runs'])} fine-tuning runs {report['finetune_wall_s'] / 60:.1f} min on "
+        f"{report['workers']} worker processes of one thread each. Load average "
+        f"{report['load_start']:.1f} at the start and {report['load_end']:.1f} at the end"
+        + (
+            " (above the core count: other jobs shared the machine)."
+            if max(report["load_start"], report["load_end"]) > report["cpus"]
+            else "."
+        ),
         "",
         "## Set-up",
         "",
