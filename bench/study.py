@@ -1,28 +1,34 @@
 """A CPU-scale study: FFT vs LoRA vs AdaLoRA vs MoLF vs MoLF-Efficient on fact editing and SQL.
 
-    .venv/bin/python bench/study.py                 # the study: 3 seeds, ~25 min on 2 cores
-    .venv/bin/python bench/study.py --smoke --out /tmp/study   # ~1 min: does everything run?
+    .venv/bin/python bench/study.py                 # the study: 3 seeds (see docs/results.md)
+    .venv/bin/python bench/study.py --smoke --out /tmp/study   # 1-2 min: does everything run?
 
 Stages, all in this one command:
 
-1. **Pretraining** (cached): a tiny Qwen2 (molf-train's ``tiny-qwen2`` preset, byte tokenizer)
-   learns a generated corpus of invented facts (subject -> object under four relations, each
-   stated in five phrasings) and of SQL statements over the embedded SQL task's five tables.
-   The model is saved with ``save_pretrained`` under ``.cache/study/<hash of the settings>``,
-   so a rerun skips this. Then the fact task's evaluator checks the model prefers the true
-   object of each fact: without that, editing facts would mean nothing.
-2. **Fine-tuning**: each method on (a) a counterfactual fact-editing task in CounterFact's schema
-   (edit known facts to a different object; efficacy on the edited prompt, paraphrase on the
-   other phrasings; ``tasks.get("fact")``) and (b) the text-to-SQL task (``tasks.get("sql")``,
-   the embedded generator, exact match). Models and optimizers come from molf-train's own
-   builders (``recipe.METHODS``: PEFT LoRA/AdaLoRA, ``molf_ds.wrap`` + ``MoLFAdamW``), each run
-   on a single-process DeepSpeed engine (``ds_config=zero0``) in a worker process, the loop
-   being molf-train's (forward, backward, the method's after-backward hook, step). A small
-   learning-rate grid per method is chosen on a validation split and that choice is reported
-   on the test split, over the seeds.
-3. **Report**: ``docs/results.md`` (tables, gaps to the paper's claims, optimizer-state memory,
-   routing dynamics, chosen learning rates, wall time, the command), the routing figure
-   ``docs/results_routing.png``, and one JSON summary line on stdout.
+1. **Pretraining** (cached): molf-train's ``tiny-qwen2`` preset (Qwen2, byte tokenizer) learns
+   from scratch a generated corpus of invented facts (people -> object under four relations,
+   each stated in five phrasings) and of SQL documents (each question of the embedded SQL task
+   as a comment above its statement, the fine-tuning task's held-out statements left out),
+   data-parallel on two processes. The model is saved with ``save_pretrained`` under
+   ``.cache/study/<hash of the settings and corpus>``, so a rerun skips this. The `fact` task's
+   evaluator then checks the model prefers the true object of each fact: without that,
+   editing facts would mean nothing.
+2. **Fine-tuning**: each method on (a) counterfactual fact editing in CounterFact's schema
+   (known facts rewritten to another object; ``tasks.get("fact")``: efficacy on the edit prompt,
+   paraphrase on the other phrasings, plus the share of untouched facts kept) and (b) the
+   text-to-SQL task (``tasks.get("sql")``, the embedded generator, exact match). Models and
+   optimizers come from molf-train's own table (``recipe.METHODS``: PEFT LoRA/AdaLoRA,
+   ``molf_ds.wrap`` + ``MoLFAdamW``), each run on a single-process DeepSpeed engine
+   (``ds_config=zero0``: the builders hand back an engine, and AdaLoRA's hook reads it) in one
+   of two worker processes, with molf-train's loop (forward, backward, the method's
+   after-backward hook, step). Each method's learning-rate grid runs with the first seed; the
+   option best on the validation split then runs with the other seeds, and the test split
+   reports it over all of them.
+3. **Report**: ``docs/results.md`` (tables, the paper's two claims checked, optimizer-state
+   memory, routing dynamics, chosen learning rates, wall time, the command), the routing figure
+   ``docs/results_routing.png``, and one JSON summary line on stdout (progress goes to stderr).
+
+The data are built in ``study_data.py``, the numbers and the report in ``study_report.py``.
 """
 
 from __future__ import annotations

@@ -299,7 +299,8 @@ def write_report(report: dict, settings: StudySettings, out: Path) -> Path:
         f"layers, {pre['parameters']:,} parameters, byte tokenizer), **pretrained** from "
         f"scratch for {settings.pretrain.steps} steps of {settings.pretrain.batch_size} packed "
         f"samples of ≤ {settings.pretrain.seq_len} bytes (AdamW, lr "
-        f"{settings.pretrain.lr:g}, cosine) on a generated corpus: {pre['fact_lines']} fact "
+        f"{settings.pretrain.lr:g}, cosine; {pre['processes']} data-parallel processes) on a "
+        f"generated corpus: {pre['fact_lines']} fact "
         f"sentences ({pre['facts']} invented facts: {settings.pretrain.subjects} people × "
         f"{len(RELATIONS)} relations — native language, occupation, residence, instrument — each "
         f"in 5 phrasings) and {pre['sql_documents']} SQL documents (a question of the embedded "
@@ -366,11 +367,12 @@ def write_report(report: dict, settings: StudySettings, out: Path) -> Path:
 def _method_shape(method: str, settings: StudySettings) -> str:
     ranks = settings.ranks[method]
     return {
-        "fft": "every weight, AdamW",
+        "fft": "every weight (embeddings and norms too), AdamW",
         "lora": f"PEFT LoRA r={ranks[0]} (rsLoRA, alpha 16) on q/k/v/o/gate/up/down, AdamW",
         "adalora": f"PEFT AdaLoRA from r={ranks[0]} to an average of {max(1, ranks[0] // 2)}, "
         "AdamW, ranks re-allocated after each backward",
-        "molf": f"`molf_ds.wrap` FFT expert + LoRA r={ranks[0]}, `MoLFAdamW` top-1 (EPD)",
+        "molf": f"`molf_ds.wrap` FFT expert + LoRA r={ranks[0]}, `MoLFAdamW` top-1 (EPD); "
+        "embeddings and norms, outside the router, take plain AdamW at lr",
         "molf-efficient": "`molf_ds.wrap` base frozen, LoRA experts r="
         + "+".join(map(str, ranks))
         + ", `MoLFAdamW` top-1 (EPD)",
@@ -517,7 +519,7 @@ def _discussion(report: dict, settings: StudySettings) -> list[str]:
         + (
             "Where it fails: "
             + "; ".join(
-                f"{r['task']} {METRIC_LABELS[r['metric']]} ({100 * r['gap']:+.1f} points vs "
+                f"{METRIC_LABELS[r['metric']]} ({100 * r['gap']:+.1f} points vs "
                 f"{r['reference']}, {_relative(r)})"
                 for r in failed
             )
@@ -539,7 +541,7 @@ def _discussion(report: dict, settings: StudySettings) -> list[str]:
         "metrics"
         + (
             f"; the largest relative margin is {_relative(best)} "
-            f"({best['task']} {METRIC_LABELS[best['metric']]}, "
+            f"({METRIC_LABELS[best['metric']]}, "
             f"{100 * best['reference_value']:.1f} → {100 * best['value']:.1f})."
             if best
             else "."
@@ -548,36 +550,25 @@ def _discussion(report: dict, settings: StudySettings) -> list[str]:
         "(warm-up, rank budget, final phase: `recipe._adalora_model`); that is a real handicap "
         "at this length and part of any margin."
     )
-    ratio = memory["molf"]["state_bytes"] / memory["fft"]["state_bytes"]
-    lines.append(
-        f"- **Memory**: MoLF keeps {ratio:.2f}× "
-        f"the optimizer state of FFT (moments of the FFT expert *and* the LoRA expert, every "
-        "step: the router needs both), MoLF-Efficient "
-        f"{memory['molf-efficient']['state_bytes'] / memory['lora']['state_bytes']:.2f}× that "
-        f"of LoRA r={settings.ranks['lora'][0]} (its experts' ranks add up to "
-        f"{sum(settings.ranks['molf-efficient'])}), AdaLoRA "
-        f"{memory['adalora']['state_bytes'] / memory['lora']['state_bytes']:.2f}× LoRA's "
-        "(its singular values and sensitivity averages). On this 64-wide model the "
-        "embeddings and norms (trained by FFT and MoLF) are a large share; on a real model the "
-        "FFT moments dominate and MoLF ≈ FFT + LoRA."
-    )
-    for task, methods in curves.items():
-        curve = methods.get("molf")
-        if curve is None:
-            continue
-        parts = []
-        for layer_type in LAYER_TYPES:
-            early, late = _early_late(curve["by_type"][layer_type])
-            parts.append(f"{layer_type} {100 * early:.0f} % → {100 * late:.0f} %")
-        lines.append(
-            f"- **Routing, {task}**: MoLF's share of modules taking the FFT update, first → last "
-            f"fifth of the steps: {', '.join(parts)}."
+    lines.append(_memory_line(memory, settings))
+    if "fact" in report["summary"]:
+        kept = ", ".join(
+            f"{m} {100 * row['test']['kept']['mean']:.0f} %"
+            for m, row in report["summary"]["fact"].items()
         )
+        before = 100 * report["pretrained_scores"]["fact"]["kept"]
+        lines.append(
+            f"- **What editing costs**: untouched facts still known after the edits (test half; "
+            f"{before:.0f} % before): {kept}. The score (harmonic mean) is what chose each "
+            "method's learning rate, so a rate that edits more at the price of other facts is "
+            "not preferred."
+        )
+    for task, methods in curves.items():
+        lines += [f"- **Routing, {task}**: " + _routing_words(m, c) for m, c in methods.items()]
     lines += [
-        "- **Scale**: a 0.2M-parameter model with 64-wide layers, where a rank-8 LoRA is 1/8 "
-        "of the width (on a 0.5B model, r=64 of 896 is 1/14 and the FFT expert has ~1000× "
-        "the parameters), a byte tokenizer, tens to a few hundred fine-tuning steps, "
-        f"{len(settings.seeds)} seeds and test sets of {2 * settings.fact_edits // 2} edits "
+        "- **Scale**: a 0.2M-parameter model with 64-wide layers, where a rank-8 LoRA spans "
+        "1/8 of the width, a byte tokenizer, a hundred fine-tuning steps or fewer, "
+        f"{len(settings.seeds)} seeds and test sets of {settings.fact_edits} edits "
         f"and {settings.sql_test} questions: one edit is "
         f"{100 / settings.fact_edits:.1f} points of efficacy and one question "
         f"{100 / settings.sql_test:.1f} points of exact match, so gaps of a few points are "
@@ -591,6 +582,45 @@ def _discussion(report: dict, settings: StudySettings) -> list[str]:
         "and LoRA as training goes.",
     ]
     return lines
+
+
+def _memory_line(memory: dict, settings: StudySettings) -> str:
+    def ratio(a: str, b: str) -> str:
+        return f"{memory[a]['state_bytes'] / memory[b]['state_bytes']:.2f}×"
+
+    return (
+        f"- **Memory**: MoLF keeps {ratio('molf', 'fft')} the optimizer state of FFT — the "
+        "moments of every FFT parameter *and* of the LoRA expert, updated every step whoever "
+        f"wins, since the router scores both; MoLF-Efficient {ratio('molf-efficient', 'lora')} "
+        f"that of LoRA r={settings.ranks['lora'][0]} (its experts' ranks add up to "
+        f"{sum(settings.ranks['molf-efficient'])}); AdaLoRA {ratio('adalora', 'lora')} LoRA's "
+        "(its singular values' moments, and three sensitivity averages per parameter in PEFT's "
+        "rank allocator until the ranks are final)."
+    )
+
+
+def _routing_words(method: str, curve: dict) -> str:
+    """One sentence on a routed method's curve: first and last fifth per layer type, and the
+    tracked expert's share over the whole run."""
+    parts = []
+    for layer_type in LAYER_TYPES:
+        early, late = _early_late(curve["by_type"][layer_type])
+        parts.append(f"{layer_type} {100 * early:.0f} % → {100 * late:.0f} %")
+    series = [v for layer_type in LAYER_TYPES for v in curve["by_type"][layer_type]]
+    overall = sum(series) / len(series)
+    if method == "molf":
+        text = "MoLF's share of modules taking the FFT update (first → last fifth): "
+        text += ", ".join(parts) + f"; {100 * overall:.1f} % of module-steps overall."
+        if overall < 0.01:
+            text += (
+                " The FFT expert (almost) never won: the routed layers trained as a LoRA, and "
+                "only the layers outside the router (embeddings, norms) took full updates."
+            )
+        return text
+    return (
+        f"MoLF-Efficient's share of modules updating its largest LoRA expert "
+        f"({curve['tracked_expert']}; first → last fifth): " + ", ".join(parts) + "."
+    )
 
 
 def json_summary(report: dict, path: Path, figure: Path) -> dict:

@@ -222,6 +222,7 @@ def test_smoke_study_writes_a_report_that_matches_its_json(tmp_path):
     figure = tmp_path / "docs" / "results_routing.png"
     assert figure.stat().st_size > 1000 and "results_routing.png" in report
     assert summary["command"] in report
+    assert "{" not in report and "}" not in report  # every placeholder filled in
     assert summary["runs"] == len(study_report.METHODS) * 2  # 1 seed, 1 option, 2 tasks
     for task, rows in summary["results"].items():
         assert set(rows) == set(study_report.METHODS)
