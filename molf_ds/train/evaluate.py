@@ -39,11 +39,15 @@ def evaluate_merged(
             count += n
         result["loss"] = total / max(count, 1)
         if exact_match:
-            result["exact_match"] = _exact_match(model, tokenizer, records, max_new_tokens)
+            result["exact_match"] = _exact_match(
+                model, tokenizer, records, max_new_tokens, max_length
+            )
     return result
 
 
-def _exact_match(model, tokenizer, records: list[dict], max_new_tokens: int) -> float:
+def _exact_match(
+    model, tokenizer, records: list[dict], max_new_tokens: int, max_length: int
+) -> float:
     import torch
 
     from molf_ds.train.data import encode_prompts
@@ -53,10 +57,12 @@ def _exact_match(model, tokenizer, records: list[dict], max_new_tokens: int) -> 
     prompts = encode_prompts(tokenizer, [record["prompt"] for record in records])
     for record, prompt_ids in zip(records, prompts, strict=True):
         prompt = torch.tensor([prompt_ids])  # encoded exactly as in training
+        # never past max_length in all, as in training (nor past the model's positions)
+        budget = max(1, min(max_new_tokens, max_length - prompt.shape[1]))
         out = model.generate(
             input_ids=prompt,
             attention_mask=torch.ones_like(prompt),
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=budget,
             do_sample=False,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
