@@ -174,4 +174,8 @@ def test_chatter_hidden_keeps_a_failing_blocks_output(capsys) -> None:
     assert "the step that failed" in capsys.readouterr().err
     with console.chatter_hidden("info"):
         print("shown at info")
-    assert capsys.readouterr().out == "shown at info\n"
+        print("\rLoading checkpoint shards: 100%", file=sys.stderr)  # a bar: held back
+    assert capsys.readouterr() == ("shown at info\n", "")
+    with console.chatter_hidden("debug"):
+        print("\rLoading checkpoint shards: 100%", file=sys.stderr)
+    assert "Loading checkpoint shards" in capsys.readouterr().err

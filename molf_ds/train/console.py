@@ -28,13 +28,13 @@ from typing import Any, TextIO
 LOG_LEVELS = ("warning", "info", "debug")
 PREFIX = "molf-train: "
 # Deprecation notices one dependency triggers in another (DeepSpeed 0.19 calling torch 2.13's
-# renamed collectives): not ours to fix and nothing a user can act on. Matched by category and
-# the start of the message, never a blanket ignore; shown again at log_level=debug.
+# renamed collectives, PEFT calling transformers 5's renamed property): not ours to fix, nothing
+# a user can act on. Matched by category and the start of the message, never a blanket ignore;
+# shown again at log_level=debug.
 KNOWN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated"),
-    (FutureWarning, r"`torch\.distributed\.reduce_scatter_tensor` is deprecated"),
-    (FutureWarning, r"`torch\.distributed\._all_gather_base` is a private function"),
-    (FutureWarning, r"`torch\.distributed\._reduce_scatter_base` is a private function"),
+    # PEFT (lora, adalora) asking transformers 5 for a renamed property
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
 )
 # Log lines about choices the job makes on purpose (an optimizer DeepSpeed does not know, allowed
 # by `molf_ds.initialize` / the job's DeepSpeed config): shown from log_level=info on.
@@ -118,15 +118,18 @@ def _drop_known_lines(logger: logging.Logger, messages: tuple[str, ...]) -> None
 
 @contextlib.contextmanager
 def chatter_hidden(log_level: str) -> Iterator[None]:
-    """Hide what a dependency prints on stdout/stderr inside the block (DeepSpeed's zero_to_fp32
-    prints each step and draws bars) unless ``log_level`` is info or debug; if the block fails,
-    what it printed is written out before the error propagates."""
-    if log_level != "warning":
+    """Hold back what a dependency writes inside the block (DeepSpeed's zero_to_fp32 prints each
+    step on stdout and draws a bar on stderr): both at log_level warning, the bar (stderr) at
+    info, nothing at debug. If the block fails, what it wrote comes out before the error."""
+    if log_level == "debug":
         yield
         return
     captured = io.StringIO()
     try:
-        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(contextlib.redirect_stderr(captured))
+            if log_level == "warning":
+                stack.enter_context(contextlib.redirect_stdout(captured))
             yield
     except BaseException:
         sys.stderr.write(captured.getvalue())

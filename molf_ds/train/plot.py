@@ -47,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MoLFError, OSError) as exc:
         print(f"molf-plot: error: {exc}", file=sys.stderr)
         return 1
+    if not (Path(args.run_dir) / ROUTING_FILE).is_file():
+        print(
+            f"molf-plot: no {ROUTING_FILE} (not a MoLF run): routing plots skipped", file=sys.stderr
+        )
     for path in written:
         print(path)
     return 0
@@ -77,10 +81,6 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     if routing is not None:
         written.append(plot_routing_share(*routing, out / "routing_share.png"))
         written += plot_routing_heatmaps(*routing, out)
-    else:
-        print(
-            f"molf-plot: no {ROUTING_FILE} (not a MoLF run): routing plots skipped", file=sys.stderr
-        )
     return written
 
 
