@@ -174,3 +174,26 @@ def test_help_lists_every_option_with_default_and_meaning(capsys) -> None:
         shown = json.dumps(list(default) if isinstance(default, tuple) else default)
         assert shown in lines[name] and field.description in lines[name], name
     assert "local_rank" not in out
+
+
+@pytest.mark.parametrize(
+    ("option", "in_ds_config", "expected"),
+    [
+        (None, "auto", False),  # CPU ranks: fp32
+        (None, True, True),  # the DeepSpeed config decides when the option is null
+        (None, False, False),
+        (True, "auto", True),  # an explicit option wins (fill_auto refuses a disagreeing file)
+        (False, "auto", False),
+    ],
+)
+def test_bf16_null_follows_the_ranks_device_or_the_ds_config(
+    tmp_path, monkeypatch, option, in_ds_config, expected
+) -> None:
+    from molf_ds.train.recipe import _bf16
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # CPU ranks, whatever this machine has
+    ds_path = tmp_path / "ds.json"
+    ds_path.write_text(json.dumps({"bf16": {"enabled": in_ds_config}}))
+    config = load_config(None, [f"bf16={json.dumps(option)}"])
+    assert config.bf16 is option
+    assert _bf16(config, ds_path) is expected
