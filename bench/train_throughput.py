@@ -54,7 +54,7 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "train_throughput",
-                "setup": "main job model (tiny-qwen2), ZeRO-2, 2 CPU ranks, embedded SQL task",
+                "setup": "main job defaults (small-qwen2), ZeRO-2, 2 CPU ranks, embedded SQL task",
                 "steps": args.steps,
                 "tokens_per_s": {m: round(r["tokens_per_s"], 1) for m, r in results.items()},
                 "ratio_to_fft": {m: round(r["tokens_per_s"] / fft, 3) for m, r in results.items()},
