@@ -182,6 +182,7 @@ def pretrain(settings: PretrainSettings, fact_lines: list[str], sql_lines: list[
         )
         for rank in range(settings.processes)
     ]
+    cpu_before = _children_cpu_s()
     for process in processes:
         process.start()
     try:
@@ -200,7 +201,13 @@ def pretrain(settings: PretrainSettings, fact_lines: list[str], sql_lines: list[
             if process.is_alive():
                 process.terminate()
                 process.join()
-    return result["info"]
+    return {**result["info"], "cpu_s": _children_cpu_s() - cpu_before}
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's finished (joined) children."""
+    times = os.times()
+    return times.children_user + times.children_system
 
 
 def _pretrain_rank(rank: int, port: int, settings, fact_lines, sql_lines, out: str, results):
@@ -765,6 +772,9 @@ def main(argv: list[str] | None = None) -> int:
             ["python bench/study.py", *(argv if argv is not None else sys.argv[1:])]
         ),
         "wall_s": time.perf_counter() - started,
+        # every process's CPU time: this one's and its joined children's (pretraining ranks,
+        # fine-tuning workers); a cached pretraining's is in "pretraining"
+        "cpu_s": sum(os.times()[:4]),
         "finetune_wall_s": finetune_wall,
         "workers": workers,
         "cpus": os.cpu_count(),

@@ -277,21 +277,7 @@ def write_report(report: dict, settings: StudySettings, out: Path) -> Path:
         "",
         f"    {report['command']}",
         "",
-        f"Wall time: **{report['wall_s'] / 60:.1f} min** in all on a machine with "
-        f"{report['cpus']} CPU cores: pretraining "
-        + (
-            f"cached (it took {pre['wall_s'] / 60:.1f} min when it ran)"
-            if pre["cached"]
-            else f"{pre['wall_s'] / 60:.1f} min"
-        )
-        + f", {len(report['runs'])} fine-tuning runs {report['finetune_wall_s'] / 60:.1f} min on "
-        f"{report['workers']} worker processes of one thread each. Load average "
-        f"{report['load_start']:.1f} at the start and {report['load_end']:.1f} at the end"
-        + (
-            " (above the core count: other jobs shared the machine)."
-            if max(report["load_start"], report["load_end"]) > report["cpus"]
-            else "."
-        ),
+        _wall_time_line(report),
         "",
         "## Set-up",
         "",
@@ -362,6 +348,33 @@ def write_report(report: dict, settings: StudySettings, out: Path) -> Path:
     path = out / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _wall_time_line(report: dict) -> str:
+    """Wall and CPU time, and how busy the machine was: on a shared machine the wall time says
+    as much about the other jobs as about the study; the CPU time does not."""
+    pre = report["pretraining"]
+    minutes = report["wall_s"] / 60
+    pretraining = (
+        f"cached (it took {pre['wall_s'] / 60:.1f} min when it ran)"
+        if pre["cached"]
+        else f"{pre['wall_s'] / 60:.1f} min"
+    )
+    cpu = report["cpu_s"] + (pre.get("cpu_s", 0.0) if pre["cached"] else 0.0)
+    shared = max(report["load_start"], report["load_end"]) > report["cpus"]
+    return (
+        f"Wall time: **{minutes:.1f} min** in all on a machine with {report['cpus']} CPU cores "
+        f"(pretraining {pretraining}; {len(report['runs'])} fine-tuning runs "
+        f"{report['finetune_wall_s'] / 60:.1f} min on {report['workers']} worker processes of "
+        f"one thread each). Load average {report['load_start']:.1f} at the start and "
+        f"{report['load_end']:.1f} at the end"
+        + (": other jobs shared the machine." if shared else ".")
+        + f" CPU time of every process of the study: {cpu / 60:.1f} min"
+        + (" with the pretraining's" if pre["cached"] and "cpu_s" in pre else "")
+        + (" (the cached pretraining's not known)" if pre["cached"] and "cpu_s" not in pre else "")
+        + "; each stage keeps two single-thread processes busy, so on 2 cores of its own the "
+        f"study needs about half that: ~{cpu / 120:.1f} min."
+    )
 
 
 def _method_shape(method: str, settings: StudySettings) -> str:
