@@ -645,6 +645,10 @@ def json_summary(report: dict, path: Path, figure: Path) -> dict:
         "routing_figure": str(figure),
         "wall_s": round(report["wall_s"], 1),
         "finetune_wall_s": round(report["finetune_wall_s"], 1),
+        "cpu_s": round(report["cpu_s"], 1),
+        "cpus": report["cpus"],
+        "workers": report["workers"],
+        "load_average": [report["load_start"], report["load_end"]],
         "runs": len(report["runs"]),
         "pretraining": report["pretraining"],
         "pretrained_scores": report["pretrained_scores"],
@@ -661,4 +665,15 @@ def json_summary(report: dict, path: Path, figure: Path) -> dict:
         },
         "claims": report["claims"],
         "memory": report["memory"],
+        # the routing table's numbers: the tracked expert's share, first and last fifth
+        "routing": {
+            task: {
+                method: {
+                    "tracked_expert": curve["tracked_expert"],
+                    **{t: _early_late(curve["by_type"][t]) for t in LAYER_TYPES},
+                }
+                for method, curve in methods.items()
+            }
+            for task, methods in report["routing"].items()
+        },
     }

@@ -239,6 +239,8 @@ def test_smoke_study_writes_a_report_that_matches_its_json(tmp_path):
     assert memory["molf"] > memory["fft"] > memory["molf-efficient"] > memory["lora"] > 0
     for method, value in memory.items():
         assert f"| {method} | " in report and f"{value:,} B" in report
+    assert summary["cpu_s"] > 0 and f"{summary['cpu_s'] / 60:.1f} min" in report
+    assert set(summary["routing"]) == {"fact", "sql"}
     pre = summary["pretraining"]
     assert 0 <= pre["known"]["efficacy"] <= 1 and pre["cached"] is False
     checked = summary["claims"]["molf_within_1.5pct_of_best_of_fft_lora"]
