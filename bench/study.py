@@ -196,12 +196,17 @@ def pretrain(settings: PretrainSettings, fact_lines: list[str], sql_lines: list[
         if "error" in result:
             raise RuntimeError(f"pretraining failed: {result['error']}")
     finally:
-        for process in processes:
-            process.join(timeout=60)
-            if process.is_alive():
-                process.terminate()
-                process.join()
+        _join_or_terminate(processes, timeout=60)
     return {**result["info"], "cpu_s": _children_cpu_s() - cpu_before}
+
+
+def _join_or_terminate(processes: list, *, timeout: float) -> None:
+    """Wait up to ``timeout`` s for each process to leave, then terminate it."""
+    for process in processes:
+        process.join(timeout=timeout)
+        if process.is_alive():
+            process.terminate()
+            process.join()
 
 
 def _children_cpu_s() -> float:
@@ -596,11 +601,7 @@ def run_jobs(search: GridSearch, model_dir: Path, settings, data, workers: int, 
         for _ in processes:
             job_queue.put(None)  # every job is done: the workers may leave
     finally:
-        for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.terminate()
-                process.join()
+        _join_or_terminate(processes, timeout=30)
     return done
 
 
