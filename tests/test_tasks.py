@@ -500,6 +500,43 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time(tok, preset):
         assert got == expected
 
 
+def test_generation_stops_at_the_models_window(tok):
+    """An untrained model answers with runaway text: it must end where the model's positions
+    end (the longest row of a batch fills the window), never past it, and a prompt that fills
+    the window alone gets an empty answer. Reference: plain `model.generate` of each prompt
+    alone with exactly the room its batch leaves."""
+    model = _tiny("tiny-qwen2")
+    window = 48
+    model.config.max_position_embeddings = window
+    prompts = [p for p in PROMPTS if len(tok(p)["input_ids"]) < window]
+    prompts.append("y" * window)  # no room left at all
+
+    def alone(prompt: str, room: int) -> str:
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=room,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+    lengths = [len(tok(p)["input_ids"]) for p in prompts]
+    pairs = list(zip(prompts, lengths, strict=True))
+    got = scoring.greedy_generate(model, tok, prompts, batch_size=1, max_new_tokens=500)
+    expected = [alone(p, window - n) if n < window else "" for p, n in pairs]
+    assert got == expected and got[-1] == ""
+    assert any(len(text) >= 10 for text in got)  # the cap bound; the model did not stop itself
+    # one batch: every row gets the room its longest row leaves
+    fits = [n for n in lengths if n < window]
+    room = window - max(fits)
+    batched = scoring.greedy_generate(model, tok, prompts, batch_size=64, max_new_tokens=500)
+    expected = [alone(p, room) if n < window else "" for p, n in pairs]
+    assert batched == expected
+
+
 @pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-gemma3"])
 def test_batched_scoring_equals_a_full_forward_of_each_sequence(tok, preset):
     model = _tiny(preset)

@@ -154,23 +154,31 @@ def greedy_generate(
     """Each prompt's greedy continuation (decoded, special tokens dropped), in input order.
 
     Generation ends at the tokenizer's eos (training appends it to every completion), after
-    ``max_new_tokens``, or — with ``stop_at_newline`` — at the first line break.
+    ``max_new_tokens``, or — with ``stop_at_newline`` — at the first line break. It never runs
+    past the model's window (``config.max_position_embeddings``): a batch stops when its longest
+    (left-padded) row fills it, and a prompt that fills it alone gets an empty answer.
     """
     from transformers import GenerationConfig, StoppingCriteriaList
 
     encoded = _encode(tokenizer, prompts)
     pad, device = pad_id(tokenizer), _device(model)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=pad,
-    )
+    window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     texts = [""] * len(prompts)
-    for batch in length_batches([len(ids) for ids in encoded], batch_size):
+    # prompts that fill the window leave no room to answer: they keep the empty answer
+    fits = [i for i, ids in enumerate(encoded) if window is None or len(ids) < window]
+    for batched in length_batches([len(encoded[i]) for i in fits], batch_size):
+        batch = [fits[j] for j in batched]
         inputs = left_pad([encoded[i] for i in batch], pad, device)
         width = inputs["input_ids"].shape[1]
+        # past the window are positions the model never saw (transformers warns there)
+        room = max_new_tokens if window is None else min(max_new_tokens, window - width)
+        config = GenerationConfig(
+            max_new_tokens=room,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad,
+        )
         stopping = StoppingCriteriaList([_StopAtNewline(tokenizer)] if stop_at_newline else [])
         # generate derives position ids from the attention mask itself (as left_pad does)
         out = model.generate(
