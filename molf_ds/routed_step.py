@@ -199,8 +199,9 @@ def top_k_winners(scores: torch.Tensor, candidates: torch.Tensor, top_k: int) ->
 def _use_cpu_kernel(segments: Sequence[Segment], fused: bool | None) -> bool:
     if fused is False:
         return False
+    # runs every step over every tensor: `is_cpu` avoids building a torch.device per tensor
     suitable = all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+        t.is_cpu and t.dtype == torch.float32 and t.is_contiguous()
         for s in segments
         for t in (s.param, s.grad, s.exp_avg, s.exp_avg_sq)
     )
