@@ -243,6 +243,30 @@ def prepare_ds_config(
     return ds_config, changes
 
 
+SHIPPED_CONFIGS = Path(__file__).with_name("ds_configs")
+"""The DeepSpeed configs that ship with the package, one per ZeRO stage and offload variant
+(``ds_configs/`` in a checkout links here)."""
+
+
+def ds_config_path(config: str | Path) -> Path:
+    """``config`` when it is a file, else the shipped config of that name (``"zero2"`` or
+    ``"zero2.json"``); a `MoLFConfigError` listing the shipped names otherwise.
+
+    Works the same from a checkout and from an installed package, e.g. for ``transformers``'
+    ``--deepspeed $(python -c 'import molf_ds.zero as z; print(z.ds_config_path("zero3"))')``.
+    """
+    path = Path(config)
+    if path.is_file():
+        return path
+    shipped = SHIPPED_CONFIGS / f"{str(config).removesuffix('.json')}.json"
+    if shipped.is_file() and path.name == str(config):  # a bare name, not a missing path
+        return shipped
+    names = ", ".join(sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.json")))
+    raise MoLFConfigError(
+        f"DeepSpeed config {str(config)!r} not found: give a path or one of {names}"
+    )
+
+
 def fill_auto(
     config: dict | str | Path,
     *,
@@ -252,7 +276,8 @@ def fill_auto(
     gradient_clipping: float,
     bf16: bool,
 ) -> dict:
-    """A copy of a ``ds_configs/`` file with its ``"auto"`` fields set from the job's settings.
+    """A copy of a DeepSpeed config (a dict, a JSON file, or a shipped name such as ``"zero2"``)
+    with its ``"auto"`` fields set from the job's settings.
 
     A field that is *not* ``"auto"`` must agree with the job: a mismatch is a `MoLFConfigError`
     naming both values, rather than a DeepSpeed assertion later.
@@ -293,9 +318,7 @@ def _remaining_auto(node: Any, path: str = "") -> list[str]:
 def _load(config: dict | str | Path) -> dict:
     if isinstance(config, dict):
         return copy.deepcopy(config)
-    path = Path(config)
-    if not path.is_file():
-        raise MoLFConfigError(f"DeepSpeed config file not found: {path}")
+    path = ds_config_path(config)
     try:
         loaded = json.loads(path.read_text())
     except json.JSONDecodeError as err:

@@ -8,15 +8,20 @@ LoRA factors resident through `stage3_param_persistence_threshold`.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from torch import nn
 
 import molf_ds
-from molf_ds.zero import fill_auto, prepare_ds_config
+from molf_ds.errors import MoLFConfigError
+from molf_ds.zero import SHIPPED_CONFIGS, ds_config_path, fill_auto, prepare_ds_config
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+CONFIG_DIR = SHIPPED_CONFIGS
 RANK, IN, OUT = 4, 16, 24
 
 
@@ -127,6 +132,50 @@ EXPECTED_LAYOUT = {
 
 def test_shipped_configs_are_exactly_the_documented_set() -> None:
     assert sorted(p.name for p in CONFIG_DIR.glob("*.json")) == sorted(EXPECTED_LAYOUT)
+
+
+def test_ds_config_path_takes_a_file_or_a_shipped_name(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no ds_configs/ link here: names must resolve to the package
+    for name in ("zero3_offload", "zero3_offload.json"):
+        assert ds_config_path(name) == CONFIG_DIR / "zero3_offload.json"
+    own = tmp_path / "zero2.json"
+    own.write_text("{}")
+    assert ds_config_path("zero2.json") == Path("zero2.json")  # the user's file comes first
+    assert ds_config_path(own) == own
+    for missing in ("zero9", "configs/zero2.json"):
+        with pytest.raises(MoLFConfigError, match="not found: give a path or one of zero0, ") as e:
+            ds_config_path(missing)
+        assert "zero3_offload_all" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_installed_wheel_ships_the_configs(tmp_path) -> None:
+    """A non-editable install (the wheel pip would build) finds every shipped config by name."""
+    repo, source = Path(__file__).resolve().parents[1], tmp_path / "source"
+    # a clean copy of what the build reads: a build/ left in the checkout would hide a miss
+    shutil.copytree(repo / "molf_ds", source / "molf_ds", ignore=shutil.ignore_patterns("__py*"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, source / name)
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run([*build, "-w", str(tmp_path / "dist"), str(source)], check=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("molf_ds-*.whl")
+    install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target"]
+    subprocess.run([*install, str(tmp_path / "site"), str(wheel)], check=True, timeout=300)
+    probe = (
+        "import json, molf_ds, molf_ds.zero as z; "
+        "print(json.dumps([molf_ds.__file__] + "
+        f"[str(z.ds_config_path(n)) for n in {sorted(EXPECTED_LAYOUT)!r}]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    package, *configs = json.loads(done.stdout)
+    assert Path(package).is_relative_to(tmp_path / "site")  # the installed copy, not the checkout
+    for name, path in zip(sorted(EXPECTED_LAYOUT), configs, strict=True):
+        assert Path(path) == tmp_path / "site" / "molf_ds" / "ds_configs" / name
+        assert json.loads(Path(path).read_text()) == json.loads((CONFIG_DIR / name).read_text())
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_LAYOUT))

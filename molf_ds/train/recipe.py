@@ -74,7 +74,6 @@ PRESETS = {
         for shape in ("qwen2.5-0.5b", "qwen2.5-3b")
     },
 }
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 # Exit status of a run stopped by SIGUSR1/SIGTERM after checkpointing: EX_TEMPFAIL ("try again"),
 # which slurm/train.sbatch turns into `scontrol requeue`; `resume=auto` then continues.
 PREEMPTED_EXIT = 75
@@ -212,7 +211,7 @@ class Recipe:
     def _setup_derived(self, rank: int, world_size: int) -> tuple[Derived, dict]:
         """The derived values and the filled DeepSpeed config. A global ``batch_size`` fixes
         the accumulation steps: it must divide evenly."""
-        from molf_ds.zero import fill_auto
+        from molf_ds.zero import ds_config_path, fill_auto
 
         cfg = self.config
         per_step = cfg.micro_batch_size * world_size
@@ -224,14 +223,7 @@ class Recipe:
                     f"= {cfg.micro_batch_size} x {world_size}: change one of them"
                 )
             accumulation = cfg.batch_size // per_step
-        ds_path = Path(cfg.ds_config)
-        if not ds_path.exists():
-            ds_path = CONFIG_DIR / f"{cfg.ds_config.removesuffix('.json')}.json"
-        if not ds_path.exists():
-            names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
-            raise MoLFError(
-                f"`ds_config` {cfg.ds_config!r} not found: give a path or one of {names}"
-            )
+        ds_path = ds_config_path(cfg.ds_config)
         bf16 = _bf16(cfg, ds_path)
         ds_config = fill_auto(
             ds_path,

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 import torch
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 STEPS = 3
 GLOBAL_BATCH, SEQ = 6, 16  # 6 sequences divide evenly over 1, 2 and 3 ranks
 
@@ -53,7 +51,7 @@ def train_case(name: str, model_dir: str) -> dict:
     from molf_ds.train import storage
     from molf_ds.train.config import TrainConfig
     from molf_ds.train.recipe import METHODS, build_model
-    from molf_ds.zero import fill_auto
+    from molf_ds.zero import ds_config_path, fill_auto
 
     ds_name, options = CASES[name]
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -69,7 +67,7 @@ def train_case(name: str, model_dir: str) -> dict:
         **options,
     )
     ds_config = fill_auto(
-        CONFIG_DIR / f"{ds_name}.json",
+        ds_config_path(ds_name),
         micro_batch_size=GLOBAL_BATCH // world,
         gradient_accumulation_steps=1,
         world_size=world,

@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -24,9 +23,9 @@ from torch import nn
 import molf_ds
 from molf_ds import ds_partitions
 from molf_ds.runtime import run_then_exit
-from molf_ds.zero import fill_auto
+from molf_ds.zero import SHIPPED_CONFIGS, fill_auto
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+CONFIG_DIR = SHIPPED_CONFIGS
 
 VOCAB, DIM, MLP = 17, 24, 40
 MICRO_BATCH, SEQ = 2, 5
