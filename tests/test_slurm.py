@@ -184,6 +184,7 @@ def test_slurm_sweep_array_and_gather_table(cluster, tmp_path) -> None:
     assert table[0].split() == [
         "run",
         "mode",
+        "task",
         "lr",
         "seed",
         "steps",
@@ -192,13 +193,13 @@ def test_slurm_sweep_array_and_gather_table(cluster, tmp_path) -> None:
         "exact_match",
     ]
     rows = [line.split() for line in table[1:]]
-    assert [row[1:5] for row in rows] == [
-        ["fft", "0.003", "1", "2"],
-        ["lora", "0.003", "1", "2"],
-        ["molf", "0.003", "1", "2"],
+    assert [row[1:6] for row in rows] == [
+        ["fft", "sql", "0.003", "1", "2"],
+        ["lora", "sql", "0.003", "1", "2"],
+        ["molf", "sql", "0.003", "1", "2"],
     ]
     for row in rows:
-        float(row[5]), float(row[6]), float(row[7])  # every number present
+        float(row[6]), float(row[7]), float(row[8])  # every number present
 
 
 def test_slurm_failed_training_fails_the_job(cluster, tmp_path) -> None:

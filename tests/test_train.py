@@ -371,16 +371,27 @@ def test_train_every_mode_runs_and_exports(tmp_path, mode: str) -> None:
 def test_sweep_table_json_and_errors(tmp_path, capsys) -> None:
     from molf_ds.train import sweep
 
-    for name, lr, done in [("a", 1e-3, True), ("b", 3e-3, True), ("c", 1e-3, False)]:
+    runs = [
+        ("a", 1e-3, "sql", {"loss": 0.5, "exact_match": 0.75}),
+        ("b", 3e-3, "med", {"loss": 0.25, "accuracy": 0.5}),
+        ("c", 1e-3, "sql", None),
+    ]
+    for name, lr, task, evaluation in runs:
         run = tmp_path / name
         run.mkdir()
-        (run / "run_config.json").write_text(json.dumps({"mode": "molf", "lr": lr, "seed": 0}))
+        config = {"mode": "molf", "task": task, "lr": lr, "seed": 0}
+        (run / "run_config.json").write_text(json.dumps(config))
         (run / "metrics.jsonl").write_text(json.dumps({"step": 4, "loss": 1.5}) + "\n")
-        if done:
+        if evaluation is not None:
+            (run / "eval.json").write_text(json.dumps(evaluation))
             (run / "outputs.json").write_text("{}")
     sweep.main([str(tmp_path)])
     out = capsys.readouterr().out
-    assert out.splitlines()[0].split() == list(sweep.COLUMNS)
+    # each task's own score has a column; a score no run reports has none
+    header, *lines = out.splitlines()
+    assert header.split() == [*sweep.COLUMNS, "exact_match", "accuracy"]
+    assert lines[0].split()[1:] == ["molf", "sql", "0.001", "0", "4", "1.5", "0.5", "0.75", "-"]
+    assert lines[1].split()[1:] == ["molf", "med", "0.003", "0", "4", "1.5", "0.25", "-", "0.5"]
     assert "unfinished (1): c" in out
     sweep.main([str(tmp_path), "--json"])
     rows = json.loads(capsys.readouterr().out)["rows"]

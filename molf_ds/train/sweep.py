@@ -1,6 +1,6 @@
 """Gather a sweep: one table of the finished runs under a directory.
 
-    molf-sweep runs/sweep            # mode, lr, seed, final loss, eval
+    molf-sweep runs/sweep            # mode, task, lr, seed, final loss, eval loss and score
     molf-sweep runs/sweep --json     # the same rows as JSON
 
 (also ``python -m molf_ds.train.sweep``.)
@@ -23,7 +23,10 @@ from typing import Any
 
 from molf_ds.errors import MoLFError, OneLineArgumentParser
 
-COLUMNS = ("run", "mode", "lr", "seed", "steps", "final_loss", "eval_loss", "exact_match")
+COLUMNS = ("run", "mode", "task", "lr", "seed", "steps", "final_loss", "eval_loss")
+METRICS = ("exact_match", "accuracy", "efficacy", "paraphrase")
+"""The tasks' scores in eval.json (sql; med; fact): the table has a column for each that any run
+reports."""
 
 
 class SweepError(MoLFError):
@@ -46,12 +49,13 @@ def gather(root: str | Path) -> tuple[list[dict], list[str]]:
             {
                 "run": name,
                 "mode": config.get("mode"),
+                "task": config.get("task"),
                 "lr": config.get("lr"),
                 "seed": config.get("seed"),
                 "steps": last.get("step"),
                 "final_loss": last.get("loss"),
                 "eval_loss": evaluation.get("loss"),
-                "exact_match": evaluation.get("exact_match"),
+                **{metric: evaluation.get(metric) for metric in METRICS},
             }
         )
     rows.sort(key=lambda r: (str(r["mode"]), _number(r["lr"]), _number(r["seed"]), r["run"]))
@@ -112,6 +116,11 @@ def _shown(value: Any) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def columns_of(rows: list[dict]) -> list[str]:
+    """`COLUMNS`, then the `METRICS` that any of ``rows`` has."""
+    return [*COLUMNS, *(m for m in METRICS if any(row[m] is not None for row in rows))]
+
+
 def format_table(rows: list[dict]) -> str:
     def cell(value) -> str:
         if value is None:
@@ -120,8 +129,9 @@ def format_table(rows: list[dict]) -> str:
             return f"{value:.4g}"
         return _shown(value)
 
-    table = [list(COLUMNS)] + [[cell(row[c]) for c in COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    columns = columns_of(rows)
+    table = [columns] + [[cell(row[c]) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     return "\n".join(
         "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip()
         for line in table
