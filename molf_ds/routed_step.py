@@ -375,36 +375,37 @@ class _Piece:
 
     index: int
     segment: Segment
+    nbytes: int
     span: slice | None = None
 
     def view(self, field: str) -> torch.Tensor:
         tensor = getattr(self.segment, field)
         return tensor if self.span is None else tensor.view(-1)[self.span]
 
-    @property
-    def nbytes(self) -> int:
-        v = self.segment.exp_avg_sq
-        numel = v.numel() if self.span is None else self.span.stop - self.span.start
-        return numel * v.element_size()
-
 
 def _chunks(segments: Sequence[Segment]) -> list[list[_Piece]]:
     """``segments`` in groups of one device and dtype (a multi-tensor op's lists must share
     both) whose temporary (one per pass, the size of the moments) fits in the device's
-    `CHUNK_BYTES`. A contiguous segment too large for a chunk is cut into flat slices."""
-    groups: dict[tuple[torch.device, torch.dtype], list[list[_Piece]]] = {}
-    used: dict[tuple[torch.device, torch.dtype], int] = {}
+    `CHUNK_BYTES`. A contiguous segment too large for a chunk is cut into flat slices.
+
+    Runs twice per step over every segment, so it does the least per segment it can.
+    """
+    # (device index, dtype) -> [chunks, bytes in the last chunk, the device's chunk size];
+    # get_device() is an int (-1: CPU), cheaper than building a torch.device per segment
+    groups: dict[tuple[int, torch.dtype], list] = {}
     for index, s in enumerate(segments):
-        key = (s.param.device, s.param.dtype)
-        chunks = groups.setdefault(key, [[]])
-        chunk_bytes = _chunk_bytes(s.param.device)
-        for piece in _pieces(index, s, chunk_bytes):
-            if chunks[-1] and used[key] + piece.nbytes > chunk_bytes:
+        key = (s.param.get_device(), s.param.dtype)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = [[[]], 0, _chunk_bytes(s.param.device)]
+        chunks, _, limit = group
+        for piece in _pieces(index, s, limit):
+            if chunks[-1] and group[1] + piece.nbytes > limit:
                 chunks.append([])
-                used[key] = 0
+                group[1] = 0
             chunks[-1].append(piece)
-            used[key] = used.get(key, 0) + piece.nbytes
-    return [chunk for chunks in groups.values() for chunk in chunks if chunk]
+            group[1] += piece.nbytes
+    return [chunk for chunks, _, _ in groups.values() for chunk in chunks if chunk]
 
 
 def _chunk_bytes(device: torch.device) -> int:
@@ -412,13 +413,16 @@ def _chunk_bytes(device: torch.device) -> int:
 
 
 def _pieces(index: int, s: Segment, chunk_bytes: int) -> list[_Piece]:
+    size = s.exp_avg_sq.element_size()
     numel = s.exp_avg_sq.numel()
-    per_chunk = max(1, chunk_bytes // s.exp_avg_sq.element_size())
-    contiguous = all(t.is_contiguous() for t in (s.param, s.grad, s.exp_avg, s.exp_avg_sq))
-    if numel <= per_chunk or not contiguous:
-        return [_Piece(index, s)]
+    if numel * size <= chunk_bytes or not all(
+        t.is_contiguous() for t in (s.param, s.grad, s.exp_avg, s.exp_avg_sq)
+    ):
+        return [_Piece(index, s, numel * size)]
+    per_chunk = max(1, chunk_bytes // size)
     return [
-        _Piece(index, s, slice(a, min(a + per_chunk, numel))) for a in range(0, numel, per_chunk)
+        _Piece(index, s, (min(a + per_chunk, numel) - a) * size, slice(a, a + per_chunk))
+        for a in range(0, numel, per_chunk)
     ]
 
 
