@@ -7,7 +7,8 @@
 
 Model (the defaults): a Qwen2ForCausalLM of 12 decoder layers (hidden 512, MLP 1408, 8 heads,
 full multi-head attention, vocabulary 256, tied embeddings) with one LoRA expert of rank 64 on all
-seven projections of each layer; every parameter trainable.
+seven projections of each layer; every parameter trainable. ``--vocab 32000`` makes the
+(unrouted) embeddings about a quarter of the parameters, as in Qwen2.5-0.5B.
 Gradients are random and fixed, so only the optimizer step is timed. The three optimizers hold
 their own states over the same parameters and are timed alternately in one process, after a
 burn-in. Two routing cases are forced through the learning rates (EPD scores scale with lr_e):
@@ -38,14 +39,16 @@ from molf_ds.probes import DispatchedOps, TransientMemory
 LR = 1e-6
 
 
-def build_model(layers: int, hidden: int, mlp: int, rank: int, device: str) -> torch.nn.Module:
+def build_model(
+    layers: int, hidden: int, mlp: int, rank: int, device: str, vocab: int = 256
+) -> torch.nn.Module:
     config = Qwen2Config(
         hidden_size=hidden,
         intermediate_size=mlp,
         num_hidden_layers=layers,
         num_attention_heads=8,
         num_key_value_heads=8,
-        vocab_size=256,
+        vocab_size=vocab,
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
@@ -191,6 +194,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--mlp", type=int, default=1408)
     parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument(
+        "--vocab", type=int, default=256, help="32000: embeddings (unrouted) ~1/4 of the model"
+    )
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--burn-in", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -207,7 +213,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    model = build_model(args.layers, args.hidden, args.mlp, args.rank, args.device)
+    model = build_model(args.layers, args.hidden, args.mlp, args.rank, args.device, args.vocab)
     trainable = [p for p in model.parameters() if p.requires_grad]
     routed = molf_ds.MoLFAdamW(model, lr=LR).plan
     routed_numel = sum(n for row in routed.expert_numel for n in row)

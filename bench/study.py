@@ -378,7 +378,7 @@ class Worker:
         torch.manual_seed(job.seed)  # the LoRA factors' initialisation
         model = method.build_model(cfg, copy.deepcopy(self.base))
         ds_config = fill_auto(
-            recipe.CONFIG_DIR / "zero0.json",
+            cfg.ds_config,  # a shipped name: fill_auto finds it
             micro_batch_size=cfg.micro_batch_size,
             gradient_accumulation_steps=1,
             world_size=1,

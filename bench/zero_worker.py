@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import time
 
@@ -22,8 +21,6 @@ import molf_ds
 from molf_ds import ds_partitions
 from molf_ds.runtime import run_then_exit
 from molf_ds.zero import fill_auto
-
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "ds_configs")
 
 
 def build_model(args, method: str):
@@ -87,7 +84,7 @@ def run(args, spec: str) -> dict:
     world = tdist.get_world_size()
     name = f"zero{stage}" + ("_offload" if offload else "") + ".json"
     config = fill_auto(
-        os.path.join(CONFIGS, name),
+        name,  # a shipped config
         micro_batch_size=args.micro,
         gradient_accumulation_steps=1,
         world_size=world,

@@ -89,7 +89,7 @@ def load() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(_build(compiler)))
     lib.molf_moments_and_partials.argtypes = [
         ctypes.c_int64,
-        *[_PTR] * 5,
+        *[_PTR] * 9,
         *[ctypes.c_float] * 5,
         _PTR,
         ctypes.c_int32,
@@ -113,26 +113,37 @@ def _pointers(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def moments_and_partials(
+    params: list[torch.Tensor],
     grads: list[torch.Tensor],
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
     score_kinds: list[int],
+    decays: list[float],
+    step_sizes: list[float],
+    bias_correction2_sqrts: list[float],
     *,
     beta1: float,
     beta2: float,
     eps: float,
 ) -> torch.Tensor:
-    """Pass 1 over contiguous fp32 CPU segments; returns the float64 partial sum of each."""
+    """Pass 1 over contiguous fp32 CPU segments; returns the float64 partial sum of each.
+
+    Segments of score kind -1 (unrouted) also take their update, with their entries of
+    ``decays``, ``step_sizes`` and ``bias_correction2_sqrts`` (ignored for the others)."""
     n = len(grads)
     partials = torch.empty(n, dtype=torch.float64)
-    keep = [_pointers(grads), _pointers(exp_avgs), _pointers(exp_avg_sqs)]
+    keep = [_pointers(params), _pointers(grads), _pointers(exp_avgs), _pointers(exp_avg_sqs)]
     numels = torch.tensor([g.numel() for g in grads], dtype=torch.int64)
     kinds = torch.tensor(score_kinds, dtype=torch.int32)
+    scalars = [
+        torch.tensor(x, dtype=torch.float32) for x in (decays, step_sizes, bias_correction2_sqrts)
+    ]
     load().molf_moments_and_partials(
         n,
         *(t.data_ptr() for t in keep),
         numels.data_ptr(),
         kinds.data_ptr(),
+        *(t.data_ptr() for t in scalars),
         beta1,
         beta2,
         1.0 - beta1,  # in double: see moments_chunk

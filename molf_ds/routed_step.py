@@ -10,12 +10,13 @@ Algorithm (one call = one optimizer step; ``t`` is each segment's step count, al
     for every segment:                                   # all experts, winners or not
         m <- b1 m + (1 - b1) g
         v <- b2 v + (1 - b2) g^2
+        if the segment is unrouted: update p (below)     # it waits for no routing: same pass
     for every routed (module, expert) e with N_e parameters:
         EPD: S_e = lr_e / N_e * sum(m^2 / (sqrt(v) + eps))
         PFN: S_e = sqrt(sum((m / (sqrt(v) + eps))^2) / N_e)
     reduce_scores(S)                                     # e.g. all_reduce(SUM) of the partial sums
     winners = top_k(S) per module                        # ties: lower expert index first
-    for every segment of a winner, and every unrouted segment:
+    for every segment of a winner:
         p <- p (1 - lr wd) - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
 Three implementations share this signature, chosen by `choose_implementation` the way torch's
@@ -158,7 +159,7 @@ def routed_adamw(
     winners = top_k_winners(scores, candidates, top_k)
 
     won = winners.cpu().tolist()  # the step's one device-to-host read
-    chosen = [s for s in segments if s.module == UNROUTED or won[s.module][s.expert]]
+    chosen = [s for s in segments if s.module != UNROUTED and won[s.module][s.expert]]
     update(chosen, beta1=beta1, beta2=beta2, eps=eps)
     return RoutingDecision(scores=scores, winners=winners, implementation=implementation)
 
@@ -248,6 +249,7 @@ def _reference_moments(
         s.exp_avg.mul_(beta1).add_(s.grad, alpha=1 - beta1)
         s.exp_avg_sq.mul_(beta2).addcmul_(s.grad, s.grad, value=1 - beta2)
         if s.module == UNROUTED:
+            _reference_update([s], beta1=beta1, beta2=beta2, eps=eps)
             partials.append(torch.zeros((), dtype=torch.float64, device=s.param.device))
             continue
         # One temporary the size of the segment: denom becomes the score term in place.
@@ -279,11 +281,24 @@ def _kernel_moments(
     segments: Sequence[Segment], *, beta1: float, beta2: float, eps: float, score: str
 ) -> torch.Tensor:
     kind = SCORES.index(score)
+    # unrouted segments get their whole AdamW step in this pass: their update scalars
+    no_update = (1.0, 0.0, 1.0)
+    decays, step_sizes, bc2_sqrts = zip(
+        *(
+            _update_scalars(s, beta1, beta2) if s.module == UNROUTED else no_update
+            for s in segments
+        ),
+        strict=True,
+    )
     return cpu_kernel.moments_and_partials(
+        [s.param for s in segments],
         [s.grad for s in segments],
         [s.exp_avg for s in segments],
         [s.exp_avg_sq for s in segments],
         [-1 if s.module == UNROUTED else kind for s in segments],
+        list(decays),
+        list(step_sizes),
+        list(bc2_sqrts),
         beta1=beta1,
         beta2=beta2,
         eps=eps,
@@ -328,6 +343,10 @@ def _foreach_moments(
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
         routed = [k for k, piece in enumerate(chunk) if piece.segment.module != UNROUTED]
+        if len(routed) < len(chunk):  # unrouted pieces: their update, while still in cache
+            _foreach_update_pieces(
+                [piece for piece in chunk if piece.segment.module == UNROUTED], beta1, beta2, eps
+            )
         if not routed:
             continue
         terms = torch._foreach_sqrt([exp_avg_sqs[k] for k in routed])
@@ -353,19 +372,22 @@ def _foreach_update(segments: Sequence[Segment], *, beta1: float, beta2: float, 
     out of the denominator, ``m / (sqrt(v)/c + eps) = c m / (sqrt(v) + c eps)`` with
     ``c = sqrt(1 - b2^t)``, which saves one pass over the temporary (equal up to fp32 rounding)."""
     for chunk in _chunks(segments):
-        params, exp_avgs, exp_avg_sqs = (
-            [piece.view(field) for piece in chunk] for field in ("param", "exp_avg", "exp_avg_sq")
-        )
-        decays, step_sizes, bc2_sqrts = zip(
-            *(_update_scalars(piece.segment, beta1, beta2) for piece in chunk), strict=True
-        )
-        if any(decay != 1.0 for decay in decays):
-            torch._foreach_mul_(params, list(decays))
-        denoms = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_add_(denoms, [eps * c for c in bc2_sqrts])
-        scaled = [-size * c for size, c in zip(step_sizes, bc2_sqrts, strict=True)]
-        torch._foreach_addcdiv_(params, exp_avgs, denoms, scaled)
-        del denoms
+        _foreach_update_pieces(chunk, beta1, beta2, eps)
+
+
+def _foreach_update_pieces(chunk: list[_Piece], beta1: float, beta2: float, eps: float) -> None:
+    params, exp_avgs, exp_avg_sqs = (
+        [piece.view(field) for piece in chunk] for field in ("param", "exp_avg", "exp_avg_sq")
+    )
+    decays, step_sizes, bc2_sqrts = zip(
+        *(_update_scalars(piece.segment, beta1, beta2) for piece in chunk), strict=True
+    )
+    if any(decay != 1.0 for decay in decays):
+        torch._foreach_mul_(params, list(decays))
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denoms, [eps * c for c in bc2_sqrts])
+    scaled = [-size * c for size, c in zip(step_sizes, bc2_sqrts, strict=True)]
+    torch._foreach_addcdiv_(params, exp_avgs, denoms, scaled)
 
 
 @dataclass(frozen=True)

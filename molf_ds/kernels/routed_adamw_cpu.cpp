@@ -2,7 +2,8 @@
 //
 // Each pass reads and writes every element exactly once, in SIMD loops spread over OpenMP threads,
 // so the step runs at memory speed instead of chaining tensor ops that each stream the data again:
-//   pass 1 (all segments):     m, v <- AdamW moments;  partial[s] = sum of the score term
+//   pass 1 (all segments):     m, v <- AdamW moments;  partial[s] = sum of the score term;
+//                              unrouted segments also take their update (it waits for no routing)
 //   pass 2 (winning segments): p <- p * (1 - lr*wd) - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
 // The work is cut into fixed-size chunks and the per-chunk sums are added in chunk order, so the
 // result does not depend on the number of threads.
@@ -37,16 +38,31 @@ enum ScoreKind : int32_t { kNone = -1, kEpd = 0, kPfn = 1 };
 
 // w1 = 1 - beta1 and w2 = 1 - beta2 come in computed in double: in float, 1 - 0.999f loses
 // five digits to cancellation.
-double moments_chunk(const float* __restrict g, float* __restrict m, float* __restrict v,
-                     int64_t n, int32_t kind, float beta1, float beta2, float w1, float w2,
-                     float eps) {
+struct Update {
+  float decay;      // 1 - lr * wd
+  float step_size;  // lr / (1 - beta1^t)
+  float bc2_sqrt;   // sqrt(1 - beta2^t)
+};
+
+// The decoupled AdamW update of one element, the same expression in both passes.
+inline float updated(float p, float m, float v, const Update& u, float eps) {
+  const float denom = std::sqrt(v) / u.bc2_sqrt + eps;
+  return p * u.decay - u.step_size * (m / denom);
+}
+
+double moments_chunk(float* __restrict p, const float* __restrict g, float* __restrict m,
+                     float* __restrict v, int64_t n, int32_t kind, const Update& update,
+                     float beta1, float beta2, float w1, float w2, float eps) {
   double acc = 0.0;
-  if (kind == kNone) {
+  if (kind == kNone) {  // unrouted: the whole AdamW step in one pass over the memory
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       const float gi = g[i];
-      m[i] = beta1 * m[i] + w1 * gi;
-      v[i] = beta2 * v[i] + w2 * gi * gi;
+      const float mi = beta1 * m[i] + w1 * gi;
+      const float vi = beta2 * v[i] + w2 * gi * gi;
+      m[i] = mi;
+      v[i] = vi;
+      p[i] = updated(p[i], mi, vi, update, eps);
     }
   } else if (kind == kEpd) {
 #pragma omp simd reduction(+ : acc)
@@ -77,11 +93,13 @@ double moments_chunk(const float* __restrict g, float* __restrict m, float* __re
 
 extern "C" {
 
-// Pass 1. score_kinds[s]: -1 = moments only (unrouted parameter), 0 = EPD, 1 = PFN.
-// partials[s] receives the segment's unweighted score sum.
-void molf_moments_and_partials(int64_t n_segments, float* const* grads, float* const* exp_avgs,
-                               float* const* exp_avg_sqs, const int64_t* numels,
-                               const int32_t* score_kinds, float beta1, float beta2,
+// Pass 1. score_kinds[s]: -1 = unrouted (moments and update, with decays/step_sizes/bc2s[s]),
+// 0 = EPD, 1 = PFN. partials[s] receives the segment's unweighted score sum.
+void molf_moments_and_partials(int64_t n_segments, float* const* params, float* const* grads,
+                               float* const* exp_avgs, float* const* exp_avg_sqs,
+                               const int64_t* numels, const int32_t* score_kinds,
+                               const float* decays, const float* step_sizes,
+                               const float* bias_correction2_sqrts, float beta1, float beta2,
                                float one_minus_beta1, float one_minus_beta2, float eps,
                                double* partials, int32_t n_threads) {
   const std::vector<Chunk> chunks = make_chunks(n_segments, numels);
@@ -91,9 +109,11 @@ void molf_moments_and_partials(int64_t n_segments, float* const* grads, float* c
   for (int64_t c = 0; c < n_chunks; ++c) {
     const Chunk& ch = chunks[c];
     const int64_t s = ch.segment;
-    chunk_sums[c] = moments_chunk(grads[s] + ch.begin, exp_avgs[s] + ch.begin,
-                                  exp_avg_sqs[s] + ch.begin, ch.end - ch.begin, score_kinds[s],
-                                  beta1, beta2, one_minus_beta1, one_minus_beta2, eps);
+    const Update update{decays[s], step_sizes[s], bias_correction2_sqrts[s]};
+    chunk_sums[c] = moments_chunk(params[s] + ch.begin, grads[s] + ch.begin,
+                                  exp_avgs[s] + ch.begin, exp_avg_sqs[s] + ch.begin,
+                                  ch.end - ch.begin, score_kinds[s], update, beta1, beta2,
+                                  one_minus_beta1, one_minus_beta2, eps);
   }
   for (int64_t s = 0; s < n_segments; ++s) partials[s] = 0.0;
   for (int64_t c = 0; c < n_chunks; ++c) partials[chunks[c].segment] += chunk_sums[c];
@@ -113,15 +133,10 @@ void molf_apply_update(int64_t n_segments, float* const* params, float* const* e
     float* __restrict p = params[s] + ch.begin;
     const float* __restrict m = exp_avgs[s] + ch.begin;
     const float* __restrict v = exp_avg_sqs[s] + ch.begin;
-    const float decay = decays[s];
-    const float step_size = step_sizes[s];
-    const float bc2_sqrt = bias_correction2_sqrts[s];
+    const Update update{decays[s], step_sizes[s], bias_correction2_sqrts[s]};
     const int64_t n = ch.end - ch.begin;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const float denom = std::sqrt(v[i]) / bc2_sqrt + eps;
-      p[i] = p[i] * decay - step_size * (m[i] / denom);
-    }
+    for (int64_t i = 0; i < n; ++i) p[i] = updated(p[i], m[i], v[i], update, eps);
   }
 }
 
