@@ -208,6 +208,15 @@ def test_foreach_step_dispatches_the_same_ops_for_ten_times_the_layers() -> None
     assert _ops_of_second_step(large, **reference) > 5 * _ops_of_second_step(small, **reference)
 
 
+def _step_in_chunks(monkeypatch, optimizer: torch.optim.Optimizer, chunk_bytes: int) -> int:
+    """One step of ``optimizer`` with CPU chunks of ``chunk_bytes``; its transient peak."""
+    monkeypatch.setitem(routed_step.CHUNK_BYTES, "cpu", chunk_bytes)
+    with TransientMemory() as memory:
+        optimizer.step()
+    monkeypatch.undo()
+    return memory.peak
+
+
 def test_foreach_step_chunks_bound_transient_memory(monkeypatch) -> None:
     """Temporaries come in chunks: the transient peak stays below one chunk plus the small
     per-step tensors, and chunking changes no result."""
@@ -224,12 +233,9 @@ def test_foreach_step_chunks_bound_transient_memory(monkeypatch) -> None:
             m.zero_grad()
             _backward_deep(m)
         whole.step()
-        monkeypatch.setitem(routed_step.CHUNK_BYTES, "cpu", chunk_bytes)
-        with TransientMemory() as memory:
-            chunked.step()
-        monkeypatch.undo()
+        peak = _step_in_chunks(monkeypatch, chunked, chunk_bytes)
         if step > 0:  # the first step allocates the persistent moments
-            assert memory.peak <= chunk_bytes + small_tensors, memory.peak
+            assert peak <= chunk_bytes + small_tensors, peak
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     whole_peak = TransientMemory()
@@ -264,12 +270,9 @@ def test_foreach_step_splits_a_segment_larger_than_a_chunk(monkeypatch) -> None:
                 2
             ).mean().backward()
         whole.step()
-        monkeypatch.setitem(routed_step.CHUNK_BYTES, "cpu", chunk_bytes)
-        with TransientMemory() as memory:
-            split.step()
-        monkeypatch.undo()
+        peak = _step_in_chunks(monkeypatch, split, chunk_bytes)
         if step > 0:  # the first step allocates the persistent moments
-            assert memory.peak <= chunk_bytes + small_tensors, memory.peak
+            assert peak <= chunk_bytes + small_tensors, peak
         assert torch.equal(split.last_routing.winners, whole.last_routing.winners)
         # a 2-norm over 65,536 terms and the same over 16 slices round differently in float32
         # (up to 6e-7 seen here), not more
