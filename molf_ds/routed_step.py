@@ -47,8 +47,9 @@ SCORES = ("epd", "pfn")
 IMPLEMENTATIONS = ("fused", "foreach", "reference")
 
 CHUNK_BYTES = {"cpu": 2 * 2**20}
-"""The multi-tensor path's temporary per chunk of segments, by device type (larger segments are
-cut into flat slices): a step's transient memory stays below it, however large a parameter is.
+"""The multi-tensor path's temporary per chunk of segments, by device type (larger contiguous
+segments are cut into flat slices): a step's transient memory stays below it, however large a
+parameter is.
 
 On the CPU a chunk's gradients, moments, parameters and temporary (about 5 x 2 MiB) stay in the
 last-level cache between one op and the next, so only a chunk's first touch of each tensor goes
@@ -280,6 +281,8 @@ def _reference_update(
 def _kernel_moments(
     segments: Sequence[Segment], *, beta1: float, beta2: float, eps: float, score: str
 ) -> torch.Tensor:
+    if not segments:
+        return torch.zeros(0, dtype=torch.float64)
     kind = SCORES.index(score)
     # unrouted segments get their whole AdamW step in this pass: their update scalars
     no_update = (1.0, 0.0, 1.0)
@@ -356,7 +359,7 @@ def _foreach_moments(
         # a bf16/fp16 norm would keep 3 digits of the sum: reduce those in float32
         wide = torch.float32 if terms[0].element_size() < 4 else None
         values, owners = norms.setdefault(wide or terms[0].dtype, ([], []))
-        values += torch._foreach_norm(terms, 2, dtype=wide)
+        values += torch._foreach_norm(terms, 2, **({"dtype": wide} if wide else {}))
         owners += [chunk[k].index for k in routed]
         del terms
     partials = torch.zeros(len(segments), dtype=torch.float64, device=device)
@@ -413,7 +416,8 @@ def _chunks(segments: Sequence[Segment]) -> list[list[_Piece]]:
     Runs twice per step over every segment, so it does the least per segment it can.
     """
     # (device index, dtype) -> [chunks, bytes in the last chunk, the device's chunk size];
-    # get_device() is an int (-1: CPU), cheaper than building a torch.device per segment
+    # get_device() is an int (-1: CPU), cheaper than building a torch.device per segment (an
+    # optimizer's segments live on one device type, so the index tells its devices apart)
     groups: dict[tuple[int, torch.dtype], list] = {}
     for index, s in enumerate(segments):
         key = (s.param.get_device(), s.param.dtype)

@@ -364,3 +364,24 @@ def test_foreach_scores_of_bf16_segments_keep_float32_sums() -> None:
         torch.testing.assert_close(
             decision.scores[0], torch.tensor(expected, dtype=torch.float64), rtol=1e-3, atol=0.0
         )
+
+
+@pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
+def test_a_step_over_no_segments_still_routes(implementation: str) -> None:
+    """A caller whose process holds no segment (e.g. a rank with nothing of a partition) still
+    gets a decision and makes its one score reduction, so the other ranks are not left waiting."""
+    reduced = []
+    table = routed_step.RoutingTable(expert_numel=[[4, 2]], candidates=[[False, False]])
+    decision = routed_step.routed_adamw(
+        [],
+        table,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        score="epd",
+        top_k=1,
+        reduce_scores=reduced.append,
+        **IMPLEMENTATIONS[implementation],
+    )
+    assert len(reduced) == 1 and tuple(reduced[0].shape) == (1, 2)
+    assert not decision.winners.any()

@@ -34,7 +34,8 @@ class SweepError(MoLFError):
 
 
 def gather(root: str | Path) -> tuple[list[dict], list[str]]:
-    """``(rows, unfinished)``: one row per finished run under ``root``, sorted by mode, lr, seed."""
+    """``(rows, unfinished)``: one row per finished run under ``root``, sorted by mode, task, lr,
+    seed."""
     rows, unfinished = [], []
     for config_path in sorted(Path(root).rglob("run_config.json")):
         run = config_path.parent
@@ -58,7 +59,15 @@ def gather(root: str | Path) -> tuple[list[dict], list[str]]:
                 **{metric: evaluation.get(metric) for metric in METRICS},
             }
         )
-    rows.sort(key=lambda r: (str(r["mode"]), _number(r["lr"]), _number(r["seed"]), r["run"]))
+    rows.sort(
+        key=lambda r: (
+            str(r["mode"]),
+            str(r["task"]),
+            _number(r["lr"]),
+            _number(r["seed"]),
+            r["run"],
+        )
+    )
     return rows, unfinished
 
 
