@@ -390,12 +390,13 @@ def test_sweep_table_json_and_errors(tmp_path, capsys) -> None:
     # each task's own score has a column; a score no run reports has none
     header, *lines = out.splitlines()
     assert header.split() == [*sweep.COLUMNS, "exact_match", "accuracy"]
-    assert lines[0].split()[1:] == ["molf", "sql", "0.001", "0", "4", "1.5", "0.5", "0.75", "-"]
-    assert lines[1].split()[1:] == ["molf", "med", "0.003", "0", "4", "1.5", "0.25", "-", "0.5"]
+    # sorted by mode, task, lr, seed
+    assert lines[0].split()[1:] == ["molf", "med", "0.003", "0", "4", "1.5", "0.25", "-", "0.5"]
+    assert lines[1].split()[1:] == ["molf", "sql", "0.001", "0", "4", "1.5", "0.5", "0.75", "-"]
     assert "unfinished (1): c" in out
     sweep.main([str(tmp_path), "--json"])
     rows = json.loads(capsys.readouterr().out)["rows"]
-    assert [row["run"] for row in rows] == ["a", "b"] and rows[0]["final_loss"] == 1.5
+    assert [row["run"] for row in rows] == ["b", "a"] and rows[0]["final_loss"] == 1.5
     for argv, message in [([], "required: RUNS_DIR"), ([str(tmp_path / "no")], "not a directory")]:
         with pytest.raises(SystemExit) as info:
             sweep.main(argv)
