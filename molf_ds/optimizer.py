@@ -155,7 +155,9 @@ class MoLFAdamW(torch.optim.Optimizer):
         group = self.param_groups[0]
         source = self.segment_source or _parameter_segments
         segments, candidates = source(self, group)
-        if not segments:
+        # A rank holding nothing of the partition still joins the ranks' score reduction (it
+        # would leave them waiting in it); alone, there is nothing to do.
+        if not segments and self.reduce_scores is None:
             return loss
         beta1, beta2 = group["betas"]
         decision = routed_adamw(

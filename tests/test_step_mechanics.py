@@ -385,3 +385,21 @@ def test_a_step_over_no_segments_still_routes(implementation: str) -> None:
     )
     assert len(reduced) == 1 and tuple(reduced[0].shape) == (1, 2)
     assert not decision.winners.any()
+
+
+def test_a_rank_without_segments_joins_the_score_reduction() -> None:
+    """Under ZeRO a rank may hold no slice of any parameter (a partition of padding only): its
+    step must still make the one reduction the other ranks wait in, and change nothing. Alone
+    (no reduction set), a step without gradients does nothing, as torch's AdamW."""
+    model = _model()
+    optimizer = molf_ds.MoLFAdamW(model, lr=1e-2)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()  # no gradients, one process
+    assert optimizer.last_routing is None
+    reduced = []
+    optimizer.reduce_scores = reduced.append
+    optimizer.segment_source = lambda opt, group: ([], [[True] * 3 for _ in range(2)])
+    optimizer.step()
+    assert len(reduced) == 1 and tuple(reduced[0].shape) == (2, 3)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert optimizer.state == {}
