@@ -21,17 +21,7 @@ from molf_ds.train.tokenizer import VOCAB_SIZE, byte_tokenizer
 RECORDS = [{"prompt": f"q{i}?", "completion": f" a{i};"} for i in range(20)]
 
 
-@pytest.fixture(autouse=True)
-def _datasets_cache(tmp_path, monkeypatch):
-    """Keep `datasets`' Arrow cache of the test files inside the test's tmp_path."""
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return byte_tokenizer()
+pytestmark = pytest.mark.usefixtures("datasets_cache")
 
 
 def write_jsonl(path, rows):

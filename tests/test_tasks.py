@@ -26,7 +26,7 @@ from molf_ds.train import sql_task, tasks
 from molf_ds.train.config import TASKS
 from molf_ds.train.data import DataError
 from molf_ds.train.tasks import scoring
-from molf_ds.train.tokenizer import VOCAB_SIZE, byte_tokenizer
+from molf_ds.train.tokenizer import VOCAB_SIZE
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SOURCES = {
@@ -37,17 +37,7 @@ SOURCES = {
 FIXTURE_RECORDS = 12
 
 
-@pytest.fixture(autouse=True)
-def _datasets_cache(tmp_path, monkeypatch):
-    """Keep `datasets`' Arrow cache of the test files inside the test's tmp_path."""
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return byte_tokenizer()
+pytestmark = pytest.mark.usefixtures("datasets_cache")
 
 
 def raw_records(name: str) -> list[dict]:
