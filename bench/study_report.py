@@ -418,28 +418,35 @@ def _relative(row: dict) -> str:
     return "—" if math.isnan(relative) else f"{100 * relative:+.1f} %"
 
 
-def _claims_section(checked: dict) -> list[str]:
-    lines = [
+CLAIMS = (  # (key in the checked claims, heading, the table's last two column names)
+    (
+        "molf_within_1.5pct_of_best_of_fft_lora",
         "**Claim 1: MoLF stays within 1.5 % of the better of FFT and LoRA on every task.** "
         "Gap = MoLF − the better of the two (test means); relative = gap / the better's mean; "
         "SE = standard error of the gap over the seeds.",
-        "",
-        "| task | metric | better of FFT, LoRA | MoLF | gap (points) | relative | SE (points) "
-        "| within 1.5 %? |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in checked["molf_within_1.5pct_of_best_of_fft_lora"]:
-        lines.append(_claim_row(row, "yes" if row["holds"] else "**no**"))
-    lines += [
-        "",
+        ("better of FFT, LoRA", "MoLF", "within 1.5 %?"),
+    ),
+    (
+        "molf_efficient_beats_adalora",
         "**Claim 2: MoLF-Efficient beats AdaLoRA (by up to 20 % on factual knowledge).**",
-        "",
-        "| task | metric | AdaLoRA | MoLF-Efficient | gap (points) | relative | SE (points) "
-        "| beats AdaLoRA? |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in checked["molf_efficient_beats_adalora"]:
-        lines.append(_claim_row(row, "yes" if row["holds"] else "**no**"))
+        ("AdaLoRA", "MoLF-Efficient", "beats AdaLoRA?"),
+    ),
+)
+
+
+def _claims_section(checked: dict) -> list[str]:
+    lines: list[str] = []
+    for key, heading, (reference, method, question) in CLAIMS:
+        lines += [
+            *([""] if lines else []),
+            heading,
+            "",
+            f"| task | metric | {reference} | {method} | gap (points) | relative | SE (points) "
+            f"| {question} |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in checked[key]:
+            lines.append(_claim_row(row, "yes" if row["holds"] else "**no**"))
     return lines
 
 
