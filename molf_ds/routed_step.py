@@ -408,6 +408,22 @@ class _Piece:
         return tensor if self.span is None else tensor.view(-1)[self.span]
 
 
+@dataclass
+class _ChunkGroup:
+    """The chunks of one device and dtype, filled in order up to ``limit`` bytes each."""
+
+    limit: int
+    chunks: list[list[_Piece]]
+    used: int = 0  # bytes in the last chunk
+
+    def add(self, piece: _Piece) -> None:
+        if self.chunks[-1] and self.used + piece.nbytes > self.limit:
+            self.chunks.append([])
+            self.used = 0
+        self.chunks[-1].append(piece)
+        self.used += piece.nbytes
+
+
 def _chunks(segments: Sequence[Segment]) -> list[list[_Piece]]:
     """``segments`` in groups of one device and dtype (a multi-tensor op's lists must share
     both) whose temporary (one per pass, the size of the moments) fits in the device's
@@ -415,23 +431,17 @@ def _chunks(segments: Sequence[Segment]) -> list[list[_Piece]]:
 
     Runs twice per step over every segment, so it does the least per segment it can.
     """
-    # (device index, dtype) -> [chunks, bytes in the last chunk, the device's chunk size];
-    # get_device() is an int (-1: CPU), cheaper than building a torch.device per segment (an
-    # optimizer's segments live on one device type, so the index tells its devices apart)
-    groups: dict[tuple[int, torch.dtype], list] = {}
+    # keyed by get_device(), an int (-1: CPU), cheaper than building a torch.device per segment
+    # (an optimizer's segments live on one device type, so the index tells its devices apart)
+    groups: dict[tuple[int, torch.dtype], _ChunkGroup] = {}
     for index, s in enumerate(segments):
         key = (s.param.get_device(), s.param.dtype)
         group = groups.get(key)
         if group is None:
-            group = groups[key] = [[[]], 0, _chunk_bytes(s.param.device)]
-        chunks, _, limit = group
-        for piece in _pieces(index, s, limit):
-            if chunks[-1] and group[1] + piece.nbytes > limit:
-                chunks.append([])
-                group[1] = 0
-            chunks[-1].append(piece)
-            group[1] += piece.nbytes
-    return [chunk for chunks, _, _ in groups.values() for chunk in chunks if chunk]
+            group = groups[key] = _ChunkGroup(_chunk_bytes(s.param.device), [[]])
+        for piece in _pieces(index, s, group.limit):
+            group.add(piece)
+    return [chunk for group in groups.values() for chunk in group.chunks if chunk]
 
 
 def _chunk_bytes(device: torch.device) -> int:
