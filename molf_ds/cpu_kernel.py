@@ -112,6 +112,11 @@ def _pointers(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
 
 
+def _update_scalars(*per_segment: list[float]) -> list[torch.Tensor]:
+    """The per-segment update scalars (decays, step sizes, sqrt(1 - b2^t)) as float32 arrays."""
+    return [torch.tensor(values, dtype=torch.float32) for values in per_segment]
+
+
 def moments_and_partials(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -135,9 +140,7 @@ def moments_and_partials(
     keep = [_pointers(params), _pointers(grads), _pointers(exp_avgs), _pointers(exp_avg_sqs)]
     numels = torch.tensor([g.numel() for g in grads], dtype=torch.int64)
     kinds = torch.tensor(score_kinds, dtype=torch.int32)
-    scalars = [
-        torch.tensor(x, dtype=torch.float32) for x in (decays, step_sizes, bias_correction2_sqrts)
-    ]
+    scalars = _update_scalars(decays, step_sizes, bias_correction2_sqrts)
     load().molf_moments_and_partials(
         n,
         *(t.data_ptr() for t in keep),
@@ -170,9 +173,7 @@ def apply_update(
         return
     keep = [_pointers(params), _pointers(exp_avgs), _pointers(exp_avg_sqs)]
     numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
-    scalars = [
-        torch.tensor(x, dtype=torch.float32) for x in (decays, step_sizes, bias_correction2_sqrts)
-    ]
+    scalars = _update_scalars(decays, step_sizes, bias_correction2_sqrts)
     load().molf_apply_update(
         len(params),
         *(t.data_ptr() for t in keep),
