@@ -106,6 +106,11 @@ def shown_fields(columns: list[str]) -> str:
     return text if len(text) <= SHOWN_FIELDS else text[: SHOWN_FIELDS - 3] + "..."
 
 
+def share(hits: int, total: int) -> float:
+    """``hits / total``, NaN when there is nothing to score (never a division error)."""
+    return hits / total if total else float("nan")
+
+
 class Timer:
     """Wall time of an evaluation, for its ``examples_per_s``."""
 

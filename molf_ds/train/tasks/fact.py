@@ -21,7 +21,7 @@ import json
 from typing import Any
 
 from molf_ds.train.tasks import scoring
-from molf_ds.train.tasks.base import Task, Timer
+from molf_ds.train.tasks.base import Task, Timer, share
 
 
 class FactTask(Task):
@@ -107,12 +107,8 @@ class FactTask(Task):
         prefers_new = [scores[k][0] > scores[len(prompts) + k][0] for k in range(len(prompts))]
         n, n_para = len(records), len(paraphrase_prompts)
         return {
-            "efficacy": _share(prefers_new[:n]),
-            "paraphrase": _share(prefers_new[n:]) if n_para else float("nan"),
+            "efficacy": share(sum(prefers_new[:n]), n),
+            "paraphrase": share(sum(prefers_new[n:]), n_para),
             "examples": n,
             "examples_per_s": timer.rate(n),
         }
-
-
-def _share(flags: list[bool]) -> float:
-    return sum(flags) / len(flags) if flags else float("nan")

@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from molf_ds.train.tasks import scoring
-from molf_ds.train.tasks.base import Task, Timer
+from molf_ds.train.tasks.base import Task, Timer, share
 
 OPTIONS = ("opa", "opb", "opc", "opd")
 LETTERS = ("A", "B", "C", "D")
@@ -92,7 +92,7 @@ class MedTask(Task):
             hits += per_token.index(max(per_token)) == record["cop"]
         n = len(records)
         return {
-            "accuracy": hits / n if n else float("nan"),
+            "accuracy": share(hits, n),
             "examples": n,
             "examples_per_s": timer.rate(n),
         }

@@ -28,7 +28,7 @@ from typing import Any
 from molf_ds.train import sql_task
 from molf_ds.train.data import DataError
 from molf_ds.train.tasks import scoring
-from molf_ds.train.tasks.base import Task, Timer
+from molf_ds.train.tasks.base import Task, Timer, share
 
 GENERATED = "generated"  # the source name of the embedded task
 PROMPT = "schema: {context}\nquestion: {question}\nsql:"
@@ -100,7 +100,7 @@ class SQLTask(Task):
         )
         n = len(records)
         return {
-            "exact_match": hits / n if n else float("nan"),
+            "exact_match": share(hits, n),
             "examples": n,
             "examples_per_s": timer.rate(n),
         }
