@@ -163,6 +163,8 @@ def test_split_depends_on_seed_only(tmp_path):
         ("empty.jsonl", "\n", {}, "has no records"),
         ("empty.csv", "prompt,completion\n", {}, "has no records"),
         ("notes.txt", "hello", {}, "unsupported format"),
+        # a first value of null crashed the process inside datasets' JSON reader
+        ("null.jsonl", " null\n", {}, "its first value is not a JSON object"),
         (
             "cols.csv",
             "question,answer\nq,a\n",

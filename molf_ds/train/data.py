@@ -125,7 +125,22 @@ def _load_file(path: Path, fmt: str) -> Any:
 def _read_with_datasets(path: Path, fmt: str) -> Any:
     import datasets
 
+    if fmt == "json" and _first_byte(path) not in (b"{", b"[", b""):
+        # records are objects; a file whose first value is `null` crashes the process inside
+        # datasets' JSON reader (a segmentation fault; pyarrow 26.0.1, datasets 5.2.0): say it here
+        raise ValueError("its first value is not a JSON object (or a list of them)")
     return datasets.load_dataset(fmt, data_files=str(path), split="train")
+
+
+def _first_byte(path: Path) -> bytes:
+    """The first byte after a UTF-8 byte order mark and leading whitespace; b"" if none."""
+    with path.open("rb") as f:
+        chunk = f.read(1 << 16).removeprefix(b"\xef\xbb\xbf")
+        while chunk:
+            if stripped := chunk.lstrip():
+                return stripped[:1]
+            chunk = f.read(1 << 16)
+    return b""
 
 
 def _read_csv(path: Path) -> Any:
