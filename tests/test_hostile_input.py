@@ -3,7 +3,8 @@ traceback; every valid one is accepted.
 
 In process (the quick loop, many examples): `molf-train`'s config (`load_config` from JSON/YAML
 files and ``key=value`` overrides, `parse_args` from any argv), its data files
-(`load_records` + `tokenize` on real .jsonl/.csv/.parquet files, raw bytes included),
+(read as molf-train reads ``data=``, then `tokenize`, on real .jsonl/.csv/.parquet files, raw
+bytes included),
 `molf-estimate`'s command line and ``--config`` file, `molf-sweep`'s run files. Then a few real
 subprocesses (marked slow) of the three commands on generated bad input: one line on stderr,
 a non-zero exit, no traceback, nothing written, within a timeout.
@@ -391,12 +392,13 @@ def _write_records(path: Path, records: list, garbage: bytes | None) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        try:
-            table = pa.Table.from_pylist(records)
-        except (pa.ArrowException, TypeError, ValueError, OverflowError, AttributeError):
-            reject()  # no Parquet file holds these (mixed types): JSONL and CSV cover them
         sink = io.BytesIO()
-        pq.write_table(table, sink)
+        try:
+            pq.write_table(pa.Table.from_pylist(records), sink)
+        except (pa.ArrowException, TypeError, ValueError, OverflowError, AttributeError):
+            # no Parquet file holds these (mixed types, a struct without fields): JSONL and CSV
+            # cover them
+            reject()
         data = sink.getvalue()
     if garbage is not None:  # inside the first text value (else mid-file): a corrupted file
         start = data.find(b'": "') + 4 if b'": "' in data else len(data) // 2
@@ -404,13 +406,20 @@ def _write_records(path: Path, records: list, garbage: bytes | None) -> None:
     path.write_bytes(data)
 
 
+def _read_as_molf_train(path: str, eval_fraction: float) -> tuple[list[dict], list[dict]]:
+    """``(train, held-out)`` records of ``data=path`` as molf-train reads them (``task=sql``,
+    the default: a prompt/completion file trains as it is)."""
+    from molf_ds.train import data, tasks
+
+    records, _ = tasks.training_records(tasks.get("sql"), path)
+    return data.split_records(records, eval_fraction=eval_fraction, seed=0)
+
+
 def test_error_messages_are_one_line_whatever_they_quote(tmp_path) -> None:
     """Paths are quoted as given in many messages; a line break in one stays on the line."""
-    from molf_ds.train.data import load_records
-
     for broken in ("a\nb", "a\r\nb", "a\u2028b", "a\x85b"):
         with pytest.raises(MoLFError) as info:
-            load_records(str(tmp_path / f"{broken}.jsonl"))
+            _read_as_molf_train(str(tmp_path / f"{broken}.jsonl"), 0.1)
         assert_one_line(str(info.value))
 
 
@@ -427,13 +436,13 @@ def test_error_messages_are_one_line_whatever_they_quote(tmp_path) -> None:
 def test_any_data_file_loads_or_is_one_error_line(
     _datasets_cache, tmp_path_factory, records, suffix, garbage, max_length
 ) -> None:
-    from molf_ds.train.data import load_records, tokenize
+    from molf_ds.train.data import tokenize
     from molf_ds.train.tokenizer import byte_tokenizer
 
     path = tmp_path_factory.mktemp("data") / f"data{suffix}"
     _write_records(path, records, garbage)
     try:
-        train, held = load_records(str(path), eval_fraction=0.25)
+        train, held = _read_as_molf_train(str(path), eval_fraction=0.25)
         examples = tokenize(train, byte_tokenizer(), max_length)
     except MoLFError as err:
         assert_one_line(str(err))
@@ -452,11 +461,9 @@ def test_any_data_file_loads_or_is_one_error_line(
 def test_valid_data_files_load_every_record_as_written(
     _datasets_cache, tmp_path_factory, records, suffix
 ) -> None:
-    from molf_ds.train.data import load_records
-
     path = tmp_path_factory.mktemp("data") / f"data{suffix}"
     _write_records(path, records, garbage=None)
-    train, held = load_records(str(path), eval_fraction=0.0)
+    train, held = _read_as_molf_train(str(path), eval_fraction=0.0)
     assert held == []
     pairs = sorted((r["prompt"], r["completion"]) for r in records)
     assert sorted((r["prompt"], r["completion"]) for r in train) == pairs
