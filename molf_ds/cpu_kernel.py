@@ -9,6 +9,7 @@ cache shared between different machines must not hand one machine another's bina
 
 from __future__ import annotations
 
+import array
 import ctypes
 import functools
 import hashlib
@@ -17,7 +18,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -95,7 +98,7 @@ def load() -> ctypes.CDLL:
         ctypes.c_int32,
     ]
     lib.molf_moments_and_partials.restype = None
-    lib.molf_apply_update.argtypes = [ctypes.c_int64, *[_PTR] * 7, ctypes.c_float, ctypes.c_int32]
+    lib.molf_apply_update.argtypes = [ctypes.c_int64, *[_PTR] * 8, ctypes.c_float, ctypes.c_int32]
     lib.molf_apply_update.restype = None
     return lib
 
@@ -108,77 +111,95 @@ def available() -> bool:
     return True
 
 
-def _pointers(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+class SegmentTensors(Protocol):
+    """What the kernel reads of a segment: four contiguous float32 CPU tensors of one shape."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
 
 
-def _update_scalars(*per_segment: list[float]) -> list[torch.Tensor]:
-    """The per-segment update scalars (decays, step sizes, sqrt(1 - b2^t)) as float32 arrays."""
-    return [torch.tensor(values, dtype=torch.float32) for values in per_segment]
+class Batch:
+    """One step's segments as the kernel's argument arrays, built once for both passes.
+
+    The arrays are built with the standard `array` module, in one sweep over the segments: for
+    a few hundred segments that is about 4x faster than torch.tensor of lists, and a step pays
+    it every time (after pass 1 has streamed the whole model through the caches, every Python
+    object a sweep touches is a cache miss, so pass 2 reuses these arrays instead of sweeping
+    again).
+
+    Args:
+        segments: contiguous float32 CPU tensors (the caller checks).
+        score_kinds: per segment, -1 (unrouted: pass 1 also applies its update), 0 (EPD) or
+            1 (PFN).
+        decays, step_sizes, bias_correction2_sqrts: per segment, ``1 - lr wd``,
+            ``lr / (1 - b1^t)`` and ``sqrt(1 - b2^t)``.
+    """
+
+    def __init__(
+        self,
+        segments: Sequence[SegmentTensors],
+        score_kinds: Sequence[int],
+        decays: Sequence[float],
+        step_sizes: Sequence[float],
+        bias_correction2_sqrts: Sequence[float],
+    ) -> None:
+        self.size = len(segments)
+        rows = [
+            (
+                s.param.data_ptr(),
+                s.grad.data_ptr(),
+                s.exp_avg.data_ptr(),
+                s.exp_avg_sq.data_ptr(),
+                s.param.numel(),
+            )
+            for s in segments
+        ]
+        columns = zip(*rows, strict=True) if rows else [()] * 5
+        self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.numels = (
+            array.array("q", column) for column in columns
+        )
+        self.score_kinds = array.array("i", score_kinds)
+        self.scalars = [
+            array.array("f", values) for values in (decays, step_sizes, bias_correction2_sqrts)
+        ]
+
+    def moments_and_partials(self, *, beta1: float, beta2: float, eps: float) -> torch.Tensor:
+        """Pass 1; returns the float64 partial score sum of each segment (0 if unrouted)."""
+        partials = torch.empty(self.size, dtype=torch.float64)
+        load().molf_moments_and_partials(
+            self.size,
+            *map(_address, (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs)),
+            _address(self.numels),
+            _address(self.score_kinds),
+            *map(_address, self.scalars),
+            beta1,
+            beta2,
+            1.0 - beta1,  # in double: see moments_chunk
+            1.0 - beta2,
+            eps,
+            partials.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return partials
+
+    def apply_update(self, selected: torch.Tensor, *, eps: float) -> None:
+        """Pass 2: the decoupled AdamW update of the segments where ``selected`` (a bool CPU
+        tensor, one entry per segment) is true, in place."""
+        if selected.dtype != torch.bool or selected.numel() != self.size:
+            raise ValueError(f"`selected` must be {self.size} bools, got {selected!r}")
+        selected = selected.contiguous()
+        load().molf_apply_update(
+            self.size,
+            *map(_address, (self.params, self.exp_avgs, self.exp_avg_sqs, self.numels)),
+            selected.data_ptr(),  # a bool is one byte, 0 or 1
+            *map(_address, self.scalars),
+            eps,
+            torch.get_num_threads(),
+        )
 
 
-def moments_and_partials(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    score_kinds: list[int],
-    decays: list[float],
-    step_sizes: list[float],
-    bias_correction2_sqrts: list[float],
-    *,
-    beta1: float,
-    beta2: float,
-    eps: float,
-) -> torch.Tensor:
-    """Pass 1 over contiguous fp32 CPU segments; returns the float64 partial sum of each.
-
-    Segments of score kind -1 (unrouted) also take their update, with their entries of
-    ``decays``, ``step_sizes`` and ``bias_correction2_sqrts`` (ignored for the others)."""
-    n = len(grads)
-    partials = torch.empty(n, dtype=torch.float64)
-    keep = [_pointers(params), _pointers(grads), _pointers(exp_avgs), _pointers(exp_avg_sqs)]
-    numels = torch.tensor([g.numel() for g in grads], dtype=torch.int64)
-    kinds = torch.tensor(score_kinds, dtype=torch.int32)
-    scalars = _update_scalars(decays, step_sizes, bias_correction2_sqrts)
-    load().molf_moments_and_partials(
-        n,
-        *(t.data_ptr() for t in keep),
-        numels.data_ptr(),
-        kinds.data_ptr(),
-        *(t.data_ptr() for t in scalars),
-        beta1,
-        beta2,
-        1.0 - beta1,  # in double: see moments_chunk
-        1.0 - beta2,
-        eps,
-        partials.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return partials
-
-
-def apply_update(
-    params: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    decays: list[float],
-    step_sizes: list[float],
-    bias_correction2_sqrts: list[float],
-    *,
-    eps: float,
-) -> None:
-    """Pass 2: the decoupled AdamW update of each segment, in place."""
-    if not params:
-        return
-    keep = [_pointers(params), _pointers(exp_avgs), _pointers(exp_avg_sqs)]
-    numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
-    scalars = _update_scalars(decays, step_sizes, bias_correction2_sqrts)
-    load().molf_apply_update(
-        len(params),
-        *(t.data_ptr() for t in keep),
-        numels.data_ptr(),
-        *(t.data_ptr() for t in scalars),
-        eps,
-        torch.get_num_threads(),
-    )
+def _address(values: array.array) -> int:
+    """The address of ``values``' buffer (its owner keeps it alive until the kernel returns)."""
+    return values.buffer_info()[0]

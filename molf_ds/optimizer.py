@@ -235,22 +235,19 @@ def make_segment(
 ) -> Segment:
     """The segment of ``param`` (or of its ``piece=(start, numel)`` when ``param`` is a flat
     partition) with the learning rate and weight decay its role takes from ``group``."""
-
-    def cut(t: torch.Tensor) -> torch.Tensor:
-        return t if piece is None else t.narrow(0, *piece)
-
-    decay = group["lora_weight_decay"] if role.is_lora else group["weight_decay"]
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    if piece is not None:
+        start, numel = piece
+        param, grad = param.narrow(0, start, numel), grad.narrow(0, start, numel)
+        exp_avg, exp_avg_sq = exp_avg.narrow(0, start, numel), exp_avg_sq.narrow(0, start, numel)
+    if role.is_lora:
+        lr, decay = group["lr"] * group["lora_lr_ratio"], group["lora_weight_decay"]
+    else:
+        lr, decay = group["lr"], group["weight_decay"]
     return Segment(
-        param=cut(param),
-        grad=cut(grad),
-        exp_avg=cut(state["exp_avg"]),
-        exp_avg_sq=cut(state["exp_avg_sq"]),
-        module=role.module,
-        expert=role.expert,
-        lr=group["lr"] * group["lora_lr_ratio"] if role.is_lora else group["lr"],
-        weight_decay=decay if role.decays else 0.0,
-        step=state["step"],
-    )
+        param, grad, exp_avg, exp_avg_sq, role.module, role.expert, lr,
+        decay if role.decays else 0.0, state["step"],
+    )  # fmt: skip
 
 
 def _check_non_negative(name: str, value: float) -> None:

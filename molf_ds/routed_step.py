@@ -32,6 +32,8 @@ with `molf_ds.host_reads.HostReadCounter` by the tests and ``bench/optimizer_ste
 
 from __future__ import annotations
 
+import array
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,7 +61,7 @@ step's op count does not grow with the number of segments."""
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 
-@dataclass
+@dataclass(slots=True)  # hundreds are made every step: slots make them cheaper to build and read
 class Segment:
     """A contiguous piece of one parameter and its state: a whole parameter, or a 1-D slice of a
     flat partition.
@@ -146,11 +148,14 @@ def routed_adamw(
     if score not in SCORES:
         raise ValueError(f"`score` must be one of {SCORES}, got {score!r}")
     device = segments[0].param.device if segments else torch.device("cpu")
-    implementation = choose_implementation(segments, fused=fused, foreach=foreach)
-    moments, update = _PASSES[implementation]
+    implementation = _IMPLEMENTATIONS[choose_implementation(segments, fused=fused, foreach=foreach)]
+    # Everything a step needs to know per segment is read here, in sweeps over the segments
+    # before pass 1: afterwards the passes and the routing touch only a few small tensors.
+    cells, weights = _score_cells(segments, table, score, device)
+    batch = implementation.prepare(segments, beta1=beta1, beta2=beta2, score=score)
 
-    partials = moments(segments, beta1=beta1, beta2=beta2, eps=eps, score=score)
-    scores = _expert_scores(partials, segments, table, score, device)
+    partials = implementation.moments(batch, beta1=beta1, beta2=beta2, eps=eps, score=score)
+    scores = _expert_scores(partials, cells, weights, table.shape)
     if reduce_scores is not None:
         reduce_scores(scores)
     if score == "pfn":
@@ -159,10 +164,11 @@ def routed_adamw(
     scores = scores.masked_fill(~candidates, -math.inf)
     winners = top_k_winners(scores, candidates, top_k)
 
-    won = winners.cpu().tolist()  # the step's one device-to-host read
-    chosen = [s for s in segments if s.module != UNROUTED and won[s.module][s.expert]]
-    update(chosen, beta1=beta1, beta2=beta2, eps=eps)
-    return RoutingDecision(scores=scores, winners=winners, implementation=implementation)
+    # whether each segment's expert won (unrouted segments point at an extra cell that never
+    # wins): the step's one device-to-host read
+    chosen = torch.cat([winners.view(-1), winners.new_zeros(1)])[cells].cpu()
+    implementation.update(batch, chosen, beta1=beta1, beta2=beta2, eps=eps)
+    return RoutingDecision(scores=scores, winners=winners, implementation=implementation.name)
 
 
 def choose_implementation(
@@ -201,11 +207,17 @@ def top_k_winners(scores: torch.Tensor, candidates: torch.Tensor, top_k: int) ->
 def _use_cpu_kernel(segments: Sequence[Segment], fused: bool | None) -> bool:
     if fused is False:
         return False
-    # runs every step over every tensor: `is_cpu` avoids building a torch.device per tensor
+    # Runs every step over every segment, so it reads the least it can: a gradient has its
+    # parameter's dtype and device (torch checks on assignment), and so do the moments (made by
+    # `zeros_like`, cast to the parameter by `load_state_dict`); `is_cpu` builds no torch.device.
     suitable = all(
-        t.is_cpu and t.dtype == torch.float32 and t.is_contiguous()
+        s.param.is_cpu
+        and s.param.dtype == torch.float32
+        and s.param.is_contiguous()
+        and s.grad.is_contiguous()
+        and s.exp_avg.is_contiguous()
+        and s.exp_avg_sq.is_contiguous()
         for s in segments
-        for t in (s.param, s.grad, s.exp_avg, s.exp_avg_sq)
     )
     if fused is None:
         return suitable and cpu_kernel.available()
@@ -217,28 +229,49 @@ def _use_cpu_kernel(segments: Sequence[Segment], fused: bool | None) -> bool:
     return True
 
 
-def _expert_scores(
-    partials: torch.Tensor,
-    segments: Sequence[Segment],
-    table: RoutingTable,
-    score: str,
-    device: torch.device,
-) -> torch.Tensor:
-    """Weight each segment's partial sum and add it into its ``(module, expert)`` cell."""
+def _score_cells(
+    segments: Sequence[Segment], table: RoutingTable, score: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each segment's partial score sum goes and its weight, as tensors on ``device``.
+
+    Segment ``i`` adds ``weights[i] * partial[i]`` into cell ``cells[i]`` of the flattened
+    ``[modules, experts]`` table; unrouted segments go to one extra cell past its end."""
     num_modules, num_experts = table.shape
-    routed = [i for i, s in enumerate(segments) if s.module != UNROUTED]
-    weights, cells = [], []
-    for i in routed:
-        s = segments[i]
-        numel = table.expert_numel[s.module][s.expert]
-        # EPD's lr_e / N_e is linear, so it can be applied before the cross-rank sum.
-        weights.append((s.lr if score == "epd" else 1.0) / numel)
-        cells.append(s.module * num_experts + s.expert)
-    flat = torch.zeros(num_modules * num_experts, dtype=torch.float64, device=device)
-    if routed:
-        weighted = partials[routed] * torch.tensor(weights, dtype=torch.float64).to(device)
-        flat.index_add_(0, torch.tensor(cells).to(device), weighted)
-    return flat.view(num_modules, num_experts)
+    expert_numel, epd = table.expert_numel, score == "epd"
+    spare = num_modules * num_experts
+    # EPD's lr_e / N_e is linear, so it can be applied before the cross-rank sum.
+    rows = [
+        (spare, 0.0)
+        if s.module == UNROUTED
+        else (
+            s.module * num_experts + s.expert,
+            (s.lr if epd else 1.0) / expert_numel[s.module][s.expert],
+        )
+        for s in segments
+    ]
+    cells, weights = zip(*rows, strict=True) if rows else ((), ())
+    return _on(device, "q", cells), _on(device, "d", weights)
+
+
+def _expert_scores(
+    partials: torch.Tensor, cells: torch.Tensor, weights: torch.Tensor, shape: tuple[int, int]
+) -> torch.Tensor:
+    """Each ``(module, expert)``'s weighted sum of its segments' partial sums."""
+    flat = torch.zeros(shape[0] * shape[1] + 1, dtype=torch.float64, device=weights.device)
+    flat.index_add_(0, cells, partials * weights)
+    return flat[:-1].view(shape)
+
+
+def _on(device: torch.device, typecode: str, values: Sequence) -> torch.Tensor:
+    """``values`` as a tensor on ``device``, through `array` (faster than torch.tensor of a
+    list of a few hundred numbers, which this step would pay every time)."""
+    dtype = _TYPECODES[typecode]
+    if not values:  # frombuffer refuses an empty buffer
+        return torch.zeros(0, dtype=dtype, device=device)
+    return torch.frombuffer(array.array(typecode, values), dtype=dtype).to(device)
+
+
+_TYPECODES = {"q": torch.int64, "d": torch.float64}
 
 
 def _reference_moments(
@@ -278,51 +311,27 @@ def _reference_update(
         del denom  # free before the next segment allocates its own
 
 
-def _kernel_moments(
-    segments: Sequence[Segment], *, beta1: float, beta2: float, eps: float, score: str
-) -> torch.Tensor:
-    if not segments:
-        return torch.zeros(0, dtype=torch.float64)
+def _kernel_batch(
+    segments: Sequence[Segment], *, beta1: float, beta2: float, score: str
+) -> cpu_kernel.Batch:
     kind = SCORES.index(score)
-    # unrouted segments get their whole AdamW step in this pass: their update scalars
-    no_update = (1.0, 0.0, 1.0)
-    decays, step_sizes, bc2_sqrts = zip(
-        *(
-            _update_scalars(s, beta1, beta2) if s.module == UNROUTED else no_update
-            for s in segments
-        ),
-        strict=True,
-    )
-    return cpu_kernel.moments_and_partials(
-        [s.param for s in segments],
-        [s.grad for s in segments],
-        [s.exp_avg for s in segments],
-        [s.exp_avg_sq for s in segments],
-        [-1 if s.module == UNROUTED else kind for s in segments],
-        list(decays),
-        list(step_sizes),
-        list(bc2_sqrts),
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-    )
+    rows = [
+        (-1 if s.module == UNROUTED else kind, *_update_scalars(s, beta1, beta2)) for s in segments
+    ]
+    columns = zip(*rows, strict=True) if rows else [()] * 4
+    return cpu_kernel.Batch(segments, *columns)
 
 
-def _kernel_update(segments: Sequence[Segment], *, beta1: float, beta2: float, eps: float) -> None:
-    if not segments:
-        return
-    decays, step_sizes, bc2_sqrts = zip(
-        *(_update_scalars(s, beta1, beta2) for s in segments), strict=True
-    )
-    cpu_kernel.apply_update(
-        [s.param for s in segments],
-        [s.exp_avg for s in segments],
-        [s.exp_avg_sq for s in segments],
-        list(decays),
-        list(step_sizes),
-        list(bc2_sqrts),
-        eps=eps,
-    )
+def _kernel_moments(
+    batch: cpu_kernel.Batch, *, beta1: float, beta2: float, eps: float, score: str
+) -> torch.Tensor:
+    return batch.moments_and_partials(beta1=beta1, beta2=beta2, eps=eps)
+
+
+def _kernel_update(
+    batch: cpu_kernel.Batch, chosen: torch.Tensor, *, beta1: float, beta2: float, eps: float
+) -> None:
+    batch.apply_update(chosen, eps=eps)
 
 
 def _foreach_moments(
@@ -471,8 +480,42 @@ def _update_scalars(s: Segment, beta1: float, beta2: float) -> tuple[float, floa
     )
 
 
-_PASSES = {
-    "fused": (_kernel_moments, _kernel_update),
-    "foreach": (_foreach_moments, _foreach_update),
-    "reference": (_reference_moments, _reference_update),
+def _segments(
+    segments: Sequence[Segment], *, beta1: float, beta2: float, score: str
+) -> Sequence[Segment]:
+    """What the multi-tensor and reference passes take: the segments themselves."""
+    return segments
+
+
+def _winning(update: Callable[..., None]) -> Callable[..., None]:
+    """``update`` (over a list of segments) applied to the chosen segments only."""
+
+    def update_chosen(
+        segments: Sequence[Segment], chosen: torch.Tensor, *, beta1: float, beta2: float, eps: float
+    ) -> None:
+        update(
+            list(itertools.compress(segments, chosen.tolist())), beta1=beta1, beta2=beta2, eps=eps
+        )
+
+    return update_chosen
+
+
+@dataclass(frozen=True)
+class _Implementation:
+    """One way to run the two passes: ``prepare`` reads the segments once (what both passes
+    take), ``moments`` is pass 1, ``update`` is pass 2 over the chosen segments (a bool CPU
+    tensor, one entry per segment)."""
+
+    name: str
+    prepare: Callable[..., object]
+    moments: Callable[..., torch.Tensor]
+    update: Callable[..., None]
+
+
+_IMPLEMENTATIONS = {
+    "fused": _Implementation("fused", _kernel_batch, _kernel_moments, _kernel_update),
+    "foreach": _Implementation("foreach", _segments, _foreach_moments, _winning(_foreach_update)),
+    "reference": _Implementation(
+        "reference", _segments, _reference_moments, _winning(_reference_update)
+    ),
 }

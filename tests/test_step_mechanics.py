@@ -44,6 +44,11 @@ IMPLEMENTATIONS = {
 }
 
 
+# The step's one read of the winners from Python: the multi-tensor and reference passes list
+# the chosen segments; the CPU kernel takes the (host) mask as it lies, with no read from Python.
+WINNER_READS = {"fused": [], "foreach": ["Tensor.tolist"], "reference": ["Tensor.tolist"]}
+
+
 @pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
 def test_step_makes_one_host_read(implementation: str) -> None:
     """The winner mask, read once per step -- no `.item()`, `bool(tensor)` or copy per module."""
@@ -53,7 +58,7 @@ def test_step_makes_one_host_read(implementation: str) -> None:
         _backward(model, step)
         with HostReadCounter() as reads:
             optimizer.step()
-        assert reads.reads == ["Tensor.tolist"], reads.reads
+        assert reads.reads == WINNER_READS[implementation], reads.reads
         optimizer.zero_grad()
     assert optimizer.last_routing.implementation == implementation
 
@@ -72,7 +77,7 @@ def test_host_read_counter_sees_a_read_added_to_the_step(monkeypatch, implementa
     _backward(model, 0)
     with HostReadCounter() as reads:
         optimizer.step()
-    assert reads.reads == ["Tensor.__bool__", "Tensor.tolist"]
+    assert reads.reads == ["Tensor.__bool__", *WINNER_READS[implementation]]
 
 
 def test_host_read_counter_counts_each_read_once() -> None:

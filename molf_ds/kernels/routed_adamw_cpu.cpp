@@ -5,6 +5,7 @@
 //   pass 1 (all segments):     m, v <- AdamW moments;  partial[s] = sum of the score term;
 //                              unrouted segments also take their update (it waits for no routing)
 //   pass 2 (winning segments): p <- p * (1 - lr*wd) - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
+// Both passes take the same per-segment arrays (built once per step); pass 2 a mask of winners.
 // The work is cut into fixed-size chunks and the per-chunk sums are added in chunk order, so the
 // result does not depend on the number of threads.
 //
@@ -23,9 +24,12 @@ struct Chunk {
   int64_t end;
 };
 
-std::vector<Chunk> make_chunks(int64_t n_segments, const int64_t* numels) {
+// The chunks of every segment, or of those whose ``selected`` entry is non-zero.
+std::vector<Chunk> make_chunks(int64_t n_segments, const int64_t* numels,
+                               const uint8_t* selected = nullptr) {
   std::vector<Chunk> chunks;
   for (int64_t s = 0; s < n_segments; ++s) {
+    if (selected != nullptr && selected[s] == 0) continue;
     for (int64_t begin = 0; begin < numels[s]; begin += kChunk) {
       int64_t end = begin + kChunk < numels[s] ? begin + kChunk : numels[s];
       chunks.push_back({s, begin, end});
@@ -119,12 +123,13 @@ void molf_moments_and_partials(int64_t n_segments, float* const* params, float* 
   for (int64_t c = 0; c < n_chunks; ++c) partials[chunks[c].segment] += chunk_sums[c];
 }
 
-// Pass 2: the decoupled AdamW update of the given (winning) segments.
+// Pass 2: the decoupled AdamW update of the segments whose ``selected`` entry is non-zero (the
+// winners), with the same arrays as pass 1.
 void molf_apply_update(int64_t n_segments, float* const* params, float* const* exp_avgs,
-                       float* const* exp_avg_sqs, const int64_t* numels, const float* decays,
-                       const float* step_sizes, const float* bias_correction2_sqrts, float eps,
-                       int32_t n_threads) {
-  const std::vector<Chunk> chunks = make_chunks(n_segments, numels);
+                       float* const* exp_avg_sqs, const int64_t* numels, const uint8_t* selected,
+                       const float* decays, const float* step_sizes,
+                       const float* bias_correction2_sqrts, float eps, int32_t n_threads) {
+  const std::vector<Chunk> chunks = make_chunks(n_segments, numels, selected);
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
 #pragma omp parallel for schedule(static) num_threads(n_threads)
   for (int64_t c = 0; c < n_chunks; ++c) {
