@@ -21,6 +21,8 @@ Everything else in molf_ds, and the test and benchmark workers, use DeepSpeed's 
 - The CPU accelerator's comm op: see `turn_off_cpu_shm_comm`.
 - ``engine.save_checkpoint``'s order of work, for a rank whose write failed: see
   `finish_failed_save`.
+- Whether one of DeepSpeed's compiled ops builds here: the accelerator's op builders
+  (``create_op_builder(name).load()``), see `op_build_problem`.
 """
 
 from __future__ import annotations
@@ -412,3 +414,24 @@ class CollectiveCounter:
                 self._depth -= 1
 
         return counted
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed's compiled ops
+# ---------------------------------------------------------------------------------------------
+
+
+def op_build_problem(builder_name: str) -> str | None:
+    """None when DeepSpeed's op ``builder_name`` (e.g. ``"FusedAdamBuilder"``) loads --
+    prebuilt, or compiled now, as DeepSpeed would a moment later anyway -- else the first line
+    of why not (no such op for this accelerator, no CUDA compiler, ...)."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder(builder_name)
+    if builder is None:
+        return f"no {builder_name} for this accelerator"
+    try:
+        builder.load(verbose=False)
+    except Exception as err:  # noqa: BLE001 - any failure to build means: not available
+        return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return None

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from molf_ds.train import sql_task
+from molf_ds.train import sql_task, tasks
 from molf_ds.train.data import (
     IGNORE_INDEX,
     DataError,
     batches,
-    load_records,
     num_batches,
+    split_records,
     tokenize,
 )
 from molf_ds.train.tokenizer import VOCAB_SIZE, byte_tokenizer
@@ -110,15 +110,25 @@ def test_byte_tokenizer_is_deterministic_and_reloads(tok, tmp_path):
 # --------------------------------------------------------------------------- loading
 
 
-def test_load_records_embedded_sql_task():
-    train, held = load_records("sql", num_generated=300, seed=1)
-    assert (len(train), len(held)) == (270, 30)
-    assert load_records(None, num_generated=300, seed=1) == (train, held)
-    assert load_records("sql", num_generated=300, seed=2) != (train, held)
-    assert {e["prompt"] for e in train}.isdisjoint(e["prompt"] for e in held)
+def read_records(
+    source: str, *, eval_fraction: float = 0.1, seed: int = 0, **fields: str
+) -> tuple[list[dict], list[dict]]:
+    """``(train, held-out)`` records of ``data=source`` as molf-train reads them (``task=sql``,
+    the default, under which a prompt/completion file trains as it is)."""
+    records, _ = tasks.training_records(tasks.get("sql"), source, seed=seed, **fields)
+    return split_records(records, eval_fraction=eval_fraction, seed=seed)
 
 
-def test_load_records_from_jsonl_csv_parquet(tmp_path):
+def test_embedded_sql_task_split():
+    train, held = read_records("sql", seed=1)
+    n = sql_task.DEFAULT_NUM_EXAMPLES
+    assert (len(train), len(held)) == (n - round(n * 0.1), round(n * 0.1))
+    assert read_records("default", seed=1) == (train, held)
+    assert read_records("sql", seed=2) != (train, held)
+    assert {e["sql_prompt"] for e in train}.isdisjoint(e["sql_prompt"] for e in held)
+
+
+def test_records_from_jsonl_csv_parquet(tmp_path):
     import datasets
 
     jsonl = write_jsonl(tmp_path / "d.jsonl", RECORDS)
@@ -127,9 +137,9 @@ def test_load_records_from_jsonl_csv_parquet(tmp_path):
     parquet = tmp_path / "d.parquet"
     rows = [{"q": r["prompt"], "a": r["completion"], "x": 1} for r in RECORDS]
     datasets.Dataset.from_list(rows).to_parquet(str(parquet))
-    expected = load_records(jsonl, seed=5)
-    assert load_records(str(csv), seed=5) == expected
-    renamed = load_records(str(parquet), prompt_field="q", completion_field="a", seed=5)
+    expected = read_records(jsonl, seed=5)
+    assert read_records(str(csv), seed=5) == expected
+    renamed = read_records(str(parquet), prompt_field="q", completion_field="a", seed=5)
     assert renamed == expected
     train, held = expected
     assert (len(train), len(held)) == (18, 2)
@@ -144,14 +154,14 @@ def test_load_records_from_jsonl_csv_parquet(tmp_path):
 )
 def test_eval_split_sizes(tmp_path, n, fraction, n_eval):
     path = write_jsonl(tmp_path / "d.jsonl", RECORDS[:n])
-    train, held = load_records(path, eval_fraction=fraction, seed=0)
+    train, held = read_records(path, eval_fraction=fraction)
     assert (len(train), len(held)) == (n - n_eval, n_eval)
 
 
 def test_split_depends_on_seed_only(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", RECORDS)
-    assert load_records(path, seed=3) == load_records(path, seed=3)
-    assert load_records(path, seed=3) != load_records(path, seed=4)
+    assert read_records(path, seed=3) == read_records(path, seed=3)
+    assert read_records(path, seed=3) != read_records(path, seed=4)
 
 
 @pytest.mark.parametrize(
@@ -169,13 +179,13 @@ def test_split_depends_on_seed_only(tmp_path):
             "cols.csv",
             "question,answer\nq,a\n",
             {},
-            r"no 'prompt' field \(fields: question, answer\)",
+            r"neither the fields of task=sql .* nor 'prompt'/'completion' "
+            r"\(fields: question, answer\)",
         ),
-        ("cols2.jsonl", '{"prompt": "p", "answer": "a"}\n', {}, r"no 'completion' field"),
-        ("renamed.jsonl", '{"prompt": "p"}\n', {"prompt_field": "q"}, r"no 'q' field"),
+        ("cols2.jsonl", '{"prompt": "p", "answer": "a"}\n', {}, r"nor 'prompt'/'completion'"),
+        ("renamed.jsonl", '{"prompt": "p"}\n', {"prompt_field": "q"}, r"nor 'q'/'completion'"),
         ("num.jsonl", '{"prompt": "p", "completion": 3}\n', {}, "'completion' is int, not a str"),
         ("hole.csv", "prompt,completion\np,c\np2,\n", {}, "record 1: 'completion' is NoneType"),
-        ("ok.jsonl", '{"prompt": "p", "completion": "c"}\n', {"eval_fraction": 1}, "eval_fracti"),
     ],
 )
 def test_data_errors(tmp_path, name, content, kwargs, match):
@@ -183,7 +193,7 @@ def test_data_errors(tmp_path, name, content, kwargs, match):
     if content is not None:
         path.write_text(content)
     with pytest.raises(DataError, match=match):
-        load_records(str(path), **kwargs)
+        read_records(str(path), **kwargs)
 
 
 def test_empty_parquet_and_too_many_generated(tmp_path):
@@ -192,9 +202,9 @@ def test_empty_parquet_and_too_many_generated(tmp_path):
     path = tmp_path / "empty.parquet"
     datasets.Dataset.from_dict({"prompt": [], "completion": []}).to_parquet(str(path))
     with pytest.raises(DataError, match="has no records"):
-        load_records(str(path))
+        read_records(str(path))
     with pytest.raises(DataError, match="num_generated"):
-        load_records("sql", num_generated=10**6)
+        tasks.get("sql").load(tasks.GENERATED, 0, num_generated=10**6)
 
 
 # --------------------------------------------------------------------------- tokenizing

@@ -1,10 +1,11 @@
-"""Training data: load prompt/completion records, tokenize them once, cut per-rank batches.
+"""Training data: read prompt/completion records, tokenize them once, cut per-rank batches.
 
-The pipeline is split so that the expensive part happens once: `load_records` reads and
-validates (the embedded SQL task, a local file or a hub dataset), `tokenize` turns records into
-id lists with the loss on the completion only, and `batches` is a cheap pure function of
-``(seed, epoch, step)`` that pads one micro-batch at a time, so a resumed run sees exactly the
-batches the uninterrupted one would have.
+The pipeline is split so that the expensive part happens once: `read_dataset` and
+`records_from_dataset` read and validate a local file or hub dataset (`molf_ds.train.tasks`
+picks the source and schema for ``task=``), `split_records` holds out a share, `tokenize` turns
+records into id lists with the loss on the completion only, and `batches` is a cheap pure
+function of ``(seed, epoch, step)`` that pads one micro-batch at a time, so a resumed run sees
+exactly the batches the uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any
 import torch
 
 from molf_ds.errors import MoLFError
-from molf_ds.train import sql_task
 
 logger = logging.getLogger(__name__)
 
@@ -33,37 +33,15 @@ class DataError(MoLFError):
 # --------------------------------------------------------------------------- loading
 
 
-def load_records(
-    source: str | None,
-    *,
-    prompt_field: str = "prompt",
-    completion_field: str = "completion",
-    eval_fraction: float = 0.1,
-    seed: int = 0,
-    num_generated: int = sql_task.DEFAULT_NUM_EXAMPLES,
-) -> tuple[list[dict], list[dict]]:
-    """``(train, eval)`` lists of ``{"prompt", "completion"}`` records from ``source``.
-
-    ``source`` is ``None`` or ``"sql"`` (the embedded task, ``num_generated`` examples from
-    ``seed``), a local ``.jsonl``/``.json``/``.csv``/``.parquet`` file, or a hub dataset id
-    (its ``train`` split). Records are shuffled with ``seed`` before the split so a file sorted
-    by topic still gives a representative held-out set; with ``n >= 2`` records and
-    ``eval_fraction > 0`` the eval set gets ``max(1, round(n * eval_fraction))`` of them
-    (at most ``n - 1``, so training never starts empty).
-    """
-    if not 0 <= eval_fraction < 1:
-        raise DataError(f"eval_fraction={eval_fraction} is out of range; use a value in [0, 1)")
-    if source is None or source == "sql":
-        records = _generated(num_generated, seed)
-    else:
-        records = records_from_dataset(read_dataset(source), source, prompt_field, completion_field)
-    return split_records(records, eval_fraction=eval_fraction, seed=seed)
-
-
 def split_records(
     records: Sequence[dict], *, eval_fraction: float, seed: int
 ) -> tuple[list[dict], list[dict]]:
-    """Shuffle ``records`` with ``seed`` and cut off the held-out share (see `load_records`)."""
+    """Shuffle ``records`` with ``seed`` and cut off the held-out share.
+
+    Shuffled first, so a file sorted by topic still gives a representative held-out set. With
+    ``n >= 2`` records and ``eval_fraction > 0`` the held-out share is
+    ``max(1, round(n * eval_fraction))`` records, at most ``n - 1`` (training never starts
+    empty)."""
     shuffled = list(records)
     random.Random(seed).shuffle(shuffled)
     n = len(shuffled)
@@ -71,13 +49,6 @@ def split_records(
     if n >= 2 and eval_fraction > 0:
         n_eval = min(n - 1, max(1, round(n * eval_fraction)))
     return shuffled[n_eval:], shuffled[:n_eval]
-
-
-def _generated(num_generated: int, seed: int) -> list[dict]:
-    try:
-        return sql_task.generate(num_generated, seed)
-    except ValueError as e:
-        raise DataError(f"num_generated: {e}") from None
 
 
 HUB_HINT = "check the id, or pass 'sql' or a local " + "/".join(FILE_FORMATS) + " file"

@@ -763,7 +763,7 @@ def baseline_optimizer_section(ds_config: dict, *, lr: float, weight_decay: floa
     on_cpu = get_accelerator().device_name() == "cpu"
     if on_cpu and not offload:
         return {"type": "AdamW", "params": {**params, "torch_adam": True}}
-    problem = _ds_op_problem("CPUAdamBuilder" if offload else "FusedAdamBuilder")
+    problem = ds_partitions.op_build_problem("CPUAdamBuilder" if offload else "FusedAdamBuilder")
     if problem is None:
         return {"type": "AdamW", "params": params}
     if storage.is_main_rank():
@@ -775,21 +775,6 @@ def baseline_optimizer_section(ds_config: dict, *, lr: float, weight_decay: floa
         )
     fused = {} if offload or on_cpu else {"fused": True}
     return {"type": "AdamW", "params": {**params, "torch_adam": True, **fused}}
-
-
-def _ds_op_problem(builder_name: str) -> str | None:
-    """None when DeepSpeed's op ``builder_name`` loads (prebuilt, or compiled now: DeepSpeed
-    would compile it a moment later anyway), else the first line of why not."""
-    from deepspeed.accelerator import get_accelerator
-
-    builder = get_accelerator().create_op_builder(builder_name)
-    if builder is None:
-        return f"no {builder_name} for this accelerator"
-    try:
-        builder.load(verbose=False)
-    except Exception as err:  # noqa: BLE001 - any failure to build means: use torch's AdamW
-        return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-    return None
 
 
 def _fft_engine(cfg: TrainConfig, model, ds_config: dict, zero_stage: int):
