@@ -65,13 +65,15 @@ class RoutingPlan:
                     if param is None or not param.requires_grad:
                         continue
                     is_lora = expert != FFT_EXPERT
-                    role_of[id(param)] = ParamRole(module, expert, is_lora, _full_ndim(param) >= 2)
+                    role_of[id(param)] = ParamRole(
+                        module, expert, is_lora, takes_weight_decay(param)
+                    )
                     numel[module][expert] += _full_numel(param)
         params, roles = [], []
         for param in _unique_trainable(model):
             params.append(param)
             roles.append(
-                role_of.get(id(param), ParamRole(UNROUTED, 0, False, _full_ndim(param) >= 2))
+                role_of.get(id(param), ParamRole(UNROUTED, 0, False, takes_weight_decay(param)))
             )
         if not params:
             raise MoLFError("model has no trainable parameters")
@@ -104,6 +106,23 @@ class RoutingPlan:
 # are DeepSpeed's documented ``ds_numel`` / ``ds_shape`` attributes.
 def _full_numel(param: nn.Parameter) -> int:
     return int(getattr(param, "ds_numel", param.numel()))
+
+
+def takes_weight_decay(param: nn.Parameter) -> bool:
+    """Whether decoupled weight decay applies to ``param``: to matrices (embeddings included),
+    never to biases or norms, as Transformers' Trainer does (judged by the full shape, also
+    when ZeRO-3 holds only a partition)."""
+    return _full_ndim(param) >= 2
+
+
+def weight_decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
+    """``params`` as torch param groups: `takes_weight_decay` ones with ``weight_decay``, the
+    others with none (empty groups left out)."""
+    decayed = [p for p in params if takes_weight_decay(p)]
+    undecayed = [p for p in params if not takes_weight_decay(p)]
+    groups = [{"params": decayed, "weight_decay": weight_decay}]
+    groups.append({"params": undecayed, "weight_decay": 0.0})
+    return [group for group in groups if group["params"]]
 
 
 def _full_ndim(param: nn.Parameter) -> int:

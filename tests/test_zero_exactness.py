@@ -35,12 +35,13 @@ FP32_CASES = [
     "z3_offload_foreach",
 ]
 BF16_CASES = ["bf16_z1", "bf16_z2", "bf16_z3"]
-# molf-train's FFT baseline: DeepSpeed's own Adam from an `optimizer` section. On CPU ranks that
+# molf-train's baselines: DeepSpeed's own Adam from an `optimizer` section. On CPU ranks that
 # is torch's AdamW (DeepSpeed's `torch_adam`) without offload, DeepSpeedCPUAdam with it.
-FFT_OPTIMIZERS = {
+BASELINE_OPTIMIZERS = {
     "fft_z2": "AdamW",
     "fft_z2_offload": "DeepSpeedCPUAdam",
     "fft_z3_offload": "DeepSpeedCPUAdam",
+    "lora_z2": "AdamW",
 }
 DATA_WORLD = 6  # global micro-batch of 12 sequences: divides evenly over 1, 2 and 3 ranks
 ATOL = 1e-5
@@ -61,7 +62,7 @@ def runs(tmp_path_factory) -> dict:
         "--out",
         str(root / "ref"),
         "--cases",
-        ",".join(FP32_CASES + list(FFT_OPTIMIZERS)),
+        ",".join(FP32_CASES + list(BASELINE_OPTIMIZERS)),
         *common,
     )
     for ranks in (2, 3):
@@ -71,7 +72,7 @@ def runs(tmp_path_factory) -> dict:
             "--out",
             str(root / f"w{ranks}"),
             "--cases",
-            ",".join(FP32_CASES + BF16_CASES + list(FFT_OPTIMIZERS)),
+            ",".join(FP32_CASES + BF16_CASES + list(BASELINE_OPTIMIZERS)),
             *common,
             # the first run on a machine also compiles DeepSpeed's CPU Adam (about 2 minutes on
             # 2 cores) for the FFT baseline under offload
@@ -100,19 +101,22 @@ def test_zero_fp32_ranks_match_single_process(runs: dict, case: str, ranks: int)
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
-@pytest.mark.parametrize("case", list(FFT_OPTIMIZERS))
-def test_zero_fft_baseline_runs_deepspeeds_adam_and_matches_torch_adamw(
+@pytest.mark.parametrize("case", list(BASELINE_OPTIMIZERS))
+def test_zero_baselines_run_deepspeeds_adam_and_match_torch_adamw(
     runs: dict, case: str, ranks: int
 ) -> None:
-    """The FFT baseline's engine (molf-train's `METHODS["fft"]`) steps with the Adam DeepSpeed
-    picks for the layout, and ends where torch's AdamW ends in one plain process."""
+    """The baselines' engines (molf-train's `METHODS["fft"]` and `METHODS["lora"]`) step with
+    the Adam DeepSpeed picks for the layout, and end where torch's AdamW ends in one plain
+    process with weight decay on matrices only and, for LoRA, ``lora_lr`` and
+    ``lora_weight_decay``."""
     reference, got = _load(runs["ref"], case), _load(runs[f"w{ranks}"], case)
     assert reference["clipped_steps"] > 0
-    assert got["world"] == ranks and got["basic_optimizer"] == FFT_OPTIMIZERS[case]
+    assert got["world"] == ranks and got["basic_optimizer"] == BASELINE_OPTIMIZERS[case]
     assert set(got["params"]) == set(reference["params"])
     for name, expected in reference["params"].items():
         torch.testing.assert_close(got["params"][name], expected, rtol=0, atol=ATOL, msg=name)
-        assert not torch.equal(expected, reference["initial"][name]), f"{name} never moved"
+    for name in reference["trainable"]:
+        assert not torch.equal(reference["params"][name], reference["initial"][name]), name
 
 
 def test_zero_reference_routing_mixes_fft_and_lora(runs: dict) -> None:

@@ -35,6 +35,7 @@ from typing import Any
 from molf_ds import ds_partitions
 from molf_ds.errors import EveryRankError, MoLFError
 from molf_ds.estimate import PRESETS as ESTIMATE_PRESETS
+from molf_ds.plan import weight_decay_groups
 from molf_ds.runtime import shutdown
 from molf_ds.train import console, peers, storage
 from molf_ds.train.config import TrainConfig, parse_args
@@ -725,18 +726,21 @@ def _molf_engine(cfg: TrainConfig, model, ds_config: dict, zero_stage: int):
     return engine, optimizer
 
 
-def _adamw_engine(cfg: TrainConfig, model, ds_config: dict, zero_stage: int, *, lr: float):
+def _adamw_engine(
+    cfg: TrainConfig, model, ds_config: dict, zero_stage: int, *, lr: float, weight_decay: float
+):
     """DeepSpeed's own Adam over the trainable parameters, from an ``optimizer`` section: what a
     DeepSpeed user's baseline runs (`baseline_optimizer_section`), so a MoLF-vs-baseline figure
-    compares against it. The schedule is the same client `LambdaLR` as MoLF's, over DeepSpeed's
+    compares against it. Weight decay goes to matrices only, as in MoLFAdamW (and Transformers'
+    Trainer). The schedule is the same client `LambdaLR` as MoLF's, over DeepSpeed's
     optimizer."""
     import deepspeed
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    section = baseline_optimizer_section(ds_config, lr=lr, weight_decay=cfg.weight_decay)
+    section = baseline_optimizer_section(ds_config, lr=lr, weight_decay=weight_decay)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=trainable,
+        model_parameters=weight_decay_groups(trainable, weight_decay),
         config={**ds_config, "optimizer": section},
         lr_scheduler=_scheduler(cfg),
     )
@@ -778,12 +782,17 @@ def baseline_optimizer_section(ds_config: dict, *, lr: float, weight_decay: floa
 
 
 def _fft_engine(cfg: TrainConfig, model, ds_config: dict, zero_stage: int):
-    return _adamw_engine(cfg, model, ds_config, zero_stage, lr=cfg.lr)
+    return _adamw_engine(
+        cfg, model, ds_config, zero_stage, lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
 
 
 def _lora_engine(cfg: TrainConfig, model, ds_config: dict, zero_stage: int):
+    """LoRA's own rate and decay where given (``lora_lr``, ``lora_weight_decay``), as MoLF's
+    LoRA experts take them."""
     lr = cfg.lr if cfg.lora_lr is None else cfg.lora_lr
-    return _adamw_engine(cfg, model, ds_config, zero_stage, lr=lr)
+    decay = cfg.weight_decay if cfg.lora_weight_decay is None else cfg.lora_weight_decay
+    return _adamw_engine(cfg, model, ds_config, zero_stage, lr=lr, weight_decay=decay)
 
 
 def _adalora_engine(cfg: TrainConfig, model, ds_config: dict, zero_stage: int):

@@ -69,11 +69,18 @@ CASES: dict[str, dict] = {
     "bf16_z1": {"zero": {"stage": 1}, "bf16": True, "grad_accum_dtype": "fp32"},
     "bf16_z2": {"zero": {"stage": 2}, "bf16": True},
     "bf16_z3": {"zero": {"stage": 3}, "bf16": True},
-    # molf-train's FFT baseline (`METHODS["fft"]`): DeepSpeed's own Adam from an `optimizer`
-    # section, against torch's AdamW in one plain process.
-    "fft_z2": {"zero": {"stage": 2}, "fft": True},
-    "fft_z2_offload": {"zero": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "fft": True},
-    "fft_z3_offload": {"zero": {"stage": 3, "offload_optimizer": {"device": "cpu"}}, "fft": True},
+    # molf-train's baselines (`METHODS["fft"]`, `METHODS["lora"]`): DeepSpeed's own Adam from an
+    # `optimizer` section, against torch's AdamW in one plain process.
+    "fft_z2": {"zero": {"stage": 2}, "baseline": "fft"},
+    "fft_z2_offload": {
+        "zero": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+        "baseline": "fft",
+    },
+    "fft_z3_offload": {
+        "zero": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+        "baseline": "fft",
+    },
+    "lora_z2": {"zero": {"stage": 2}, "baseline": "lora"},
 }
 
 
@@ -120,14 +127,25 @@ def build(case: dict) -> tuple[nn.Module, molf_ds.MoLFAdamW]:
     return model, optimizer
 
 
-def build_fft() -> tuple[nn.Module, object]:
-    """The unwrapped model and molf-train's FFT options (constant lr, so that the plain
-    reference needs no schedule)."""
+def build_baseline(mode: str) -> tuple[nn.Module, object]:
+    """The model as molf-train's ``mode`` (fft or lora) builds it, and its options (constant lr,
+    so that the plain reference needs no schedule; LoRA's own rate and decay differ from the
+    FFT ones, so a baseline that took the wrong ones would end elsewhere)."""
     from molf_ds.train.config import TrainConfig
+    from molf_ds.train.recipe import METHODS
 
+    config = TrainConfig(
+        mode=mode,
+        lr=LR,
+        lora_lr=LORA_LR / 2,
+        weight_decay=WD,
+        lora_weight_decay=LORA_WD,
+        lora_ranks=[3],
+        schedule="constant",
+        warmup_steps=0,
+    )
     torch.manual_seed(1234)
-    config = TrainConfig(mode="fft", lr=LR, weight_decay=WD, schedule="constant", warmup_steps=0)
-    return TinyDecoder(), config
+    return METHODS[mode].build_model(config, TinyDecoder()), config
 
 
 def global_batch(step: int, micro: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,12 +191,13 @@ def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     micro_batch = MICRO_BATCH * world_of_data // world  # same global batch on any world size
     config = ds_config(case, micro_batch, world)
-    if case.get("fft"):
+    if "baseline" in case:
         from molf_ds.train.recipe import METHODS
 
-        model, train_config = build_fft()
+        model, train_config = build_baseline(case["baseline"])
         stage = case["zero"]["stage"]
-        engine, optimizer = METHODS["fft"].build_engine(train_config, model, config, stage)
+        method = METHODS[case["baseline"]]
+        engine, optimizer = method.build_engine(train_config, model, config, stage)
     else:
         model, optimizer = build(case)
         engine, _, _, _ = molf_ds.initialize(model=model, optimizer=optimizer, config=config)
@@ -251,10 +270,18 @@ def run_reference(name: str, steps: int, world_of_data: int) -> dict:
     case = CASES[name]
     if case.get("bf16"):
         raise SystemExit("the plain reference is fp32; run bf16 cases under deepspeed")
-    if case.get("fft"):  # torch's AdamW with the section's betas and eps (torch's defaults)
-        model, config = build_fft()
+    if "baseline" in case:  # torch's AdamW with the section's betas and eps (torch's defaults)
+        model, config = build_baseline(case["baseline"])
+        lora = case["baseline"] == "lora"
+        params = trainable(model)
         optimizer = torch.optim.AdamW(
-            trainable(model), lr=config.lr, weight_decay=config.weight_decay
+            # weight decay on matrices only (embeddings included), as MoLFAdamW decays
+            [
+                {"params": [p for p in params if p.ndim >= 2]},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            ],
+            lr=config.lora_lr if lora else config.lr,
+            weight_decay=config.lora_weight_decay if lora else config.weight_decay,
         )
     else:
         model, optimizer = build(case)
@@ -274,6 +301,7 @@ def run_reference(name: str, steps: int, world_of_data: int) -> dict:
     return {
         "params": params,
         "initial": initial,
+        "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
         "winners": [winners],
         "world": 1,
         "clipped_steps": clipped,
