@@ -13,7 +13,9 @@ Qwen2-like model (4 layers, hidden 512, MLP 1408, LoRA rank 16 on all seven proj
 - communication: collectives in one training step, MoLF against AdamW FFT, per stage (target:
   exactly one more all-reduce, of modules x experts numbers);
 - time: median training step of MoLF against AdamW FFT under ZeRO-2 on 2 ranks (target
-  <= 1.20), and the offloaded engine step against DeepSpeed's CPU Adam (target <= 2.0).
+  <= 1.20), and the offloaded engine step against DeepSpeed's CPU Adam (target <= 2.0); and
+  the Python part of the routed step that grows with the model, cutting the partition into
+  segments (``segment_source_s``, also in each MoLF record of ``bench/zero_worker.py``).
 """
 
 from __future__ import annotations
@@ -133,6 +135,8 @@ def main() -> None:
         "zero2_molf_train_step_s": rank0("molf:2")["median_train_step_s"],
         "zero2_fft_adamw_train_step_s": rank0("fft:2")["median_train_step_s"],
         "zero2_offload_molf_engine_step_s": rank0("molf:2:offload")["median_engine_step_s"],
+        # Python per step: cutting the partition into segments
+        "zero2_offload_molf_segment_source_s": rank0("molf:2:offload")["segment_source_s"],
         "zero2_offload_ds_cpu_adam_engine_step_s": rank0("ds-cpu-adam:2:offload")[
             "median_engine_step_s"
         ],

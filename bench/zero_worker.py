@@ -13,6 +13,7 @@ import contextlib
 import json
 import statistics
 import time
+import timeit
 
 import torch
 import torch.distributed as tdist
@@ -78,6 +79,24 @@ def full_rank_partition_elements(engine, optimizer) -> int | None:
     )
 
 
+def segment_source_time(optimizer: molf_ds.MoLFAdamW) -> dict:
+    """How long cutting this rank's partition into the step's segments takes (best of 5 x 10
+    calls): Python the routed step pays every step, on any device. Run after training: each
+    call also advances the step count. Only where the partition and its gradient outlive the
+    step: ZeRO-1/2 with optimizer offload, which keeps one gradient buffer (without offload the
+    gradient partition is freed after the step; ZeRO-3 hands the partition to the param group
+    only during its step)."""
+    group = optimizer.param_groups[0]
+
+    def source():
+        return optimizer.segment_source(optimizer, group)
+
+    if not group["params"] or not source()[0]:
+        return {}
+    best = min(timeit.repeat(source, number=10, repeat=5)) / 10
+    return {"segments": len(source()[0]), "segment_source_s": best}
+
+
 def run(args, spec: str) -> dict:
     method, stage, *rest = spec.split(":")
     offload = bool(rest and rest[0] == "offload")
@@ -134,6 +153,7 @@ def run(args, spec: str) -> dict:
     }
     if isinstance(optimizer, molf_ds.MoLFAdamW):
         record["routing_numbers"] = optimizer.last_routing.scores.numel()
+        record.update(segment_source_time(optimizer))
     per_rank = [None] * world
     tdist.all_gather_object(per_rank, record)
     del engine, model, optimizer

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from molf_ds.optimizer import MoLFAdamW, make_segment
+from molf_ds.optimizer import MoLFAdamW, flat_segments
 from molf_ds.routed_step import Segment
 
 
@@ -261,12 +261,12 @@ def hp_mapping_segments(
     if flat.grad is None:
         return [], static_candidates(optimizer)
     state = optimizer.advance_state(flat)
-    segments = []
+    pieces = []
     for param, role in zip(optimizer.plan.params, optimizer.plan.roles, strict=True):
         piece = hp_slice(param)
         if piece is not None:  # else no slice of this parameter lives on this rank
-            segments.append(make_segment(group, role, flat, flat.grad, state, piece))
-    return segments, static_candidates(optimizer)
+            pieces.append((role, *piece))
+    return flat_segments(group, flat, state, pieces), static_candidates(optimizer)
 
 
 class Stage3Segments:
@@ -286,12 +286,12 @@ class Stage3Segments:
         if flat.grad is None:
             return [], static_candidates(optimizer)
         state = optimizer.advance_state(flat)
-        segments = []
+        pieces = []
         for param, role in zip(optimizer.plan.params, optimizer.plan.roles, strict=True):
             piece = stage3_slice(self.zero_optimizer, param, self.dp_rank)
             if piece is not None:
-                segments.append(make_segment(group, role, flat, flat.grad, state, piece))
-        return segments, static_candidates(optimizer)
+                pieces.append((role, *piece))
+        return flat_segments(group, flat, state, pieces), static_candidates(optimizer)
 
 
 def stage3_segments(engine: Any) -> Stage3Segments:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -226,27 +226,61 @@ def _parameter_segments(
 
 
 def make_segment(
+    group: dict, role: ParamRole, param: torch.Tensor, grad: torch.Tensor, state: dict
+) -> Segment:
+    """The segment of a whole parameter, with the learning rate and weight decay its role takes
+    from ``group`` (`flat_segments` cuts them from a flat partition)."""
+    return _segment(group, role, param, grad, state["exp_avg"], state["exp_avg_sq"], state["step"])
+
+
+def flat_segments(
+    group: dict, flat: torch.Tensor, state: dict, pieces: Sequence[tuple[ParamRole, int, int]]
+) -> list[Segment]:
+    """The segments of ``pieces`` (``(role, start, numel)``, not overlapping) of a flat partition
+    ``flat`` (gradient in ``flat.grad``, moments in ``state``), in the order given.
+
+    Each of the four tensors is cut by one ``split`` (the gaps between pieces, padding or no
+    one's, are cut too and left): a few hundred ``narrow`` calls per step cost about 4x more."""
+    order = sorted(range(len(pieces)), key=lambda i: pieces[i][1])
+    sizes, slot_of = [], [0] * len(pieces)
+    end = 0
+    for i in order:
+        _, start, numel = pieces[i]
+        if start < end:
+            raise ValueError(f"slices of the flat partition overlap at element {start}")
+        if start > end:
+            sizes.append(start - end)
+        slot_of[i] = len(sizes)
+        sizes.append(numel)
+        end = start + numel
+    if end < flat.numel():
+        sizes.append(flat.numel() - end)
+    params, grads, exp_avgs, exp_avg_sqs = (
+        t.view(-1).split(sizes) for t in (flat, flat.grad, state["exp_avg"], state["exp_avg_sq"])
+    )
+    step = state["step"]
+    return [
+        _segment(group, role, params[k], grads[k], exp_avgs[k], exp_avg_sqs[k], step)
+        for (role, _, _), k in zip(pieces, slot_of, strict=True)
+    ]
+
+
+def _segment(
     group: dict,
     role: ParamRole,
     param: torch.Tensor,
     grad: torch.Tensor,
-    state: dict,
-    piece: tuple[int, int] | None = None,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
 ) -> Segment:
-    """The segment of ``param`` (or of its ``piece=(start, numel)`` when ``param`` is a flat
-    partition) with the learning rate and weight decay its role takes from ``group``."""
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    if piece is not None:
-        start, numel = piece
-        param, grad = param.narrow(0, start, numel), grad.narrow(0, start, numel)
-        exp_avg, exp_avg_sq = exp_avg.narrow(0, start, numel), exp_avg_sq.narrow(0, start, numel)
     if role.is_lora:
         lr, decay = group["lr"] * group["lora_lr_ratio"], group["lora_weight_decay"]
     else:
         lr, decay = group["lr"], group["weight_decay"]
     return Segment(
         param, grad, exp_avg, exp_avg_sq, role.module, role.expert, lr,
-        decay if role.decays else 0.0, state["step"],
+        decay if role.decays else 0.0, step,
     )  # fmt: skip
 
 

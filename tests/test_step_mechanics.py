@@ -408,3 +408,33 @@ def test_a_rank_without_segments_joins_the_score_reduction() -> None:
     assert len(reduced) == 1 and tuple(reduced[0].shape) == (2, 3)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
     assert optimizer.state == {}
+
+
+def test_flat_segments_cut_the_pieces_given_in_their_order() -> None:
+    """ZeRO's segment sources cut a flat partition's pieces with one split per tensor: each
+    segment is the ``narrow`` view of its piece in all four tensors (pieces out of order, gaps
+    between them and at both ends), whatever order the pieces lie in."""
+    from molf_ds.optimizer import flat_segments
+    from molf_ds.plan import ParamRole
+
+    flat = torch.arange(40, dtype=torch.float32)
+    flat.grad = -flat
+    state = {"exp_avg": flat * 10, "exp_avg_sq": flat * 100, "step": 3}
+    group = {"lr": 0.5, "lora_lr_ratio": 2.0, "weight_decay": 0.1, "lora_weight_decay": 0.01}
+    fft, lora = ParamRole(0, 0, False, True), ParamRole(0, 1, True, True)
+    pieces = [(lora, 30, 5), (fft, 2, 10), (fft, 12, 3), (lora, 20, 1)]
+    segments = flat_segments(group, flat, state, pieces)
+    assert len(segments) == len(pieces)
+    for s, (role, start, numel) in zip(segments, pieces, strict=True):
+        for got, whole in zip(
+            (s.param, s.grad, s.exp_avg, s.exp_avg_sq),
+            (flat, flat.grad, state["exp_avg"], state["exp_avg_sq"]),
+            strict=True,
+        ):
+            assert got.data_ptr() == whole.narrow(0, start, numel).data_ptr()
+            assert torch.equal(got, whole.narrow(0, start, numel))
+        assert (s.expert, s.step) == (role.expert, 3)
+        assert s.lr == (1.0 if role.is_lora else 0.5)
+        assert s.weight_decay == (0.01 if role.is_lora else 0.1)
+    with pytest.raises(ValueError, match="overlap at element 14"):
+        flat_segments(group, flat, state, [(fft, 2, 13), (fft, 14, 2)])
