@@ -89,6 +89,8 @@ def load() -> ctypes.CDLL:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise KernelUnavailable("no C++ compiler found (set CXX or install g++)")
+    if array.array("i").itemsize != 4:  # the score kinds travel as C int, read as int32_t
+        raise KernelUnavailable("this platform's C int is not 32 bits")
     lib = ctypes.CDLL(str(_build(compiler)))
     lib.molf_moments_and_partials.argtypes = [
         ctypes.c_int64,
@@ -156,14 +158,18 @@ class Batch:
             )
             for s in segments
         ]
-        columns = zip(*rows, strict=True) if rows else [()] * 5
         self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.numels = (
-            array.array("q", column) for column in columns
+            array.array("q", column) for column in columns(rows, 5)
         )
         self.score_kinds = array.array("i", score_kinds)
         self.scalars = [
             array.array("f", values) for values in (decays, step_sizes, bias_correction2_sqrts)
         ]
+        if any(len(values) != self.size for values in (self.score_kinds, *self.scalars)):
+            raise ValueError(f"every per-segment list must have {self.size} entries")
+        # The arrays hold raw addresses: keep the tensors (some are copies, e.g. a gradient
+        # made contiguous, owned by nothing else) alive as long as the addresses.
+        self._segments = segments
 
     def moments_and_partials(self, *, beta1: float, beta2: float, eps: float) -> torch.Tensor:
         """Pass 1; returns the float64 partial score sum of each segment (0 if unrouted)."""
@@ -187,8 +193,8 @@ class Batch:
     def apply_update(self, selected: torch.Tensor, *, eps: float) -> None:
         """Pass 2: the decoupled AdamW update of the segments where ``selected`` (a bool CPU
         tensor, one entry per segment) is true, in place."""
-        if selected.dtype != torch.bool or selected.numel() != self.size:
-            raise ValueError(f"`selected` must be {self.size} bools, got {selected!r}")
+        if selected.dtype != torch.bool or not selected.is_cpu or selected.numel() != self.size:
+            raise ValueError(f"`selected` must be {self.size} bools on the CPU, got {selected!r}")
         selected = selected.contiguous()
         load().molf_apply_update(
             self.size,
@@ -198,6 +204,11 @@ class Batch:
             eps,
             torch.get_num_threads(),
         )
+
+
+def columns(rows: Sequence[tuple], width: int) -> list[tuple]:
+    """``rows`` of ``width`` values as ``width`` columns (empty ones when there are no rows)."""
+    return list(zip(*rows, strict=True)) if rows else [()] * width
 
 
 def _address(values: array.array) -> int:

@@ -2,8 +2,8 @@
 
 On an accelerator every such point is a device-to-host synchronisation: the host stops until the
 device has computed the value and copied it back. The routed step is designed to make exactly one
-(the winner mask); this counter measures it, on any device, so a CPU-only test can check what a
-GPU run would synchronise on::
+(which segments' experts won); this counter measures it, on any device, so a CPU-only test can
+check what a GPU run would synchronise on::
 
     with HostReadCounter() as reads:
         optimizer.step()

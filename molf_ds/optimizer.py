@@ -241,20 +241,7 @@ def flat_segments(
 
     Each of the four tensors is cut by one ``split`` (the gaps between pieces, padding or no
     one's, are cut too and left): a few hundred ``narrow`` calls per step cost about 4x more."""
-    order = sorted(range(len(pieces)), key=lambda i: pieces[i][1])
-    sizes, slot_of = [], [0] * len(pieces)
-    end = 0
-    for i in order:
-        _, start, numel = pieces[i]
-        if start < end:
-            raise ValueError(f"slices of the flat partition overlap at element {start}")
-        if start > end:
-            sizes.append(start - end)
-        slot_of[i] = len(sizes)
-        sizes.append(numel)
-        end = start + numel
-    if end < flat.numel():
-        sizes.append(flat.numel() - end)
+    sizes, slot_of = _split_sizes([(start, numel) for _, start, numel in pieces], flat.numel())
     params, grads, exp_avgs, exp_avg_sqs = (
         t.view(-1).split(sizes) for t in (flat, flat.grad, state["exp_avg"], state["exp_avg_sq"])
     )
@@ -263,6 +250,26 @@ def flat_segments(
         _segment(group, role, params[k], grads[k], exp_avgs[k], exp_avg_sqs[k], step)
         for (role, _, _), k in zip(pieces, slot_of, strict=True)
     ]
+
+
+def _split_sizes(spans: Sequence[tuple[int, int]], total: int) -> tuple[list[int], list[int]]:
+    """The sizes that split ``total`` elements at every ``(start, numel)`` span's bounds, and
+    which split holds each span."""
+    sizes, slot_of, end = [], [0] * len(spans), 0
+    for i in sorted(range(len(spans)), key=lambda i: spans[i][0]):
+        start, numel = spans[i]
+        if start < end:
+            raise ValueError(f"slices of the flat partition overlap at element {start}")
+        if start > end:  # a gap: padding, or what this rank holds of no routed parameter
+            sizes.append(start - end)
+        slot_of[i] = len(sizes)
+        sizes.append(numel)
+        end = start + numel
+    if end > total:
+        raise ValueError(f"a slice ends at element {end}, past the partition's {total}")
+    if end < total:
+        sizes.append(total - end)
+    return sizes, slot_of
 
 
 def _segment(
@@ -279,9 +286,16 @@ def _segment(
     else:
         lr, decay = group["lr"], group["weight_decay"]
     return Segment(
-        param, grad, exp_avg, exp_avg_sq, role.module, role.expert, lr,
-        decay if role.decays else 0.0, step,
-    )  # fmt: skip
+        param=param,
+        grad=grad,
+        exp_avg=exp_avg,
+        exp_avg_sq=exp_avg_sq,
+        module=role.module,
+        expert=role.expert,
+        lr=lr,
+        weight_decay=decay if role.decays else 0.0,
+        step=step,
+    )
 
 
 def _check_non_negative(name: str, value: float) -> None:

@@ -26,8 +26,9 @@ lists of segments grouped by device and dtype, in chunks of bounded size, so the
 step dispatches does not grow with the number of segments — what matters on an accelerator), and
 the reference (tensor ops per segment, the readable version the other two are tested against).
 
-The only device-to-host read is the ``[modules x experts]`` winner mask, once per step (measured
-with `molf_ds.host_reads.HostReadCounter` by the tests and ``bench/optimizer_step.py``).
+The only device-to-host read is, once per step, whether each segment's expert won (a bool per
+segment, gathered on the device from the ``[modules x experts]`` winners; measured with
+`molf_ds.host_reads.HostReadCounter` by the tests and ``bench/optimizer_step.py``).
 """
 
 from __future__ import annotations
@@ -207,17 +208,12 @@ def top_k_winners(scores: torch.Tensor, candidates: torch.Tensor, top_k: int) ->
 def _use_cpu_kernel(segments: Sequence[Segment], fused: bool | None) -> bool:
     if fused is False:
         return False
-    # Runs every step over every segment, so it reads the least it can: a gradient has its
-    # parameter's dtype and device (torch checks on assignment), and so do the moments (made by
-    # `zeros_like`, cast to the parameter by `load_state_dict`); `is_cpu` builds no torch.device.
+    # Every tensor is checked: the kernel reads raw memory, so one float64 moment or CUDA
+    # gradient must mean another path, never a wrong read. (`is_cpu` builds no torch.device.)
     suitable = all(
-        s.param.is_cpu
-        and s.param.dtype == torch.float32
-        and s.param.is_contiguous()
-        and s.grad.is_contiguous()
-        and s.exp_avg.is_contiguous()
-        and s.exp_avg_sq.is_contiguous()
+        t.is_cpu and t.dtype == torch.float32 and t.is_contiguous()
         for s in segments
+        for t in (s.param, s.grad, s.exp_avg, s.exp_avg_sq)
     )
     if fused is None:
         return suitable and cpu_kernel.available()
@@ -249,7 +245,7 @@ def _score_cells(
         )
         for s in segments
     ]
-    cells, weights = zip(*rows, strict=True) if rows else ((), ())
+    cells, weights = cpu_kernel.columns(rows, 2)
     return _on(device, "q", cells), _on(device, "d", weights)
 
 
@@ -318,8 +314,7 @@ def _kernel_batch(
     rows = [
         (-1 if s.module == UNROUTED else kind, *_update_scalars(s, beta1, beta2)) for s in segments
     ]
-    columns = zip(*rows, strict=True) if rows else [()] * 4
-    return cpu_kernel.Batch(segments, *columns)
+    return cpu_kernel.Batch(segments, *cpu_kernel.columns(rows, 4))
 
 
 def _kernel_moments(

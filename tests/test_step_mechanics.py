@@ -438,3 +438,5 @@ def test_flat_segments_cut_the_pieces_given_in_their_order() -> None:
         assert s.weight_decay == (0.01 if role.is_lora else 0.1)
     with pytest.raises(ValueError, match="overlap at element 14"):
         flat_segments(group, flat, state, [(fft, 2, 13), (fft, 14, 2)])
+    with pytest.raises(ValueError, match="ends at element 41, past the partition's 40"):
+        flat_segments(group, flat, state, [(fft, 38, 3)])
