@@ -440,3 +440,23 @@ def test_flat_segments_cut_the_pieces_given_in_their_order() -> None:
         flat_segments(group, flat, state, [(fft, 2, 13), (fft, 14, 2)])
     with pytest.raises(ValueError, match="ends at element 41, past the partition's 40"):
         flat_segments(group, flat, state, [(fft, 38, 3)])
+
+
+@pytest.mark.parametrize("field", ["param", "grad", "exp_avg", "exp_avg_sq"])
+@pytest.mark.parametrize("odd", ["float64", "strided"])
+def test_the_kernel_runs_only_where_every_tensor_suits_it(field: str, odd: str) -> None:
+    """The CPU kernel reads raw float32 memory, so any one tensor of any segment that is not a
+    contiguous float32 CPU tensor sends ``fused=None`` to the multi-tensor path and makes
+    ``fused=True`` an error -- never a read of the wrong memory."""
+    def segment() -> routed_step.Segment:
+        tensors = {name: torch.zeros(6, 4) for name in ("param", "grad", "exp_avg", "exp_avg_sq")}
+        return routed_step.Segment(**tensors, module=0, expert=0, lr=1e-3, weight_decay=0.0, step=1)
+
+    segments = [segment(), segment()]
+    assert routed_step.choose_implementation(segments, fused=None, foreach=None) == "fused"
+    whole = getattr(segments[1], field)
+    odd_tensor = whole.double() if odd == "float64" else whole.t()
+    setattr(segments[1], field, odd_tensor)
+    assert routed_step.choose_implementation(segments, fused=None, foreach=None) == "foreach"
+    with pytest.raises(ValueError, match="contiguous float32 CPU tensors"):
+        routed_step.choose_implementation(segments, fused=True, foreach=None)
