@@ -15,7 +15,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import molf_ds
-from molf_ds import routed_step
+from molf_ds import cpu_kernel, routed_step
 from molf_ds.host_reads import HostReadCounter, _device_to_host
 from molf_ds.probes import DispatchedOps, TransientMemory
 
@@ -448,6 +448,7 @@ def test_the_kernel_runs_only_where_every_tensor_suits_it(field: str, odd: str) 
     """The CPU kernel reads raw float32 memory, so any one tensor of any segment that is not a
     contiguous float32 CPU tensor sends ``fused=None`` to the multi-tensor path and makes
     ``fused=True`` an error -- never a read of the wrong memory."""
+
     def segment() -> routed_step.Segment:
         tensors = {name: torch.zeros(6, 4) for name in ("param", "grad", "exp_avg", "exp_avg_sq")}
         return routed_step.Segment(**tensors, module=0, expert=0, lr=1e-3, weight_decay=0.0, step=1)
@@ -460,3 +461,21 @@ def test_the_kernel_runs_only_where_every_tensor_suits_it(field: str, odd: str) 
     assert routed_step.choose_implementation(segments, fused=None, foreach=None) == "foreach"
     with pytest.raises(ValueError, match="contiguous float32 CPU tensors"):
         routed_step.choose_implementation(segments, fused=True, foreach=None)
+
+
+def test_the_kernel_batch_refuses_arguments_it_would_read_past() -> None:
+    """The kernel's batch hands raw addresses to C: per-segment lists of the wrong length, or a
+    winner mask that is not one CPU bool per segment, are refused before any call."""
+    tensors = {name: torch.ones(8) for name in ("param", "grad", "exp_avg", "exp_avg_sq")}
+    segment = routed_step.Segment(**tensors, module=0, expert=0, lr=1.0, weight_decay=0.0, step=1)
+    with pytest.raises(ValueError, match="every per-segment list must have 1 entries"):
+        cpu_kernel.Batch([segment], [0], [1.0], [0.1], [])
+    # decay 1, step size 0.1, sqrt(1 - b2^t) = 1: a chosen segment moves by -0.1 m / (sqrt(v) + eps)
+    batch = cpu_kernel.Batch([segment], [0], [1.0], [0.1], [1.0])
+    for mask in (torch.ones(2, dtype=torch.bool), torch.ones(1), torch.ones(1, dtype=torch.int8)):
+        with pytest.raises(ValueError, match="must be 1 bools on the CPU"):
+            batch.apply_update(mask, eps=0.0)
+    batch.apply_update(torch.zeros(1, dtype=torch.bool), eps=0.0)
+    assert torch.equal(segment.param, torch.ones(8))
+    batch.apply_update(torch.ones(1, dtype=torch.bool), eps=0.0)
+    torch.testing.assert_close(segment.param, torch.full((8,), 0.9))
