@@ -118,10 +118,10 @@ def takes_weight_decay(param: nn.Parameter) -> bool:
 def weight_decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
     """``params`` as torch param groups: `takes_weight_decay` ones with ``weight_decay``, the
     others with none (empty groups left out)."""
-    decayed = [p for p in params if takes_weight_decay(p)]
-    undecayed = [p for p in params if not takes_weight_decay(p)]
-    groups = [{"params": decayed, "weight_decay": weight_decay}]
-    groups.append({"params": undecayed, "weight_decay": 0.0})
+    groups = [
+        {"params": [p for p in params if takes_weight_decay(p)], "weight_decay": weight_decay},
+        {"params": [p for p in params if not takes_weight_decay(p)], "weight_decay": 0.0},
+    ]
     return [group for group in groups if group["params"]]
 
 

@@ -47,7 +47,6 @@ UNROUTED = -1
 """``Segment.module`` of parameters outside routed modules: plain AdamW, always updated."""
 
 SCORES = ("epd", "pfn")
-IMPLEMENTATIONS = ("fused", "foreach", "reference")
 
 CHUNK_BYTES = {"cpu": 2 * 2**20}
 """The multi-tensor path's temporary per chunk of segments, by device type (larger contiguous
@@ -508,9 +507,12 @@ class _Implementation:
 
 
 _IMPLEMENTATIONS = {
-    "fused": _Implementation("fused", _kernel_batch, _kernel_moments, _kernel_update),
-    "foreach": _Implementation("foreach", _segments, _foreach_moments, _winning(_foreach_update)),
-    "reference": _Implementation(
-        "reference", _segments, _reference_moments, _winning(_reference_update)
-    ),
+    implementation.name: implementation
+    for implementation in (
+        _Implementation("fused", _kernel_batch, _kernel_moments, _kernel_update),
+        _Implementation("foreach", _segments, _foreach_moments, _winning(_foreach_update)),
+        _Implementation("reference", _segments, _reference_moments, _winning(_reference_update)),
+    )
 }
+IMPLEMENTATIONS = tuple(_IMPLEMENTATIONS)
+"""What `choose_implementation` can return."""

@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from molf_ds.errors import MoLFConfigError, MoLFError
 from molf_ds.train.config import TrainConfig, load_config, parse_args
 from tests.launch import cpu_env
+from tests.test_data import read_records
 
 # derandomize: CI runs the same examples every time; no database: nothing written to the repo.
 MANY = settings(
@@ -406,20 +407,11 @@ def _write_records(path: Path, records: list, garbage: bytes | None) -> None:
     path.write_bytes(data)
 
 
-def _read_as_molf_train(path: str, eval_fraction: float) -> tuple[list[dict], list[dict]]:
-    """``(train, held-out)`` records of ``data=path`` as molf-train reads them (``task=sql``,
-    the default: a prompt/completion file trains as it is)."""
-    from molf_ds.train import data, tasks
-
-    records, _ = tasks.training_records(tasks.get("sql"), path)
-    return data.split_records(records, eval_fraction=eval_fraction, seed=0)
-
-
 def test_error_messages_are_one_line_whatever_they_quote(tmp_path) -> None:
     """Paths are quoted as given in many messages; a line break in one stays on the line."""
     for broken in ("a\nb", "a\r\nb", "a\u2028b", "a\x85b"):
         with pytest.raises(MoLFError) as info:
-            _read_as_molf_train(str(tmp_path / f"{broken}.jsonl"), 0.1)
+            read_records(str(tmp_path / f"{broken}.jsonl"))
         assert_one_line(str(info.value))
 
 
@@ -442,7 +434,7 @@ def test_any_data_file_loads_or_is_one_error_line(
     path = tmp_path_factory.mktemp("data") / f"data{suffix}"
     _write_records(path, records, garbage)
     try:
-        train, held = _read_as_molf_train(str(path), eval_fraction=0.25)
+        train, held = read_records(str(path), eval_fraction=0.25)
         examples = tokenize(train, byte_tokenizer(), max_length)
     except MoLFError as err:
         assert_one_line(str(err))
@@ -463,7 +455,7 @@ def test_valid_data_files_load_every_record_as_written(
 ) -> None:
     path = tmp_path_factory.mktemp("data") / f"data{suffix}"
     _write_records(path, records, garbage=None)
-    train, held = _read_as_molf_train(str(path), eval_fraction=0.0)
+    train, held = read_records(str(path), eval_fraction=0.0)
     assert held == []
     pairs = sorted((r["prompt"], r["completion"]) for r in records)
     assert sorted((r["prompt"], r["completion"]) for r in train) == pairs
