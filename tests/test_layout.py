@@ -201,16 +201,122 @@ def test_library_works_without_training_only_packages():
     )
 
 
-HF_SECTION = "## Use with Transformers, TRL and Accelerate"
+DOC_PAGES = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md")])
+README_MAX_LINES = 250
+# A Python block quoted from an example file: the last line of text before it names the file.
+QUOTED_BLOCK = re.compile(r"[^\n]*`examples/([\w.]+\.py)`[^\n]*:\n\n```python\n(.*?)```", re.S)
 
 
-def test_readme_hf_examples_are_in_the_tested_example_files():
-    """Each Python block of the README's Transformers/TRL/Accelerate section is, verbatim, part of
-    a file in examples/ that tests/test_hf.py runs, so the README cannot drift from what works."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split(HF_SECTION, 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    examples = [p.read_text() for p in sorted((REPO / "examples").glob("*.py"))]
-    assert len(blocks) >= 2
-    for block in blocks:
-        assert any(block in text for text in examples), f"not in examples/:\n{block}"
+def quoted_example_blocks(text: str) -> list[tuple[str, str]]:
+    """(example file, code) of every Python block that the line before it says is from
+    ``examples/NAME.py`` (e.g. "From `examples/trainer_molf.py`:")."""
+    return QUOTED_BLOCK.findall(text)
+
+
+def test_docs_examples_are_in_the_tested_example_files():
+    """Every Python block that README.md or a page of docs/ quotes from a file in examples/ is,
+    verbatim, part of that file, which tests/test_hf.py runs: the docs cannot drift from what
+    works."""
+    quoted = {
+        page.relative_to(REPO).as_posix(): quoted_example_blocks(page.read_text())
+        for page in DOC_PAGES
+    }
+    # The README quotes the Trainer example; docs/transformers.md the Trainer and accelerate ones.
+    assert {name for name, _ in quoted["README.md"]} == {"trainer_molf.py"}, quoted["README.md"]
+    assert {name for name, _ in quoted["docs/transformers.md"]} == {
+        "trainer_molf.py",
+        "accelerate_molf.py",
+    }, quoted["docs/transformers.md"]
+    for page, blocks in quoted.items():
+        for name, block in blocks:
+            example = REPO / "examples" / name
+            assert example.is_file(), f"{page} quotes examples/{name}, which does not exist"
+            assert block in example.read_text(), f"{page}: not in examples/{name}:\n{block}"
+
+
+def test_quoted_blocks_are_found_and_a_changed_one_is_caught():
+    text = "From `examples/x.py`:\n\n```python\nprint(1)\n```\n\nOther:\n\n```python\nno\n```\n"
+    assert quoted_example_blocks(text) == [("x.py", "print(1)\n")]
+
+
+def github_slug(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped (hyphens and
+    underscores kept), each space a hyphen."""
+    text = re.sub(r"<[^>]+>", "", heading).strip().lower()
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def _without_code(text: str) -> str:
+    """``text`` without fenced code blocks and inline code spans (links there are not links)."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def anchors(text: str) -> set[str]:
+    """Every heading anchor of a Markdown page (repeated headings get -1, -2, ... as on GitHub)."""
+    found: set[str] = set()
+    counts: dict[str, int] = {}
+    for heading in re.findall(
+        r"^#{1,6} +(.+?) *#*$", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M), flags=re.M
+    ):
+        slug = github_slug(heading)
+        n = counts.get(slug, 0)
+        counts[slug] = n + 1
+        found.add(slug if n == 0 else f"{slug}-{n}")
+    return found
+
+
+def broken_links(page: Path) -> list[str]:
+    """Every relative link of ``page`` whose file does not exist or whose ``#anchor`` names no
+    heading of its target."""
+    broken = []
+    text = page.read_text()
+    for target in re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", _without_code(text)):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:, ...
+            continue
+        path, _, anchor = target.partition("#")
+        destination = (page.parent / path).resolve() if path else page
+        if not destination.exists():
+            broken.append(f"{target}: no file {destination}")
+        elif anchor:
+            if destination.suffix != ".md":
+                broken.append(f"{target}: an anchor into a file that is not Markdown")
+            elif anchor not in anchors(destination.read_text()):
+                broken.append(f"{target}: no heading #{anchor} in {destination.name}")
+    return broken
+
+
+def test_github_slugs_and_links_are_read_as_github_does(tmp_path):
+    assert github_slug("The training job: `molf-train`") == "the-training-job-molf-train"
+    assert (
+        github_slug("Main job: where the step's time goes") == "main-job-where-the-steps-time-goes"
+    )
+    assert github_slug("Tasks and data (`task=`, `data=`)") == "tasks-and-data-task-data"
+    assert anchors("# A\n## A\n```\n# not a heading\n```\n") == {"a", "a-1"}
+    (tmp_path / "other.md").write_text("# Other page\n")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "# Top\n[ok](other.md) [ok](other.md#other-page) [ok](#top) [web](https://x.org/a#b)\n"
+        "`[code](missing.md)`\n[gone](missing.md) [bad](other.md#nowhere) [bad](#nowhere)\n"
+    )
+    assert [b.split(":")[0] for b in broken_links(page)] == [
+        "missing.md",
+        "other.md#nowhere",
+        "#nowhere",
+    ]
+
+
+@pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_every_relative_link_resolves(page):
+    """Every relative link in README.md and docs/*.md names a file that exists, and a ``#anchor``
+    a heading of its target (GitHub's slug)."""
+    broken = broken_links(page)
+    assert not broken, f"{page.relative_to(REPO)}: broken links:\n" + "\n".join(broken)
+
+
+def test_readme_is_short():
+    lines = len((REPO / "README.md").read_text().splitlines())
+    assert lines <= README_MAX_LINES, (
+        f"README.md has {lines} lines (at most {README_MAX_LINES}): move detail to a page of docs/"
+    )
