@@ -6,6 +6,10 @@ only ``molf_ds/zero.py`` and ``molf_ds/ds_partitions.py`` touch DeepSpeed.
 Checked statically (every import statement in the library's source, top-level or inside a
 function, and ``importlib.import_module`` / ``__import__`` with a literal name) and at runtime
 (the library works in a process where the training-only packages cannot be imported).
+
+And the documentation's layout: README.md stays short; every code block README.md or docs/*.md
+quotes from examples/ is verbatim in that file; every relative link resolves (file and heading
+anchor); every test the docs name exists.
 """
 
 from __future__ import annotations
@@ -320,3 +324,35 @@ def test_readme_is_short():
     assert lines <= README_MAX_LINES, (
         f"README.md has {lines} lines (at most {README_MAX_LINES}): move detail to a page of docs/"
     )
+
+
+def named_tests(text: str) -> list[tuple[str, str]]:
+    """(test file, test name) of every ``tests/FILE.py::test_name`` in ``text``; a bare
+    ``::test_name`` belongs to the file named last before it (as in docs/reliability.md)."""
+    named, last = [], None
+    for file, name in re.findall(r"`(tests/[\w/]+\.py)?::(test_\w+)`", text):
+        last = file or last
+        named.append((last, name))
+    return named
+
+
+def test_named_tests_are_found():
+    text = "`tests/a.py::test_x`, `::test_y`; `tests/b.py::test_z`"
+    assert named_tests(text) == [
+        ("tests/a.py", "test_x"),
+        ("tests/a.py", "test_y"),
+        ("tests/b.py", "test_z"),
+    ]
+
+
+@pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_every_test_the_docs_name_exists(page):
+    """A guarantee in docs/reliability.md (or anywhere in the docs) names the test that holds it;
+    that test must exist, so a renamed or deleted test cannot leave a guarantee unheld."""
+    missing = [
+        f"{file}::{name}"
+        for file, name in named_tests(page.read_text())
+        if not (REPO / file).is_file()
+        or not re.search(rf"^\s*def {name}\(", (REPO / file).read_text(), flags=re.M)
+    ]
+    assert not missing, f"{page.relative_to(REPO)} names tests that do not exist: {missing}"
