@@ -23,6 +23,11 @@ DEPRECATION = (
     "`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
     "`torch.distributed.all_gather_single` instead."
 )
+# what DeepSpeed's ZeRO-3 gradient reduction raises in torch 2.13
+ZERO3_DEPRECATION = (
+    "`torch.distributed.reduce_scatter_tensor` is deprecated. Please use "
+    "`torch.distributed.reduce_scatter_single` instead."
+)
 
 
 @pytest.fixture
@@ -64,10 +69,12 @@ def test_quiet_dependencies_levels(
         warnings.simplefilter("always")
         console.quiet_dependencies(level)
         warnings.warn(DEPRECATION, FutureWarning, stacklevel=1)
+        warnings.warn(ZERO3_DEPRECATION, FutureWarning, stacklevel=1)
         warnings.warn("some other future change", FutureWarning, stacklevel=1)
         warnings.warn(DEPRECATION, UserWarning, stacklevel=1)  # same text, other category
     shown = [(w.category, str(w.message)) for w in caught]
     assert ((FutureWarning, DEPRECATION) in shown) == deprecation_shown
+    assert ((FutureWarning, ZERO3_DEPRECATION) in shown) == deprecation_shown
     assert (FutureWarning, "some other future change") in shown  # targeted, not a blanket
     assert (UserWarning, DEPRECATION) in shown
     assert ds_logging.logger.getEffectiveLevel() == deepspeed_level
