@@ -1,7 +1,9 @@
 """What molf-train prints (`molf_ds.train.console`), in-process: the quiet set-up of the
-dependencies' logs and warnings, plain progress lines off a terminal, the closing summary.
+dependencies' logs and warnings, plain progress lines off a terminal, the closing summary; and
+one real 2-rank ZeRO-3 launch, whose console must say each thing once.
 
-The whole console of real runs (a pipe, and a pseudo-terminal) is checked in tests/test_train.py.
+The whole console of real ZeRO-2 runs (a pipe, and a pseudo-terminal) is checked in
+tests/test_train.py.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import re
 import select
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
 from molf_ds.train import console
-from tests.launch import open_terminal
+from tests.launch import REPO, cpu_env, free_port, open_terminal, run_group
 
 DEPRECATION = (
     "`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
@@ -186,3 +189,21 @@ def test_chatter_hidden_keeps_a_failing_blocks_output(capsys) -> None:
     with console.chatter_hidden("debug"):
         print("\rLoading checkpoint shards: 100%", file=sys.stderr)
     assert "Loading checkpoint shards" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_console_says_each_line_once(tmp_path: Path) -> None:
+    """A 2-rank ZeRO-3 run to a pipe: DeepSpeed's call of a renamed torch collective
+    (``reduce_scatter_tensor``) shows no FutureWarning, and the data's cuts, which every rank
+    computes, are reported by rank 0 alone. One step, then stop: the console of the set-up and
+    of a ZeRO-3 step is what is checked."""
+    env = {**cpu_env(), "PYTHON": sys.executable, "MASTER_PORT": str(free_port())}
+    args = [f"output_dir={tmp_path / 'run'}", "ds_config=zero3", "max_length=128"]
+    args += ["max_steps=2", "stop_after=1", "micro_batch_size=2", "eval_examples=1"]
+    result = run_group(["bash", str(REPO / "launch" / "deepspeed.sh"), *args], env, timeout=300)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert "FutureWarning" not in log, log
+    lines = log.splitlines()
+    assert sum(line.startswith("max_length=128: dropped ") for line in lines) == 1, log
+    assert len(set(lines)) == len(lines), log  # no line said by both ranks

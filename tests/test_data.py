@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -226,18 +227,25 @@ def test_tokenize_masks_the_prompt(tok):
         assert e["labels"][n_prompt:] == e["input_ids"][n_prompt:]
 
 
-def test_tokenize_truncates_and_drops(tok):
+def test_tokenize_truncates_and_drops(tok, caplog):
     records = [
         {"prompt": "p" * 10, "completion": "c" * 10},
         {"prompt": "p" * 30, "completion": "c"},
         {"prompt": "p" * 3, "completion": "c" * 3},
     ]
-    examples = tokenize(records, tok, max_length=16)
+    with caplog.at_level(logging.WARNING, logger="molf_ds.train.data"):
+        examples = tokenize(records, tok, max_length=16)
+        quiet = tokenize(records, tok, max_length=16, report=False)  # a rank but the main one
     assert (len(examples), examples.dropped, examples.truncated) == (2, 1, 1)
+    assert quiet == examples and (quiet.dropped, quiet.truncated) == (1, 1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "max_length=16: dropped 1 and truncated 1 of 3 records; raise max_length to keep whole "
+        "completions"
+    ]
     assert [len(e["input_ids"]) for e in examples] == [16, 7]
     assert examples[0]["labels"][10:] == examples[0]["input_ids"][10:]
-    with pytest.raises(DataError, match="raise max_length"):
-        tokenize(records[1:2], tok, max_length=16)
+    with pytest.raises(DataError, match="raise max_length"):  # on every rank: all must stop
+        tokenize(records[1:2], tok, max_length=16, report=False)
     assert tokenize([], tok, max_length=16) == []
 
 
