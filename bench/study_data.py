@@ -258,12 +258,10 @@ def sql_documents(held_out: list[dict]) -> list[str]:
 
     excluded = {sql_task.normalize_sql(r["sql"]) for r in held_out}
     documents = []
-    for pool in sql_task.all_examples():
-        for example in pool:
-            statement = example["completion"].strip()
-            if sql_task.normalize_sql(statement) not in excluded:
-                question = example["prompt"].split("\nquestion: ")[1].removesuffix("\nsql:")
-                documents.append(f"-- {question}\n{statement}")
+    for pool in sql_task.all_records():
+        for record in pool:
+            if sql_task.normalize_sql(record["sql"]) not in excluded:
+                documents.append(f"-- {record['sql_prompt']}\n{record['sql']}")
     return documents
 
 

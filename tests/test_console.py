@@ -1,7 +1,9 @@
 """What molf-train prints (`molf_ds.train.console`), in-process: the quiet set-up of the
-dependencies' logs and warnings, plain progress lines off a terminal, the closing summary.
+dependencies' logs and warnings, plain progress lines off a terminal, the closing summary; and
+one real 2-rank ZeRO-3 launch, whose console must say each thing once.
 
-The whole console of real runs (a pipe, and a pseudo-terminal) is checked in tests/test_train.py.
+The whole console of real ZeRO-2 runs (a pipe, and a pseudo-terminal) is checked in
+tests/test_train.py.
 """
 
 from __future__ import annotations
@@ -13,15 +15,21 @@ import re
 import select
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
 from molf_ds.train import console
-from tests.launch import open_terminal
+from tests.launch import REPO, cpu_env, free_port, open_terminal, run_group
 
 DEPRECATION = (
     "`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
     "`torch.distributed.all_gather_single` instead."
+)
+# what DeepSpeed's ZeRO-3 gradient reduction raises in torch 2.13
+ZERO3_DEPRECATION = (
+    "`torch.distributed.reduce_scatter_tensor` is deprecated. Please use "
+    "`torch.distributed.reduce_scatter_single` instead."
 )
 
 
@@ -64,10 +72,12 @@ def test_quiet_dependencies_levels(
         warnings.simplefilter("always")
         console.quiet_dependencies(level)
         warnings.warn(DEPRECATION, FutureWarning, stacklevel=1)
+        warnings.warn(ZERO3_DEPRECATION, FutureWarning, stacklevel=1)
         warnings.warn("some other future change", FutureWarning, stacklevel=1)
         warnings.warn(DEPRECATION, UserWarning, stacklevel=1)  # same text, other category
     shown = [(w.category, str(w.message)) for w in caught]
     assert ((FutureWarning, DEPRECATION) in shown) == deprecation_shown
+    assert ((FutureWarning, ZERO3_DEPRECATION) in shown) == deprecation_shown
     assert (FutureWarning, "some other future change") in shown  # targeted, not a blanket
     assert (UserWarning, DEPRECATION) in shown
     assert ds_logging.logger.getEffectiveLevel() == deepspeed_level
@@ -179,3 +189,21 @@ def test_chatter_hidden_keeps_a_failing_blocks_output(capsys) -> None:
     with console.chatter_hidden("debug"):
         print("\rLoading checkpoint shards: 100%", file=sys.stderr)
     assert "Loading checkpoint shards" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_console_says_each_line_once(tmp_path: Path) -> None:
+    """A 2-rank ZeRO-3 run to a pipe: DeepSpeed's call of a renamed torch collective
+    (``reduce_scatter_tensor``) shows no FutureWarning, and the data's cuts, which every rank
+    computes, are reported by rank 0 alone. One step, then stop: the console of the set-up and
+    of a ZeRO-3 step is what is checked."""
+    env = {**cpu_env(), "PYTHON": sys.executable, "MASTER_PORT": str(free_port())}
+    args = [f"output_dir={tmp_path / 'run'}", "ds_config=zero3", "max_length=128"]
+    args += ["max_steps=2", "stop_after=1", "micro_batch_size=2", "eval_examples=1"]
+    result = run_group(["bash", str(REPO / "launch" / "deepspeed.sh"), *args], env, timeout=300)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert "FutureWarning" not in log, log
+    lines = log.splitlines()
+    assert sum(line.startswith("max_length=128: dropped ") for line in lines) == 1, log
+    assert len(set(lines)) == len(lines), log  # no line said by both ranks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -24,6 +25,11 @@ RECORDS = [{"prompt": f"q{i}?", "completion": f" a{i};"} for i in range(20)]
 pytestmark = pytest.mark.usefixtures("datasets_cache")
 
 
+def sql_examples(num_examples: int, seed: int) -> list[dict]:
+    """The embedded SQL task's prompt/completion examples, as molf-train trains on them."""
+    return tasks.get("sql").to_examples(sql_task.generate(num_examples, seed))
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -38,21 +44,21 @@ def test_sql_generation_is_a_function_of_the_seed():
     assert a != sql_task.generate(500, seed=1)
 
 
-def test_sql_examples_are_distinct_short_and_varied():
-    examples = sql_task.generate(sql_task.DEFAULT_NUM_EXAMPLES, seed=0)
-    assert len({e["prompt"] for e in examples}) == len(examples) >= 2000
-    assert len({e["completion"] for e in examples}) >= 1000
-    for e in examples:
-        assert e["prompt"].startswith("schema: ") and e["prompt"].endswith("\nsql:")
-        assert e["completion"].startswith(" SELECT ") and e["completion"].endswith(";")
-        assert len(e["completion"]) <= 80
+def test_sql_records_are_distinct_short_and_varied():
+    records = sql_task.generate(sql_task.DEFAULT_NUM_EXAMPLES, seed=0)
+    assert all(set(r) == {"sql_context", "sql_prompt", "sql"} for r in records)  # Gretel's names
+    assert len({(r["sql_context"], r["sql_prompt"]) for r in records}) == len(records) >= 2000
+    assert len({r["sql"] for r in records}) >= 1000
+    for r in records:
+        assert r["sql"].startswith("SELECT ") and r["sql"].endswith(";")
+        assert len(r["sql"]) < 80
     kinds = {"COUNT(*)", "GROUP BY", "ORDER BY", "AVG(", "MAX(", "AND", "LIMIT"}
-    assert all(any(k in e["completion"] for e in examples) for k in kinds)
-    assert len({e["prompt"].split("(")[0] for e in examples}) == len(sql_task.TABLES)
+    assert all(any(k in r["sql"] for r in records) for k in kinds)
+    assert len({r["sql_context"] for r in records}) == len(sql_task.TABLES)
 
 
 def test_sql_generate_rejects_more_than_the_task_holds():
-    capacity = sum(map(len, sql_task.all_examples()))
+    capacity = sum(map(len, sql_task.all_records()))
     with pytest.raises(ValueError, match=f"0..{capacity}"):
         sql_task.generate(capacity + 1)
 
@@ -87,7 +93,7 @@ def test_byte_tokenizer_round_trips_sql(tok):
     assert len(tok) == VOCAB_SIZE <= 260
     assert (tok.pad_token, tok.bos_token, tok.eos_token) == ("<pad>", "<s>", "</s>")
     assert len({tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}) == 3
-    for e in sql_task.generate(200, seed=3):
+    for e in sql_examples(200, seed=3):
         text = e["prompt"] + e["completion"]
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert ids == list(text.encode())
@@ -211,7 +217,7 @@ def test_empty_parquet_and_too_many_generated(tmp_path):
 
 
 def test_tokenize_masks_the_prompt(tok):
-    records = sql_task.generate(50, seed=0)
+    records = sql_examples(50, seed=0)
     examples = tokenize(records, tok, max_length=256)
     assert len(examples) == 50 and examples.dropped == examples.truncated == 0
     for r, e in zip(records, examples, strict=True):
@@ -221,18 +227,25 @@ def test_tokenize_masks_the_prompt(tok):
         assert e["labels"][n_prompt:] == e["input_ids"][n_prompt:]
 
 
-def test_tokenize_truncates_and_drops(tok):
+def test_tokenize_truncates_and_drops(tok, caplog):
     records = [
         {"prompt": "p" * 10, "completion": "c" * 10},
         {"prompt": "p" * 30, "completion": "c"},
         {"prompt": "p" * 3, "completion": "c" * 3},
     ]
-    examples = tokenize(records, tok, max_length=16)
+    with caplog.at_level(logging.WARNING, logger="molf_ds.train.data"):
+        examples = tokenize(records, tok, max_length=16)
+        quiet = tokenize(records, tok, max_length=16, report=False)  # a rank but the main one
     assert (len(examples), examples.dropped, examples.truncated) == (2, 1, 1)
+    assert quiet == examples and (quiet.dropped, quiet.truncated) == (1, 1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "max_length=16: dropped 1 and truncated 1 of 3 records; raise max_length to keep whole "
+        "completions"
+    ]
     assert [len(e["input_ids"]) for e in examples] == [16, 7]
     assert examples[0]["labels"][10:] == examples[0]["input_ids"][10:]
-    with pytest.raises(DataError, match="raise max_length"):
-        tokenize(records[1:2], tok, max_length=16)
+    with pytest.raises(DataError, match="raise max_length"):  # on every rank: all must stop
+        tokenize(records[1:2], tok, max_length=16, report=False)
     assert tokenize([], tok, max_length=16) == []
 
 

@@ -123,12 +123,15 @@ def test_prompts_and_completions_follow_the_documented_formats():
 
 
 def test_generated_sql_is_the_embedded_task_in_gretels_schema():
-    """One pipeline for generated and real data: the embedded task, as Gretel records, turns
-    back into exactly the examples molf-train has always trained on."""
+    """One pipeline for generated and real data: the embedded generator writes Gretel records,
+    whose prompts are the ones molf-train has always trained on."""
     task = tasks.get("sql")
     records = task.load("generated", seed=3, num_generated=300)
     assert all(set(r) == {"sql_context", "sql_prompt", "sql"} for r in records)
-    assert task.to_examples(records) == sql_task.generate(300, seed=3)
+    assert records == sql_task.generate(300, seed=3)
+    assert task.to_examples([{"sql_context": "t(a)", "sql_prompt": "how many?", "sql": "S;"}]) == [
+        {"prompt": "schema: t(a)\nquestion: how many?\nsql:", "completion": " S;"}
+    ]
     assert records != task.load("generated", seed=4, num_generated=300)
     with pytest.raises(DataError, match="num_generated"):
         task.load("generated", num_generated=10**6)

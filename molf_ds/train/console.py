@@ -33,6 +33,7 @@ PREFIX = "molf-train: "
 # shown again at log_level=debug.
 KNOWN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated"),
+    (FutureWarning, r"`torch\.distributed\.reduce_scatter_tensor` is deprecated"),  # ZeRO-3
     # PEFT (lora, adalora) asking transformers 5 for a renamed property
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
 )

@@ -232,12 +232,15 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
 
 
-def tokenize(records: Sequence[dict], tokenizer: Any, max_length: int) -> Examples:
+def tokenize(
+    records: Sequence[dict], tokenizer: Any, max_length: int, *, report: bool = True
+) -> Examples:
     """``input_ids`` = prompt + completion + eos, ``labels`` = -100 on the prompt, ids after.
 
     The loss then covers only what the model must learn to write. Sequences are cut at
     ``max_length``; a record whose prompt alone fills it has nothing to learn from and is
-    dropped (counted in ``Examples.dropped`` and logged).
+    dropped (counted in ``Examples.dropped``, and logged where ``report``: every rank tokenizes
+    the same records, so a multi-rank caller reports on its main rank alone).
     """
     if max_length < 2:
         raise DataError(f"max_length={max_length} is too small; use at least 2 tokens")
@@ -261,16 +264,17 @@ def tokenize(records: Sequence[dict], tokenizer: Any, max_length: int) -> Exampl
                 "labels": ([IGNORE_INDEX] * len(p) + target)[:max_length],
             }
         )
-    _report_cuts(out, len(records), max_length)
+    _check_cuts(out, len(records), max_length, report)
     return out
 
 
-def _report_cuts(out: Examples, total: int, max_length: int) -> None:
+def _check_cuts(out: Examples, total: int, max_length: int, report: bool) -> None:
+    """An error if nothing is left (on every rank: each must stop), else the cuts logged."""
     if total and not out:
         raise DataError(
             f"all {total} prompts are at least max_length={max_length} tokens; raise max_length"
         )
-    if out.dropped or out.truncated:
+    if report and (out.dropped or out.truncated):
         logger.warning(
             "max_length=%d: dropped %d and truncated %d of %d records; raise max_length to keep "
             "whole completions",

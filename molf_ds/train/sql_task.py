@@ -1,16 +1,18 @@
 """An embedded text-to-SQL task, generated from a seed, so training needs no download.
 
-Each example names one table's schema and asks a question; the completion is one short SQL
+Each record names one table's schema and asks a question whose answer is one short SQL
 statement (at most 80 characters). Five tables, thirteen query templates with two phrasings
 each, and their value vocabularies give 4440 distinct questions: a tiny model on a CPU starts
 to get the easy templates right within a few hundred steps, and exact match on held-out
 questions tests whether it composes tables, columns and values seen in other combinations.
-With the byte tokenizer an example is 130-210 tokens (prompt, completion and ``</s>``).
+Records are in the schema of Gretel's ``gretelai/synthetic_text_to_sql`` (the fields
+`molf_ds.train.tasks.sql` reads), so generated and downloaded data share one pipeline; that
+module makes the prompts (with the byte tokenizer, 130-210 tokens for prompt, completion and
+``</s>``)::
 
-    schema: employees(id, name, dept, salary)
-    question: how many employees work in sales?
-    sql:
-    ->  " SELECT COUNT(*) FROM employees WHERE dept = 'sales';"
+    {"sql_context": "employees(id, name, dept, salary)",
+     "sql_prompt": "how many employees work in sales?",
+     "sql": "SELECT COUNT(*) FROM employees WHERE dept = 'sales';"}
 """
 
 from __future__ import annotations
@@ -283,28 +285,29 @@ TEMPLATES: tuple[Callable[[_Table], _Items], ...] = (
 )
 
 
-def _example(t: _Table, question: str, sql: str) -> dict:
-    prompt = f"schema: {t.schema()}\nquestion: {question}\nsql:"
-    return {"prompt": prompt, "completion": " " + sql}
+def _record(t: _Table, question: str, sql: str) -> dict[str, str]:
+    """One question as a record in Gretel's schema."""
+    return {"sql_context": t.schema(), "sql_prompt": question, "sql": sql}
 
 
-def all_examples() -> list[list[dict]]:
-    """Every distinct example, one list per (table, template) pair, in a fixed order."""
+def all_records() -> list[list[dict[str, str]]]:
+    """Every distinct record, one list per (table, template) pair, in a fixed order."""
     pools = []
     for t in TABLES:
         for make in TEMPLATES:
-            pools.append([_example(t, q, sql) for qs, sql in make(t) for q in qs])
+            pools.append([_record(t, q, sql) for qs, sql in make(t) for q in qs])
     return pools
 
 
-def generate(num_examples: int = DEFAULT_NUM_EXAMPLES, seed: int = 0) -> list[dict]:
-    """``num_examples`` distinct ``{"prompt", "completion"}`` examples, a pure function of ``seed``.
+def generate(num_examples: int = DEFAULT_NUM_EXAMPLES, seed: int = 0) -> list[dict[str, str]]:
+    """``num_examples`` distinct records (``sql_context``, ``sql_prompt``, ``sql``), a pure
+    function of ``seed``.
 
-    Draws a (table, template) pair uniformly, then an unused example of it, so rare templates
+    Draws a (table, template) pair uniformly, then an unused record of it, so rare templates
     (one ``GROUP BY`` question per table) are as frequent as common ones until used up, and no
     question repeats: a held-out split then holds questions the model has never seen.
     """
-    pools = all_examples()
+    pools = all_records()
     capacity = sum(map(len, pools))
     if not 0 <= num_examples <= capacity:
         raise ValueError(
@@ -313,7 +316,7 @@ def generate(num_examples: int = DEFAULT_NUM_EXAMPLES, seed: int = 0) -> list[di
     rng = random.Random(seed)
     for pool in pools:
         rng.shuffle(pool)
-    out: list[dict] = []
+    out: list[dict[str, str]] = []
     while len(out) < num_examples:
         pools = [pool for pool in pools if pool]
         out.append(rng.choice(pools).pop())

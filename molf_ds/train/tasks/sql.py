@@ -7,9 +7,9 @@ not used)::
      "sql_prompt": "how many employees work in sales?",
      "sql": "SELECT COUNT(*) FROM employees WHERE dept = 'sales';"}
 
-``load("generated")`` gives the embedded task (`molf_ds.train.sql_task`, no download) in this
-schema, so generated and real data go through one pipeline. The prompt is the embedded task's
-(what molf-train has always trained on); the completion is ``" " + sql``::
+``load("generated")`` gives the embedded task (`molf_ds.train.sql_task`, no download), whose
+generator writes records in this schema, so generated and real data go through one pipeline.
+The prompt is the one molf-train has always trained on; the completion is ``" " + sql``::
 
     schema: employees(id, name, dept, salary)
     question: how many employees work in sales?
@@ -22,7 +22,6 @@ Metric: **exact match** of the greedy generation's first line with ``sql``, both
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from molf_ds.train import sql_task
@@ -32,7 +31,6 @@ from molf_ds.train.tasks.base import Task, Timer, share
 
 GENERATED = "generated"  # the source name of the embedded task
 PROMPT = "schema: {context}\nquestion: {question}\nsql:"
-_GENERATED_PROMPT = re.compile(r"schema: (?P<context>.*)\nquestion: (?P<question>.*)\nsql:", re.S)
 # Generation budget: the embedded task's answers are at most 80 bytes (+ eos); Gretel's SQL is a
 # few dozen tokens with a subword tokenizer. Rows stop at eos or their first line break.
 MAX_NEW_TOKENS = 128
@@ -107,21 +105,8 @@ class SQLTask(Task):
 
 
 def generated_records(num_examples: int, seed: int) -> list[dict]:
-    """The embedded task's examples (`sql_task.generate`) as Gretel records; `SQLTask.to_examples`
-    turns them back into exactly those examples."""
+    """The embedded task's records (`sql_task.generate`), its range error as a `DataError`."""
     try:
-        examples = sql_task.generate(num_examples, seed)
+        return sql_task.generate(num_examples, seed)
     except ValueError as e:
         raise DataError(f"num_generated: {e}") from None
-    return [_as_record(example) for example in examples]
-
-
-def _as_record(example: dict) -> dict:
-    match = _GENERATED_PROMPT.fullmatch(example["prompt"])
-    if match is None or not example["completion"].startswith(" "):
-        raise ValueError(f"sql_task's format changed; update tasks/sql.py: {example!r}")
-    return {
-        "sql_context": match["context"],
-        "sql_prompt": match["question"],
-        "sql": example["completion"][1:],
-    }
