@@ -736,7 +736,8 @@ def test_sweep_cli_hostile_run_files(runs, tmp_path_factory) -> None:
 @pytest.mark.parametrize("mode", ["lora", "adalora", "molf", "molf-efficient"])
 def test_absurd_lora_rank_is_refused_before_allocation(mode: str) -> None:
     """Valid as a number, absurd for the model: one line, not a failed 512 GB allocation."""
-    from molf_ds.train.recipe import METHODS, load_model
+    from molf_ds.train.methods import METHODS
+    from molf_ds.train.models import load_model
 
     _, model = load_model("tiny-qwen2")
     config = load_config(None, [f"mode={mode}", "lora_ranks=[2147483647]"])  # the largest valid
