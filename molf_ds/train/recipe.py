@@ -54,6 +54,7 @@ from molf_ds.train.evaluate import evaluate_merged
 from molf_ds.train.methods import METHODS
 from molf_ds.train.models import build_model, load_model, with_state
 from molf_ds.train.telemetry import MetricsWriter, RoutingLog
+from molf_ds.zero import ds_config_path, fill_auto, init_distributed
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,8 @@ class Recipe:
         cfg = self.config
         self._check_output_dir()
         console.quiet_dependencies(cfg.log_level)  # (imports DeepSpeed: after the cheap check)
-        ensure_launch_env()
-        self._init_distributed()
+        ensure_launch_env()  # rank variables for whatever launched this process
+        init_distributed(collective_timeout_s=cfg.collective_timeout_s)
         agree(storage.writable_problem(self.output_dir))
         self.derived, ds_config = self._setup_derived(
             int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -171,17 +172,9 @@ class Recipe:
         agree(storage.space_problem(self.output_dir, checkpoint, exports, reclaimable))
         return checkpoint, exports
 
-    def _init_distributed(self) -> None:
-        """The process group, whatever the launcher (`ensure_launch_env` set its variables)."""
-        from molf_ds.zero import init_distributed  # deferred: it imports DeepSpeed (quiet first)
-
-        init_distributed(collective_timeout_s=self.config.collective_timeout_s)
-
     def _setup_derived(self, rank: int, world_size: int) -> tuple[Derived, dict]:
         """The derived values and the filled DeepSpeed config. A global ``batch_size`` fixes
         the accumulation steps: it must divide evenly."""
-        from molf_ds.zero import ds_config_path, fill_auto  # deferred: as in _init_distributed
-
         cfg = self.config
         per_step = cfg.micro_batch_size * world_size
         accumulation = cfg.gradient_accumulation_steps
