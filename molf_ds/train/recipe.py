@@ -71,7 +71,8 @@ class Derived:
 
 @dataclass(frozen=True)
 class StepMetrics:
-    """What `Recipe.train_step` returns: one optimizer step, read from the device by no one."""
+    """What `Recipe.train_step` returns about one optimizer step; nothing in it was read back
+    from the device (the losses stay there, the token count is a host tensor)."""
 
     step: int  # steps done, this one included
     losses: list[torch.Tensor]  # this rank's loss of each micro-batch, on the device
@@ -107,7 +108,7 @@ class Recipe:
 
     ``__init__`` keeps the config and what follows from it alone; ``setup`` assigns what the
     ``_setup_*`` helpers return (the model, engine, data, telemetry, ...), and nothing else
-    assigns attributes. ``cleanup`` undoes what was set up so far, whenever a step failed.
+    assigns attributes. ``cleanup`` undoes what was set up so far, whichever step failed.
     """
 
     def __init__(self, config: TrainConfig) -> None:
@@ -351,8 +352,8 @@ class Recipe:
         self, metrics: StepMetrics, window: _LogWindow, progress: console.Progress
     ) -> dict[str, Any] | None:
         """Account ``metrics`` in ``window`` and the routing log; every ``log_every`` steps (and
-        at the last) write the metrics record of the window and return it (start a new window
-        then), else None."""
+        at the last) write the metrics record of the window and return it (the caller then starts
+        a new window), else None."""
         cfg, engine = self.config, self.engine
         if metrics.applied:  # skipped steps leave no loss and no routing
             window.losses.extend(metrics.losses)
