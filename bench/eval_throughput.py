@@ -37,7 +37,7 @@ def main() -> None:
     import torch
 
     from molf_ds.train import tasks
-    from molf_ds.train.recipe import load_model
+    from molf_ds.train.models import load_model
 
     torch.manual_seed(0)
     tokenizer, model = load_model("tiny-qwen2")

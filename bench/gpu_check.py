@@ -46,6 +46,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from molf_ds.train.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 ZERO_CASES = "z2,z3,z2_offload,z3_offload_param,fft_z2,fft_z2_offload"
@@ -204,7 +206,7 @@ def zero(checks: Checks, out: Path) -> None:
     if done["rc"] != 0:
         return checks.failed("zero", done, step="reference")
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1"]
-    launcher += ["--master_port", str(_free_port())]
+    launcher += ["--master_port", str(free_port())]
     done = checks.run([*launcher, worker, "--out", str(out / "gpu"), *common], 150)
     if done["rc"] != 0:
         return checks.failed("zero", done, step="deepspeed")
@@ -395,14 +397,6 @@ def main() -> None:
         }
     )
     sys.exit(0 if checks.all_ok else 1)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ Stages, all in this one command:
    (known facts rewritten to another object; ``tasks.get("fact")``: efficacy on the edit prompt,
    paraphrase on the other phrasings, plus the share of untouched facts kept) and (b) the
    text-to-SQL task (``tasks.get("sql")``, the embedded generator, exact match). Models and
-   optimizers come from molf-train's own table (``recipe.METHODS``: PEFT LoRA/AdaLoRA,
+   optimizers come from molf-train's own table (``methods.METHODS``: PEFT LoRA/AdaLoRA,
    ``molf_ds.wrap`` + ``MoLFAdamW``), each run on a single-process DeepSpeed engine
    (``ds_config=zero0``: the builders hand back an engine, and AdaLoRA's hook reads it) in one
    of two worker processes, with molf-train's loop (forward, backward, the method's
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import sys
@@ -73,6 +72,7 @@ from study_report import (  # noqa: E402
 )
 
 from molf_ds.errors import MoLFError, OneLineArgumentParser  # noqa: E402
+from molf_ds.train.distributed import free_port  # noqa: E402
 
 # Bump when the corpus, the world or the pretraining loop change: the cache key includes it.
 CORPUS_VERSION = 1
@@ -174,7 +174,7 @@ def pretrain(settings: PretrainSettings, fact_lines: list[str], sql_lines: list[
 
     context = mp.get_context("fork")  # (see `run_jobs`)
     results = context.Queue()
-    port = _free_port()
+    port = free_port()
     processes = [
         context.Process(
             target=_pretrain_rank,
@@ -225,7 +225,8 @@ def _pretrain_rank(rank: int, port: int, settings, fact_lines, sql_lines, out: s
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from molf_ds.train.recipe import load_model
+    from molf_ds.train.models import load_model
+    from molf_ds.train.schedule import lr_factor
 
     try:
         _quiet_dependencies()
@@ -242,7 +243,7 @@ def _pretrain_rank(rank: int, port: int, settings, fact_lines, sql_lines, out: s
         ddp = DistributedDataParallel(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _warmup_cosine(settings.warmup_steps, settings.steps)
+            optimizer, lr_factor(warmup_steps=settings.warmup_steps, max_steps=settings.steps)
         )
         rng = random.Random(f"study-pretrain:{settings.seed}:{rank}")
         stream = packed_samples(fact_lines, sql_lines, settings.fact_share, settings.seq_len, rng)
@@ -274,23 +275,6 @@ def _pretrain_rank(rank: int, port: int, settings, fact_lines, sql_lines, out: s
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - reported by the parent, which stops the study
         results.put({"error": f"rank {rank}:\n{traceback.format_exc()}"})
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _warmup_cosine(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return factor
 
 
 # ---- stage 2: fine-tuning, one run per (task, method, grid option, seed) ------------------------
@@ -357,7 +341,7 @@ class Worker:
 
         import torch
 
-        from molf_ds.train import recipe, tasks
+        from molf_ds.train import methods, tasks
         from molf_ds.train.config import TrainConfig
         from molf_ds.zero import fill_auto
 
@@ -374,7 +358,7 @@ class Worker:
             seed=job.seed,
             **options,
         )
-        method = recipe.METHODS[job.method]
+        method = methods.METHODS[job.method]
         torch.manual_seed(job.seed)  # the LoRA factors' initialisation
         model = method.build_model(cfg, copy.deepcopy(self.base))
         ds_config = fill_auto(
@@ -483,7 +467,7 @@ def _start_single_rank_group() -> None:
     from molf_ds.zero import init_distributed
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    os.environ["MASTER_PORT"] = str(_free_port())
+    os.environ["MASTER_PORT"] = str(free_port())
     init_distributed()
 
 
@@ -634,7 +618,7 @@ def pretrained_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from molf_ds.train import tasks
-    from molf_ds.train.recipe import load_model
+    from molf_ds.train.models import load_model
 
     p = settings.pretrain
     facts = make_facts(p.subjects, p.seed)

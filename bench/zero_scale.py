@@ -23,20 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from molf_ds.train.distributed import free_port
 
 HERE = Path(__file__).resolve().parent
 MODEL_ARGS = ["--layers", "4", "--hidden", "512", "--mlp", "1408", "--rank", "16"]
 
 
 def launch(ranks: int, runs: list[str], steps: int) -> dict[str, dict]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         command = [

@@ -12,6 +12,7 @@ Public API::
 from molf_ds.config import MoLFConfig
 from molf_ds.errors import MoLFConfigError, MoLFError, NoMatchingModulesError
 from molf_ds.layer import MoLFLinear
+from molf_ds.memory import estimate_memory
 from molf_ds.model import merge, wrap
 from molf_ds.optimizer import MoLFAdamW, RoutingRecord
 from molf_ds.zero import init_distributed, initialize
@@ -31,13 +32,3 @@ __all__ = [
     "wrap",
 ]
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str):
-    # Imported on first use, so that `python -m molf_ds.estimate` does not find the module
-    # already imported by the package (runpy's double-import warning).
-    if name == "estimate_memory":
-        from molf_ds.estimate import estimate_memory
-
-        return estimate_memory
-    raise AttributeError(f"module 'molf_ds' has no attribute {name!r}")

@@ -4,6 +4,12 @@ import argparse
 from typing import Any, NoReturn
 
 
+def one_line(err: object, limit: int = 300) -> str:
+    """``err``'s text as one line of at most ``limit`` characters (whitespace runs joined)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class MoLFError(ValueError):
     """Base class of molf_ds's user-facing errors (a ``ValueError``, as in PEFT).
 

@@ -9,9 +9,16 @@ import threading
 import traceback
 from collections.abc import Callable
 
+import torch.distributed as dist
+
 # How long a failing rank lets `destroy_process_group` run: tearing gloo down can wait for work
 # still queued against a dead peer, and `os._exit` ends the process either way.
 FAILED_DESTROY_WAIT_S = 10.0
+
+
+def is_main_rank() -> bool:
+    """Whether this process is rank 0 (a process without a process group is)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def shutdown(code: int) -> None:
@@ -19,8 +26,6 @@ def shutdown(code: int) -> None:
     "The exit sequence"): barrier → destroy the process group → ``MPI.Finalize()`` if mpi4py
     started MPI → flush → ``os._exit(code)``. Never returns."""
     try:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             if code == 0:
                 dist.barrier()

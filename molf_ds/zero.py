@@ -24,6 +24,7 @@ import torch
 from molf_ds.errors import MoLFConfigError
 from molf_ds.optimizer import MoLFAdamW
 from molf_ds.plan import RoutingPlan
+from molf_ds.runtime import is_main_rank
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def initialize(
     engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, **kwargs
     )
-    if changes and _is_rank_zero():
+    if changes and is_main_rank():
         logger.warning("molf_ds.initialize set in the DeepSpeed config: %s", ", ".join(changes))
     connect(engine, optimizer)
     return engine, ds_optimizer, loader, scheduler
@@ -326,7 +327,3 @@ def _load(config: dict | str | Path) -> dict:
     if not isinstance(loaded, dict):
         raise MoLFConfigError(f"DeepSpeed config {path} must hold a JSON object")
     return loaded
-
-
-def _is_rank_zero() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from molf_ds.train.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = REPO / "tests" / "workers"
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cpu_env() -> dict[str, str]:

@@ -16,6 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from molf_ds.train.distributed import free_port
+
 NODES = ("n1", "n2")
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 # every program the cluster and the tests run; the daemons and mungekey live in /usr/sbin, which
@@ -90,12 +92,6 @@ def unusable() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class SlurmCluster:
     """Start with ``start()``, stop with ``stop()``; ``env`` is what client commands need."""
 
@@ -110,12 +106,12 @@ class SlurmCluster:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         nodes = "\n".join(
             f"NodeName={name} NodeAddr=127.0.0.1 NodeHostname={socket.gethostname()} "
-            f"Port={_free_port()} CPUs={CPUS_PER_NODE} State=UNKNOWN"
+            f"Port={free_port()} CPUs={CPUS_PER_NODE} State=UNKNOWN"
             for name in NODES
         )
         self.conf.write_text(
             SLURM_CONF.format(
-                root=self.root, ctld_port=_free_port(), nodes=nodes, node_list=",".join(NODES)
+                root=self.root, ctld_port=free_port(), nodes=nodes, node_list=",".join(NODES)
             )
         )
         self._start_munge()

@@ -1,6 +1,6 @@
-"""`molf_ds.estimate`: parameter counts and LoRA targets against real `transformers` models
-wrapped by `molf_ds.wrap`, the byte model against a measured `MoLFAdamW` state and DeepSpeed's
-own estimator formulas, and the CLI."""
+"""`molf_ds.memory` and `molf-estimate` (`molf_ds.train.estimate`): parameter counts and LoRA
+targets against real `transformers` models wrapped by `molf_ds.wrap`, the byte model against a
+measured `MoLFAdamW` state and DeepSpeed's own estimator formulas, and the CLI."""
 
 from __future__ import annotations
 
@@ -15,18 +15,18 @@ import torch
 import molf_ds
 from molf_ds.config import MoLFConfig
 from molf_ds.errors import MoLFConfigError, NoMatchingModulesError
-from molf_ds.estimate import (
-    METHODS,
-    PRESETS,
+from molf_ds.memory import (
+    MEMORY_METHODS,
     EstimateError,
     count_parameters,
     estimate_memory,
-    main,
     model_spec,
     optimizer_state_bytes_per_rank,
 )
 from molf_ds.model import molf_layers, wrap
 from molf_ds.optimizer import MoLFAdamW
+from molf_ds.presets import PUBLISHED
+from molf_ds.train.estimate import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -160,9 +160,9 @@ def test_presets_match_transformers_and_published_sizes():
         "qwen2.5-3b": 3_085_938_688,
         "llama-70b": 70_553_706_496,
     }
-    assert set(PRESETS) == set(published)
+    assert set(PUBLISHED) == set(published)
     for preset, size in published.items():
-        fields = dict(PRESETS[preset])
+        fields = PUBLISHED[preset].config_fields()
         model_type = fields.pop("model_type")
         fields.pop("architectures")
         model = _meta_model(_hf_config(model_type, **fields))
@@ -230,7 +230,7 @@ def test_rows_follow_the_zero_byte_model():
         (0, "none"), (1, "none"), (1, "optimizer"), (2, "none"), (2, "optimizer"),
         (3, "none"), (3, "optimizer"), (3, "optimizer+param"),
     }  # fmt: skip
-    assert [m for m in dict.fromkeys(r.method for r in est.rows)] == list(METHODS)
+    assert [m for m in dict.fromkeys(r.method for r in est.rows)] == list(MEMORY_METHODS)
     for row in est.rows:
         parts = (row.gpu_weight_bytes, row.gpu_grad_bytes, row.gpu_optimizer_bytes)
         assert row.gpu_bytes_per_gpu == sum(parts) + row.gpu_gather_bytes
@@ -317,10 +317,10 @@ def cli_runs():
     """The subprocess checks, started together (each pays Python + torch start-up)."""
     lazy = "import sys, molf_ds; print(sorted({'deepspeed', 'transformers'} & set(sys.modules)))"
     commands = {
-        "table": ["-m", "molf_ds.estimate", "--preset", "qwen2.5-3b", "--gpus-per-node", "8",
+        "table": ["-m", "molf_ds.train.estimate", "--preset", "qwen2.5-3b", "--gpus-per-node", "8",
                   "--nodes", "2"],
-        "missing": ["-m", "molf_ds.estimate", "--config", "/no/such/config.json"],
-        "unknown": ["-m", "molf_ds.estimate", "--preset", "gpt-17"],
+        "missing": ["-m", "molf_ds.train.estimate", "--config", "/no/such/config.json"],
+        "unknown": ["-m", "molf_ds.train.estimate", "--preset", "gpt-17"],
         "lazy": ["-c", lazy],
     }  # fmt: skip
     procs = {
@@ -354,7 +354,7 @@ def test_cli_table(cli_runs):
     assert out.returncode == 0, out.stderr
     assert out.stderr == ""
     assert "2 nodes x 8 GPUs per node = 16 data-parallel ranks" in out.stdout
-    for method in METHODS:
+    for method in MEMORY_METHODS:
         assert f"\n{method} " in out.stdout
     assert "optimizer+param" in out.stdout
 

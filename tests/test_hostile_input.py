@@ -464,7 +464,7 @@ def test_valid_data_files_load_every_record_as_written(
 # ---- molf-estimate ----------------------------------------------------------------------------
 def _estimate(argv: list[str]) -> tuple[int, str]:
     """``(exit status, stderr)`` of molf-estimate's ``main(argv)`` in this process."""
-    from molf_ds import estimate
+    from molf_ds.train import estimate
 
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
@@ -710,7 +710,7 @@ def _is_utf8(data: bytes) -> bool:
 def test_estimate_cli_hostile_config_file_one_line(content: bytes, tmp_path_factory) -> None:
     cwd = tmp_path_factory.mktemp("estimate")
     (cwd / "config.json").write_bytes(content)
-    result = _command(["molf_ds.estimate", "--config", "config.json"], cwd, timeout=120)
+    result = _command(["molf_ds.train.estimate", "--config", "config.json"], cwd, timeout=120)
     _assert_one_line_exit(result, "molf-estimate")
 
 
@@ -736,7 +736,8 @@ def test_sweep_cli_hostile_run_files(runs, tmp_path_factory) -> None:
 @pytest.mark.parametrize("mode", ["lora", "adalora", "molf", "molf-efficient"])
 def test_absurd_lora_rank_is_refused_before_allocation(mode: str) -> None:
     """Valid as a number, absurd for the model: one line, not a failed 512 GB allocation."""
-    from molf_ds.train.recipe import METHODS, load_model
+    from molf_ds.train.methods import METHODS
+    from molf_ds.train.models import load_model
 
     _, model = load_model("tiny-qwen2")
     config = load_config(None, [f"mode={mode}", "lora_ranks=[2147483647]"])  # the largest valid

@@ -104,7 +104,7 @@ def test_exports_refuse_nonfinite_weights(tmp_path) -> None:
     from molf_ds import export
     from molf_ds.errors import MoLFError
     from molf_ds.model import molf_layers
-    from molf_ds.train.recipe import load_model
+    from molf_ds.train.models import load_model
 
     _, model = load_model("tiny-qwen2")
     molf_ds.wrap(model, molf_ds.MoLFConfig(lora_ranks=(4,), train_base=False))

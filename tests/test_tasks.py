@@ -448,11 +448,11 @@ def _tiny(preset: str):
     embeddings, they repeat one token)."""
     import transformers
 
-    from molf_ds.train.recipe import PRESETS
+    from molf_ds.train.models import JOB_PRESETS
 
-    config_cls, shape = PRESETS[preset]
-    shape = {**shape, "num_hidden_layers": 2, "tie_word_embeddings": False}
-    config = getattr(transformers, config_cls)(
+    model_preset = JOB_PRESETS[preset]
+    shape = {**model_preset.fields, "num_hidden_layers": 2, "tie_word_embeddings": False}
+    config = transformers.CONFIG_MAPPING[model_preset.model_type](
         vocab_size=VOCAB_SIZE + 5, initializer_range=0.3, **shape
     )
     torch.manual_seed(0)

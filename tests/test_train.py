@@ -250,7 +250,7 @@ def test_train_launchers_exit_cleanly_every_time(tmp_path, launcher: str, repeat
 @pytest.mark.slow
 def test_train_local_model_dir_and_jsonl_data(tmp_path) -> None:
     """A Hugging Face model directory and a local JSONL file, as users bring them."""
-    from molf_ds.train.recipe import load_model
+    from molf_ds.train.models import load_model
 
     tokenizer, model = load_model("tiny-llama")
     model_dir = tmp_path / "model"
@@ -349,7 +349,7 @@ MODES = {
 @pytest.mark.parametrize("mode", list(MODES))
 def test_train_every_mode_runs_and_exports(tmp_path, mode: str) -> None:
     from molf_ds.train.config import TrainConfig
-    from molf_ds.train.recipe import _lr_lambda
+    from molf_ds.train.schedule import config_lr_factor
 
     out = tmp_path / "run"
     extra, optimizer = MODES[mode]
@@ -363,7 +363,7 @@ def test_train_every_mode_runs_and_exports(tmp_path, mode: str) -> None:
     # the same schedule (warm-up, then cosine) over whichever optimizer steps
     config = TrainConfig.model_validate(json.loads((out / "run_config.json").read_text()))
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    expected = [config.lr * _lr_lambda(config)(m["step"]) for m in metrics]
+    expected = [config.lr * config_lr_factor(config)(m["step"]) for m in metrics]
     assert [m["lr"] for m in metrics] == pytest.approx(expected, rel=1e-6, abs=1e-12)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from molf_ds.estimate import optimizer_state_bytes_per_rank
+from molf_ds.memory import optimizer_state_bytes_per_rank
 from tests import launch
 
 pytestmark = pytest.mark.slow  # real multi-rank DeepSpeed jobs

@@ -2,7 +2,7 @@
 checkpointing, on real CPU ranks.
 
 The worker (``tests/workers/zero_init_train.py``) sets each case up as molf-train does
-(`recipe.build_model`, then the mode's engine) from one model saved with ``save_pretrained``, and
+(`models.build_model`, then the mode's engine) from one model saved with ``save_pretrained``, and
 trains MoLF for a few steps. Built partitioned, no rank ever holds a base weight (0 elements right
 after loading), and the run ends bitwise where the same ZeRO-3 run built whole ends, on 2 ranks
 and, with parameters and optimizer offloaded, on 3. Checkpointed activations end where the run
@@ -25,7 +25,7 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    from molf_ds.train.recipe import load_model
+    from molf_ds.train.models import load_model
 
     root = tmp_path_factory.mktemp("zero_init")
     tokenizer, model = load_model("tiny-qwen2", seed=3)

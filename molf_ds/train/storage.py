@@ -29,8 +29,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from molf_ds import ds_partitions
 from molf_ds.errors import EveryRankError
+from molf_ds.train.distributed import agree, is_main_rank
 
 STAGING_SUFFIX = ".partial"
 LATEST = "latest"
@@ -49,26 +52,6 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 def mib(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
-
-
-def is_main_rank() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def agree(problem: str | None) -> None:
-    """Collective: every rank calls this at the same point with its own problem (or None); if
-    any rank has one, every rank raises `EveryRankError` with the first (by rank)."""
-    import torch.distributed as dist
-
-    problems = [problem]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        problems = [None] * dist.get_world_size()
-        dist.all_gather_object(problems, problem)
-    first = next((p for p in problems if p), None)
-    if first is not None:
-        raise EveryRankError(first)
 
 
 def existing_ancestor(path: Path) -> Path:
@@ -181,8 +164,6 @@ def save_checkpoint(
     only once every rank's files are written; ``needed`` (bytes) goes into a full disk's message.
     Raises `EveryRankError` on every rank when any rank fails to write, the previous checkpoint
     untouched and no leftover of this one."""
-    import torch.distributed as dist
-
     tag = f"step{step}"
     staging = ckpt_dir / f"{tag}{STAGING_SUFFIX}"
     main = is_main_rank()

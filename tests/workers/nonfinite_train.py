@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedModel
 
 from molf_ds.errors import EveryRankError, MoLFError
-from molf_ds.runtime import shutdown
+from molf_ds.runtime import is_main_rank, shutdown
 from molf_ds.train import recipe
 from molf_ds.train.config import parse_args
 
@@ -58,9 +58,9 @@ class DroppingRecipe(recipe.Recipe):
         super().__init__(config)
         self.drop = drop
 
-    def _micro_batches(self, start: int):
+    def micro_batches(self, start: int):
         per_step = self.derived.gradient_accumulation_steps
-        for index, batch in enumerate(super()._micro_batches(start)):
+        for index, batch in enumerate(super().micro_batches(start)):
             if index // per_step != self.drop:
                 yield batch
 
@@ -78,10 +78,9 @@ def main() -> None:
     code = 0
     try:  # as recipe.main
         job.setup()
-        job.train()
-        job.finish()
+        job.finish(job.train())
     except MoLFError as err:
-        if not isinstance(err, EveryRankError) or job.derived.is_main:
+        if not isinstance(err, EveryRankError) or is_main_rank():
             print(f"molf-train: error: {err}", file=sys.stderr)
         code = 1
     except Exception:

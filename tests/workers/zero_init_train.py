@@ -7,8 +7,8 @@ with and without activation checkpointing: train a few steps, save what happened
 ``MODEL_DIR``: a model saved with ``save_pretrained`` (and its tokenizer), e.g. the tiny-qwen2
 preset of molf-train (tests/test_zero_init.py saves it).
 
-Each case is what molf-train sets up for its options (`recipe.build_model`, then the mode's
-``build_engine`` from `recipe.METHODS`) on a model loaded with ``from_pretrained``, so that every
+Each case is what molf-train sets up for its options (`models.build_model`, then the mode's
+``build_engine`` from `methods.METHODS`) on a model loaded with ``from_pretrained``, so that every
 case starts from the same weights, then `STEPS` optimizer steps on fixed batches (the same global
 batch on any number of ranks). Rank 0 saves ``OUT/<case>.pt``: the full fp32 parameters after
 training and before it, how many elements of each base weight the rank held right after the
@@ -50,7 +50,8 @@ def train_case(name: str, model_dir: str) -> dict:
 
     from molf_ds.train import storage
     from molf_ds.train.config import TrainConfig
-    from molf_ds.train.recipe import METHODS, build_model
+    from molf_ds.train.methods import METHODS
+    from molf_ds.train.models import build_model
     from molf_ds.zero import ds_config_path, fill_auto
 
     ds_name, options = CASES[name]
@@ -75,7 +76,7 @@ def train_case(name: str, model_dir: str) -> dict:
         bf16=False,
     )
     stage = ds_config["zero_optimization"]["stage"]
-    _, model = build_model(cfg, ds_config)
+    _, model = build_model(cfg, ds_config, METHODS[cfg.mode].build_model)
     held = {n: p.numel() for n, p in model.named_parameters() if n.endswith("base.weight")}
     disk = storage.checkpoint_estimate(model)  # molf-train's disk check, from the full sizes
     engine, optimizer = METHODS[cfg.mode].build_engine(cfg, model, ds_config, stage)

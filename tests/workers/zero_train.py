@@ -132,7 +132,7 @@ def build_baseline(mode: str) -> tuple[nn.Module, object]:
     so that the plain reference needs no schedule; LoRA's own rate and decay differ from the
     FFT ones, so a baseline that took the wrong ones would end elsewhere)."""
     from molf_ds.train.config import TrainConfig
-    from molf_ds.train.recipe import METHODS
+    from molf_ds.train.methods import METHODS
 
     config = TrainConfig(
         mode=mode,
@@ -192,7 +192,7 @@ def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
     micro_batch = MICRO_BATCH * world_of_data // world  # same global batch on any world size
     config = ds_config(case, micro_batch, world)
     if "baseline" in case:
-        from molf_ds.train.recipe import METHODS
+        from molf_ds.train.methods import METHODS
 
         model, train_config = build_baseline(case["baseline"])
         stage = case["zero"]["stage"]

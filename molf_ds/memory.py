@@ -1,10 +1,12 @@
-"""`estimate_memory`: per-GPU and per-node memory of the model states of FFT, LoRA, MoLF and
-MoLF-Efficient under DeepSpeed ZeRO 0-3, with and without CPU offload -- before renting GPUs.
+"""The memory model: `estimate_memory` gives per-GPU and per-node memory of the model states of
+FFT, LoRA, MoLF and MoLF-Efficient under DeepSpeed ZeRO 0-3, with and without CPU offload --
+before renting GPUs.
 
     est = molf_ds.estimate_memory("qwen2.5-3b", num_gpus_per_node=8, num_nodes=2)
-    print(est.format_table())
+    print(est.row("molf", 3).gpu_bytes_per_gpu)
 
-or from a shell: ``molf-estimate --preset qwen2.5-3b --gpus-per-node 8 --nodes 2``.
+or from a shell, as a table: ``molf-estimate --preset qwen2.5-3b --gpus-per-node 8 --nodes 2``
+(`molf_ds.train.estimate`). Presets are the published shapes of `molf_ds.presets`.
 
 Parameters are counted from the model class itself: ``transformers.AutoModelForCausalLM`` builds
 the model from its config on the meta device (shapes only: no memory, no download, about 0.1 s
@@ -37,19 +39,23 @@ estimator adds ``4 x params x GPUs per node`` and a 1.5 buffer factor for that).
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from molf_ds.config import DEFAULT_EXCLUDE_MODULES, DEFAULT_TARGET_MODULES, MoLFConfig
-from molf_ds.errors import MoLFError, NoMatchingModulesError, OneLineArgumentParser
+from molf_ds.errors import MoLFError, NoMatchingModulesError, one_line
+from molf_ds.model import is_target
+from molf_ds.presets import PUBLISHED
 from molf_ds.zero import DS_DEFAULT_PERSISTENCE_THRESHOLD
 
-METHODS: tuple[str, ...] = ("fft", "lora", "molf", "molf-efficient")
+# the methods whose model states the estimate counts
+MEMORY_METHODS: tuple[str, ...] = ("fft", "lora", "molf", "molf-efficient")
 STAGES: tuple[int, ...] = (0, 1, 2, 3)
 OFFLOAD_NONE, OFFLOAD_OPTIMIZER, OFFLOAD_PARAM = "none", "optimizer", "optimizer+param"
 WEIGHT_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -60,45 +66,6 @@ GiB = 2**30
 # Building the model on the meta device takes ~7 ms a layer: 10**6 layers (a typo, a corrupted
 # config.json) would run for hours. Published models have well under 200.
 MAX_LAYERS = 1024
-
-# Literal configs (subsets of the published config.json files): no downloads.
-PRESETS: dict[str, dict[str, Any]] = {
-    "qwen2.5-0.5b": {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "hidden_size": 896,
-        "intermediate_size": 4864,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 14,
-        "num_key_value_heads": 2,
-        "vocab_size": 151936,
-        "tie_word_embeddings": True,
-    },
-    "qwen2.5-3b": {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "hidden_size": 2048,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 36,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 2,
-        "vocab_size": 151936,
-        "tie_word_embeddings": True,
-    },
-    "llama-70b": {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": 8192,
-        "intermediate_size": 28672,
-        "num_hidden_layers": 80,
-        "num_attention_heads": 64,
-        "num_key_value_heads": 8,
-        "vocab_size": 128256,
-        "tie_word_embeddings": False,
-        "attention_bias": False,
-        "mlp_bias": False,
-    },
-}
 
 
 class EstimateError(MoLFError):
@@ -193,68 +160,6 @@ class MemoryEstimate:
         out["world_size"] = self.world_size
         return out
 
-    def format_table(self) -> str:
-        """A readable table: GiB per GPU (with its parts) and GiB per node of CPU memory."""
-        nodes = f"{self.num_nodes} node{'s' if self.num_nodes > 1 else ''}"
-        gpus = f"{self.num_gpus_per_node} GPU{'s' if self.num_gpus_per_node > 1 else ''}"
-        lines = [
-            f"Model states of {self.model} ({self.architecture}): "
-            f"{_count(self.base_params)} params ({self.base_params:,}), {self.weight_dtype} "
-            "weights, AdamW",
-            f"Setup: {nodes} x {gpus} per node = {self.world_size} data-parallel ranks; "
-            f"LoRA ranks {list(self.lora_ranks)} on {self.lora_modules} linear layers",
-            "",
-        ]
-        header = (
-            "method",
-            "ZeRO",
-            "offload",
-            "trainable",
-            "GPU/GPU",
-            "weights",
-            "grads",
-            "optim",
-            "gather",
-            "CPU/node",
-        )
-        body = [
-            (
-                r.method,
-                str(r.stage),
-                r.offload,
-                f"{_count(r.trainable_params)} ({100 * r.trainable_params / r.total_params:.3g}%)",
-                _gib(r.gpu_bytes_per_gpu),
-                _gib(r.gpu_weight_bytes),
-                _gib(r.gpu_grad_bytes),
-                _gib(r.gpu_optimizer_bytes),
-                _gib(r.gpu_gather_bytes),
-                _gib(r.cpu_bytes_per_node),
-            )
-            for r in self.rows
-        ]
-        widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-
-        def fmt(cells: Sequence[str]) -> str:
-            left = [cell.ljust(w) for cell, w in zip(cells[:4], widths[:4], strict=True)]
-            right = [cell.rjust(w) for cell, w in zip(cells[4:], widths[4:], strict=True)]
-            return "  ".join(left + right).rstrip()
-
-        lines.append(fmt(header))
-        lines.append(fmt(["-" * w for w in widths]))
-        previous = None
-        for row, cells in zip(self.rows, body, strict=True):
-            if previous is not None and row.method != previous:
-                lines.append("")
-            previous = row.method
-            lines.append(fmt(cells))
-        lines += [
-            "",
-            "GiB. GPU/GPU = weights + grads + optim (fp32 master + AdamW moments) + gather",
-            "(ZeRO-3: the largest partitioned layer, gathered); CPU/node = offloaded states of",
-            "one node's GPUs. Activations, buffers and fragmentation come on top.",
-        ]
-        return "\n".join(lines)
-
 
 def optimizer_state_bytes_per_rank(
     trainable_numel: int, world_size: int = 1, master_weights: bool = True
@@ -283,15 +188,15 @@ def estimate_memory(
     target_modules: Sequence[str] | str = DEFAULT_TARGET_MODULES,
     exclude_modules: Sequence[str] | str = DEFAULT_EXCLUDE_MODULES,
     weight_dtype: str = "bf16",
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = MEMORY_METHODS,
     stages: Sequence[int] = STAGES,
     persistence_threshold: int | None = None,
 ) -> MemoryEstimate:
     """Estimate the model-state memory of training ``config`` with each method and ZeRO setting.
 
     Args:
-        config: a preset name (see `PRESETS`), a path to a ``config.json`` (or a folder holding
-            one), a ``transformers.PretrainedConfig``, or a dict of its fields.
+        config: a preset name (`molf_ds.presets.PUBLISHED`), a path to a ``config.json`` (or
+            a folder holding one), a ``transformers.PretrainedConfig``, or a dict of its fields.
         num_gpus_per_node, num_nodes: the data-parallel world is their product.
         lora_ranks: LoRA expert ranks; ``lora`` uses the first, the MoLF methods all of them.
         target_modules, exclude_modules: which linear layers get LoRA experts (PEFT's rules,
@@ -314,8 +219,6 @@ def estimate_memory(
         MoLFConfigError: invalid ``lora_ranks`` / ``target_modules`` / ``exclude_modules``.
         NoMatchingModulesError: a LoRA method is asked for but no linear layer is targeted.
     """
-    from molf_ds.model import is_target
-
     spec = model_spec(config)
     for key, value in (("num_gpus_per_node", num_gpus_per_node), ("num_nodes", num_nodes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -325,9 +228,9 @@ def estimate_memory(
             f"`weight_dtype` must be one of {', '.join(WEIGHT_BYTES)}, got {weight_dtype!r}"
         )
     methods = tuple(methods)
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in MEMORY_METHODS]
     if unknown or not methods:
-        raise EstimateError(f"`methods` must be among {', '.join(METHODS)}, got {methods!r}")
+        raise EstimateError(f"`methods` must be among {', '.join(MEMORY_METHODS)}, got {methods!r}")
     stages = tuple(stages)
     if not stages or any(isinstance(s, bool) or s not in STAGES for s in stages):
         raise EstimateError(f"`stages` must be among 0, 1, 2, 3, got {stages!r}")
@@ -357,7 +260,7 @@ def estimate_memory(
         if persistence_threshold is not None:
             threshold = persistence_threshold
         elif method.startswith("molf"):  # as molf_ds.zero.prepare_ds_config sets it
-            largest_lora = max(n for n, _, _, is_lora in tensors if is_lora)
+            largest_lora = max(t.numel for t in tensors if t.lora)
             threshold = max(DS_DEFAULT_PERSISTENCE_THRESHOLD, largest_lora)
         else:
             threshold = DS_DEFAULT_PERSISTENCE_THRESHOLD
@@ -365,14 +268,14 @@ def estimate_memory(
             for offload in _offloads(stage):
                 rows.append(
                     _row(
-                        method,
-                        stage,
-                        offload,
-                        tensors,
-                        WEIGHT_BYTES[weight_dtype],
-                        world,
-                        num_gpus_per_node,
-                        threshold,
+                        method=method,
+                        stage=stage,
+                        offload=offload,
+                        tensors=tensors,
+                        weight_bytes=WEIGHT_BYTES[weight_dtype],
+                        world=world,
+                        gpus_per_node=num_gpus_per_node,
+                        threshold=threshold,
                     )
                 )
     return MemoryEstimate(
@@ -389,8 +292,17 @@ def estimate_memory(
     )
 
 
-# (numel, trainable, module, is_lora) of every tensor the method's model holds.
-_Tensor = tuple[int, bool, str, bool]
+@dataclass(frozen=True)
+class TrainedTensor:
+    """A tensor of a method's model: a base parameter or a LoRA factor, trainable or frozen."""
+
+    param: ParamTensor
+    trainable: bool
+    lora: bool = False
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel
 
 
 def _method_tensors(
@@ -398,14 +310,22 @@ def _method_tensors(
     targets: list[tuple[str, int, int]],
     ranks: tuple[int, ...],
     method: str,
-) -> list[_Tensor]:
+) -> list[TrainedTensor]:
+    """Every tensor ``method``'s model holds: the base (trained by fft and molf) and a LoRA
+    pair per target and rank (one rank for lora, none for fft). Each LoRA factor is a module of
+    its own, as ZeRO-3 gathers it."""
     train_base = method in ("fft", "molf")
-    tensors: list[_Tensor] = [(p.numel, train_base, p.module, False) for p in spec.params]
+    tensors = [TrainedTensor(p, trainable=train_base) for p in spec.params]
     lora_ranks = {"fft": (), "lora": ranks[:1]}.get(method, ranks)
     for name, in_features, out_features in targets:
         for i, rank in enumerate(lora_ranks):
-            tensors.append((rank * in_features, True, f"{name}.lora_A.{i}", True))
-            tensors.append((out_features * rank, True, f"{name}.lora_B.{i}", True))
+            for factor, shape in (
+                ("lora_A", (rank, in_features)),
+                ("lora_B", (out_features, rank)),
+            ):
+                module = f"{name}.{factor}.{i}"
+                param = ParamTensor(f"{module}.weight", module, shape)
+                tensors.append(TrainedTensor(param, trainable=True, lora=True))
     return tensors
 
 
@@ -418,17 +338,21 @@ def _offloads(stage: int) -> tuple[str, ...]:
 
 
 def _row(
+    *,
     method: str,
     stage: int,
     offload: str,
-    tensors: list[_Tensor],
+    tensors: list[TrainedTensor],
     weight_bytes: int,
     world: int,
     gpus_per_node: int,
     threshold: int,
 ) -> MemoryRow:
-    total = sum(n for n, *_ in tensors)
-    trainable = sum(n for n, t, *_ in tensors if t)
+    """The row of ``method`` at ZeRO ``stage`` with ``offload`` on ``world`` ranks
+    (``gpus_per_node`` to a node); ZeRO-3 keeps tensors of at most ``threshold`` elements
+    resident."""
+    total = sum(t.numel for t in tensors)
+    trainable = sum(t.numel for t in tensors if t.trainable)
     # DeepSpeed clones the fp32 partition even from fp32 weights under ZeRO-1/2 and offload;
     # ZeRO-3 on the GPU and plain (ZeRO-0) fp32 training step the weights themselves.
     master = MASTER_BYTES if weight_bytes < 4 or stage in (1, 2) or offload != OFFLOAD_NONE else 0
@@ -448,9 +372,9 @@ def _row(
             gpu_optim = shard * optim
     else:
         # ZeRO-3 partitions every tensor on its own; small ones stay resident (persistent).
-        resident = sum(n for n, *_ in tensors if n <= threshold)
-        weight_shard = sum(_ceil_div(n, world) for n, *_ in tensors if n > threshold)
-        trainable_shard = sum(_ceil_div(n, world) for n, t, *_ in tensors if t)
+        resident = sum(t.numel for t in tensors if t.numel <= threshold)
+        weight_shard = sum(_ceil_div(t.numel, world) for t in tensors if t.numel > threshold)
+        trainable_shard = sum(_ceil_div(t.numel, world) for t in tensors if t.trainable)
         weights = resident * weight_bytes
         if offload == OFFLOAD_PARAM:
             cpu_per_rank += weight_shard * weight_bytes
@@ -461,12 +385,13 @@ def _row(
         else:
             grads = trainable_shard * weight_bytes
             gpu_optim = trainable_shard * optim
+        # per module: (weights, gradients) of its partitioned tensors, gathered together
         gathered: dict[str, list[int]] = {}
-        for n, t, module, _ in tensors:
-            if n > threshold:
-                entry = gathered.setdefault(module, [0, 0])
-                entry[0] += n
-                entry[1] += n if t else 0
+        for t in tensors:
+            if t.numel > threshold:
+                entry = gathered.setdefault(t.param.module, [0, 0])
+                entry[0] += t.numel
+                entry[1] += t.numel if t.trainable else 0
         gather = max(((n + g) * weight_bytes for n, g in gathered.values()), default=0)
     return MemoryRow(
         method=method,
@@ -487,12 +412,11 @@ def model_spec(config: Any) -> ModelSpec:
     """Resolve ``config`` (preset name, ``config.json`` path, ``PretrainedConfig`` or dict) into
     a `ModelSpec`: ``transformers.AutoModelForCausalLM`` builds the model on the meta device, and
     its parameters and ``nn.Linear`` modules are read off it."""
-    import torch
-    from torch import nn
+    # deferred, as in _config_from_fields: `import molf_ds` does not load transformers (~1 s)
+    from transformers import AutoModelForCausalLM
 
     name, hf_config = _load_config(config)
     _check_layers(name, hf_config)
-    from transformers import AutoModelForCausalLM
 
     try:
         with torch.device("meta"):  # shapes only: no storage, no initialisation cost
@@ -504,7 +428,7 @@ def model_spec(config: Any) -> ModelSpec:
                 "causal language model for it"
             ) from None
         raise EstimateError(
-            f"{name}: transformers cannot build the model: {_one_line(err)}"
+            f"{name}: transformers cannot build the model: {one_line(err)}"
         ) from err
     # named_parameters() lists a tied tensor once, under its first name (the embedding).
     params = tuple(
@@ -546,15 +470,15 @@ def count_parameters(config: Any) -> int:
 
 def _load_config(config: Any) -> tuple[str, Any]:
     """``(display name, transformers.PretrainedConfig)`` of a preset, path, config or mapping."""
-    if isinstance(config, str) and config in PRESETS:
-        return config, _config_from_fields(config, dict(PRESETS[config]))
+    if isinstance(config, str) and config in PUBLISHED:
+        return config, _config_from_fields(config, PUBLISHED[config].config_fields())
     if isinstance(config, (str, Path)):
         path = Path(config)
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
             raise EstimateError(
-                f"{str(config)!r} is neither a preset ({', '.join(PRESETS)}) nor a config file "
+                f"{str(config)!r} is neither a preset ({', '.join(PUBLISHED)}) nor a config file "
                 "(no such file)"
             )
         try:
@@ -579,7 +503,7 @@ def _load_config(config: Any) -> tuple[str, Any]:
 def _config_from_fields(name: str, fields: dict[str, Any]) -> Any:
     """The ``PretrainedConfig`` of ``fields`` (a ``config.json``'s content): fields it leaves
     out take the config class's defaults, as ``from_pretrained`` would give them."""
-    from transformers import CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING  # deferred: `import molf_ds` does not load it
 
     model_type = fields.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
@@ -588,146 +512,8 @@ def _config_from_fields(name: str, fields: dict[str, Any]) -> Any:
     try:
         return CONFIG_MAPPING[model_type].from_dict(fields)
     except Exception as err:  # transformers validates fields and their combinations
-        raise EstimateError(f"{name}: invalid config: {_one_line(err)}") from None
-
-
-def _one_line(err: object, limit: int = 300) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+        raise EstimateError(f"{name}: invalid config: {one_line(err)}") from None
 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _gib(num_bytes: int) -> str:
-    return f"{num_bytes / GiB:.2f}"
-
-
-def _count(n: int) -> str:
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:.3g}{suffix}"
-    return str(n)
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    parser = OneLineArgumentParser(
-        prog="molf-estimate",
-        description="Estimate per-GPU and per-node memory of model states (weights, gradients, "
-        "fp32 master, AdamW moments) for FFT, LoRA, MoLF and MoLF-Efficient under DeepSpeed "
-        "ZeRO 0-3, with and without CPU offload. Activations are not included.",
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        help="a built-in model config (default: none; give --preset or --config)",
-    )
-    source.add_argument(
-        "--config",
-        metavar="PATH",
-        help="a Hugging Face config.json, or a folder holding one (default: none)",
-    )
-    parser.add_argument(
-        "--gpus-per-node", type=int, default=1, metavar="N", help="GPUs per node (default: 1)"
-    )
-    parser.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (default: 1)")
-    parser.add_argument(
-        "--lora-ranks",
-        type=int,
-        nargs="+",
-        default=[64],
-        metavar="R",
-        help="LoRA expert ranks; lora uses the first, the MoLF methods all (default: 64)",
-    )
-    targets = parser.add_mutually_exclusive_group()
-    targets.add_argument(
-        "--target-modules",
-        nargs="+",
-        default=list(DEFAULT_TARGET_MODULES),
-        metavar="NAME",
-        help=f"linear layers that get LoRA experts (default: {' '.join(DEFAULT_TARGET_MODULES)})",
-    )
-    targets.add_argument(
-        "--target-regex",
-        metavar="REGEX",
-        help="instead of --target-modules: a regex full-matched on dotted names (default: none)",
-    )
-    parser.add_argument(
-        "--exclude-modules",
-        nargs="*",
-        default=list(DEFAULT_EXCLUDE_MODULES),
-        metavar="NAME",
-        help=f"linear layers never targeted (default: {' '.join(DEFAULT_EXCLUDE_MODULES)})",
-    )
-    parser.add_argument(
-        "--weight-dtype",
-        choices=list(WEIGHT_BYTES),
-        default="bf16",
-        help="dtype of the model weights and gradients (default: bf16)",
-    )
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        choices=list(METHODS),
-        default=list(METHODS),
-        metavar="METHOD",
-        help=f"methods to report, among {', '.join(METHODS)} (default: all)",
-    )
-    parser.add_argument(
-        "--stages",
-        nargs="+",
-        type=int,
-        choices=list(STAGES),
-        default=list(STAGES),
-        metavar="STAGE",
-        help="ZeRO stages to report (default: 0 1 2 3)",
-    )
-    parser.add_argument(
-        "--persistence-threshold",
-        type=int,
-        default=None,
-        metavar="NUMEL",
-        help="ZeRO-3 stage3_param_persistence_threshold (default: as molf_ds.initialize sets "
-        "it for the MoLF methods, max(100000, largest LoRA factor); DeepSpeed's 100000 for fft "
-        "and lora)",
-    )
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="print the estimate as JSON instead of a table (default: off)",
-    )
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``molf-estimate``: print the estimate table (or ``--json``); 0 on success."""
-    args = _build_parser().parse_args(argv)
-    try:
-        estimate = estimate_memory(
-            args.preset or args.config,
-            num_gpus_per_node=args.gpus_per_node,
-            num_nodes=args.nodes,
-            lora_ranks=tuple(args.lora_ranks),
-            target_modules=args.target_regex or tuple(args.target_modules),
-            exclude_modules=tuple(args.exclude_modules),
-            weight_dtype=args.weight_dtype,
-            methods=tuple(dict.fromkeys(args.methods)),
-            stages=tuple(sorted(set(args.stages))),
-            persistence_threshold=args.persistence_threshold,
-        )
-    except (MoLFError, OSError) as err:
-        # one line whatever the message quotes (a path holding a newline, a C++ stack)
-        print(f"molf-estimate: error: {_one_line(err, 500)}", file=sys.stderr)
-        return 1
-    print(json.dumps(estimate.to_dict(), indent=2) if args.json else estimate.format_table())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
