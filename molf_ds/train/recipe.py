@@ -222,7 +222,7 @@ class Recipe:
         )
         if scorer is not None:
             train_records = scorer.to_examples(train_records)
-        examples = data.tokenize(train_records, tokenizer, cfg.max_length)
+        examples = data.tokenize(train_records, tokenizer, cfg.max_length, report=is_main_rank())
         global_batch = cfg.micro_batch_size * world_size
         if len(examples) < global_batch:
             raise MoLFError(
