@@ -24,7 +24,7 @@ class RoutingRecord:
     ``winners[i, j]`` says whether expert ``expert_names[j]`` of ``module_names[i]`` was updated.
     ``implementation`` says which path ran the step: ``"fused"`` (the CPU kernel),
     ``"foreach"`` (multi-tensor ops) or ``"reference"``. (The step's device-to-host reads are
-    measured, not recorded: `molf_ds.host_reads.HostReadCounter`.)
+    measured, not recorded: `molf_ds.testing.HostReadCounter`.)
     """
 
     module_names: tuple[str, ...]

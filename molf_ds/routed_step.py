@@ -28,7 +28,7 @@ the reference (tensor ops per segment, the readable version the other two are te
 
 The only device-to-host read is, once per step, whether each segment's expert won (a bool per
 segment, gathered on the device from the ``[modules x experts]`` winners; measured with
-`molf_ds.host_reads.HostReadCounter` by the tests and ``bench/optimizer_step.py``).
+`molf_ds.testing.HostReadCounter` by the tests and ``bench/optimizer_step.py``).
 """
 
 from __future__ import annotations
