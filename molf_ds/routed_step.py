@@ -403,22 +403,28 @@ def _single_tensor_routed_adamw(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tensor ops per segment: the readable reference the other two are tested against."""
     cells = _Cells.of(segments, table, score)
-    sums = []
-    for s in segments:
-        s.exp_avg.mul_(beta1).add_(s.grad, alpha=1 - beta1)
-        s.exp_avg_sq.mul_(beta2).addcmul_(s.grad, s.grad, value=1 - beta2)
-        if s.module == UNROUTED:
-            _single_tensor_update(s, beta1, beta2, eps)
-            sums.append(torch.zeros((), dtype=torch.float64, device=s.param.device))
-        else:
-            sums.append(_segment_score_sum(s, eps, score))
-    stacked = torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
+    sums = [_single_tensor_moments(s, beta1, beta2, eps, score) for s in segments]
+    # rebound: the list of scalars is freed before pass 2 allocates its temporaries
+    sums = torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
     scores, winners, chosen = _route(
-        stacked, cells, table, score=score, top_k=top_k, reduce_scores=reduce_scores
+        sums, cells, table, score=score, top_k=top_k, reduce_scores=reduce_scores
     )
     for s in itertools.compress(segments, chosen.tolist()):
         _single_tensor_update(s, beta1, beta2, eps)
     return scores, winners
+
+
+def _single_tensor_moments(
+    s: Segment, beta1: float, beta2: float, eps: float, score: str
+) -> torch.Tensor:
+    """Pass 1 of one segment: its moments, then its `_segment_score_sum`, or (unrouted, 0) its
+    update."""
+    s.exp_avg.mul_(beta1).add_(s.grad, alpha=1 - beta1)
+    s.exp_avg_sq.mul_(beta2).addcmul_(s.grad, s.grad, value=1 - beta2)
+    if s.module != UNROUTED:
+        return _segment_score_sum(s, eps, score)
+    _single_tensor_update(s, beta1, beta2, eps)
+    return torch.zeros((), dtype=torch.float64, device=s.param.device)
 
 
 def _single_tensor_update(s: Segment, beta1: float, beta2: float, eps: float) -> None:
