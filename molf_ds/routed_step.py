@@ -27,14 +27,14 @@ across ranks, PFN's root), `top_k_winners`, and `_update_scalars` (the update's
 step, from the segments' sums to whether each segment's expert won.
 
 Three implementations of the whole step share one signature and are picked by a plain if/elif
-in `routed_adamw`, as torch's ``adamw()`` picks ``_fused_adamw``, ``_multi_tensor_adamw`` or
-``_single_tensor_adamw`` (`choose_implementation` reads the ``fused`` / ``foreach`` flags the
-way torch does): `_fused_routed_adamw`, the CPU kernel (two SIMD + OpenMP passes over host
-memory, `molf_ds.cpu_kernel`); `_multi_tensor_routed_adamw`, ``torch._foreach_*`` ops over lists
-of segments grouped by device and dtype, in chunks of bounded size, so the number of ops a step
-dispatches does not grow with the number of segments (what matters on an accelerator); and
-`_single_tensor_routed_adamw`, tensor ops per segment, the readable reference the other two are
-tested against.
+in `routed_adamw`, as torch's ``adam()`` (which AdamW runs) picks ``_fused_adam``,
+``_multi_tensor_adam`` or ``_single_tensor_adam`` (`choose_implementation` reads the ``fused`` /
+``foreach`` flags the way torch does): `_fused_routed_adamw`, the CPU kernel (two SIMD +
+OpenMP passes over host memory, `molf_ds.cpu_kernel`); `_multi_tensor_routed_adamw`,
+``torch._foreach_*`` ops over lists of segments grouped by device and dtype, in chunks of bounded
+size, so the number of ops a step dispatches does not grow with the number of segments (what
+matters on an accelerator); and `_single_tensor_routed_adamw`, tensor ops per segment, the
+readable reference the other two are tested against.
 
 The only device-to-host read is, once per step, whether each segment's expert won (a bool per
 segment, gathered on the device from the ``[modules x experts]`` winners; measured with
