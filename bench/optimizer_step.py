@@ -14,8 +14,8 @@ their own states over the same parameters and are timed alternately in one proce
 burn-in. Two routing cases are forced through the learning rates (EPD scores scale with lr_e):
 ``fft_wins`` (lora_lr = lr / 1000) and ``lora_wins`` (lora_lr = lr * 1000); the JSON reports the
 measured share of modules the FFT expert won, so the case is checked, not assumed. Host reads
-per step are counted by `molf_ds.host_reads.HostReadCounter`, transient memory and dispatched
-ops by `molf_ds.probes`, each on one extra step. ``--impl`` picks MoLFAdamW's path (default:
+per step are counted by `molf_ds.testing.HostReadCounter`, transient memory and dispatched
+ops by `molf_ds.testing`, each on one extra step. ``--impl`` picks MoLFAdamW's path (default:
 the fused kernel on CPU float32 tensors, the multi-tensor path elsewhere). ``--kernels`` adds,
 per case, what torch.profiler records of one step of each optimizer: on a GPU the kernels that
 ran and the launch calls that started them, on the CPU the top-level aten ops. ``--targets F,L``
@@ -33,8 +33,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import molf_ds
-from molf_ds.host_reads import HostReadCounter
-from molf_ds.probes import DispatchedOps, TransientMemory
+from molf_ds.testing import DispatchedOps, HostReadCounter, TransientMemory
 
 LR = 1e-6
 

@@ -21,6 +21,7 @@ import torch.distributed as tdist
 import molf_ds
 from molf_ds import ds_partitions
 from molf_ds.runtime import run_then_exit
+from molf_ds.testing import CollectiveCounter
 from molf_ds.zero import fill_auto
 
 
@@ -127,7 +128,7 @@ def run(args, spec: str) -> dict:
         )
     generator = torch.Generator().manual_seed(tdist.get_rank())
     times, step_times = [], []
-    counter = ds_partitions.CollectiveCounter()
+    counter = CollectiveCounter()
     for step in range(args.warmup + args.steps):
         tokens = torch.randint(0, args.vocab, (args.micro, args.seq + 1), generator=generator)
         measured = step >= args.warmup

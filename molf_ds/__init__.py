@@ -14,7 +14,8 @@ from molf_ds.errors import MoLFConfigError, MoLFError, NoMatchingModulesError
 from molf_ds.layer import MoLFLinear
 from molf_ds.memory import estimate_memory
 from molf_ds.model import merge, wrap
-from molf_ds.optimizer import MoLFAdamW, RoutingRecord
+from molf_ds.optimizer import MoLFAdamW
+from molf_ds.routed_step import RoutingRecord
 from molf_ds.zero import init_distributed, initialize
 
 __all__ = [

@@ -17,7 +17,7 @@ Everything else in molf_ds, and the test and benchmark workers, use DeepSpeed's 
 - Every ZeRO wrapper: ``.optimizer`` (the client optimizer it drives) and ``.dp_process_group``.
 - Skipping a step: every optimizer wrapper's ``overflow`` flag, which ``engine.step()`` reads
   (see `deepspeed_skips_nonfinite_steps`), and ``engine.skipped_steps``.
-- ``deepspeed.comm.comm.cdb``, the communication backend object (see `CollectiveCounter`).
+- ``deepspeed.comm.comm.cdb``, the communication backend object (see `comm_backend`).
 - The CPU accelerator's comm op: see `turn_off_cpu_shm_comm`.
 - ``engine.save_checkpoint``'s order of work, for a rank whose write failed: see
   `finish_failed_save`.
@@ -341,79 +341,16 @@ def all_reduce_sum(group: torch.distributed.ProcessGroup | None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Counting collectives
-
-COLLECTIVES = (
-    "all_reduce",
-    "inference_all_reduce",
-    "all_reduce_coalesced",
-    "reduce",
-    "reduce_scatter",
-    "reduce_scatter_tensor",
-    "broadcast",
-    "all_gather",
-    "all_gather_into_tensor",
-    "all_gather_base",
-    "all_gather_coalesced",
-    "all_to_all_single",
-)
-_ABSENT = object()
+# DeepSpeed's communication backend
 
 
-class CollectiveCounter:
-    """Counts the collectives (and all-reduce sizes) started inside ``with counter:`` blocks.
+def comm_backend() -> Any:
+    """DeepSpeed's communication backend object (``deepspeed.comm.comm.cdb``; ``None`` before
+    ``deepspeed.init_distributed``), whose collectives may bypass torch.distributed (e.g. its
+    shared-memory all-reduce on CPU). `molf_ds.testing.CollectiveCounter` watches it."""
+    from deepspeed.comm import comm as ds_comm
 
-    Two doors are watched: DeepSpeed's communication backend (``deepspeed.comm.comm.cdb``, which
-    may bypass torch.distributed, e.g. its shared-memory all-reduce on CPU) and torch.distributed
-    itself (which molf_ds's routing all-reduce uses). A call that enters through DeepSpeed's door
-    is counted once, there. The counts add up over blocks; nothing is patched outside them.
-
-        counter = CollectiveCounter()
-        with counter:
-            train_one_step()
-        counter.calls  # Counter({"all_reduce": 3, ...})
-    """
-
-    def __init__(self) -> None:
-        self.calls: Counter[str] = Counter()
-        self.all_reduce_numels: list[int] = []
-        self._depth = 0
-        self._saved: list[tuple[Any, str, Any]] = []
-
-    def __enter__(self) -> CollectiveCounter:
-        from deepspeed.comm import comm as ds_comm
-
-        for owner in (ds_comm.cdb, torch.distributed):
-            if owner is None:
-                continue
-            for name in COLLECTIVES:
-                if hasattr(owner, name):
-                    self._saved.append((owner, name, vars(owner).get(name, _ABSENT)))
-                    setattr(owner, name, self._wrap(name, getattr(owner, name)))
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for owner, name, original in reversed(self._saved):
-            if original is _ABSENT:
-                delattr(owner, name)  # the class's method shows through again
-            else:
-                setattr(owner, name, original)
-        self._saved.clear()
-
-    def _wrap(self, name: str, fn):
-        def counted(*args, **kwargs):
-            if self._depth == 0:
-                self.calls[name] += 1
-                tensor = args[0] if args else kwargs.get("tensor")
-                if "all_reduce" in name and isinstance(tensor, torch.Tensor):
-                    self.all_reduce_numels.append(tensor.numel())
-            self._depth += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._depth -= 1
-
-        return counted
+    return ds_comm.cdb
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,45 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from molf_ds.errors import MoLFConfigError
 from molf_ds.plan import ParamRole, RoutingPlan
-from molf_ds.routed_step import SCORES, RoutingDecision, RoutingTable, Segment, routed_adamw
+from molf_ds.routed_step import (
+    SCORES,
+    ReduceScores,
+    RoutingRecord,
+    RoutingTable,
+    Segment,
+    routed_adamw,
+)
 
 SegmentSource = Callable[["MoLFAdamW", dict], tuple[list[Segment], list[list[bool]]]]
 """Builds one step's segments and candidate flags from a parameter group, advancing steps."""
-
-
-@dataclass
-class RoutingRecord:
-    """The routing decision of the latest step, with the names of its rows and columns.
-
-    ``scores`` and ``winners`` are ``[modules, experts]`` tensors on the parameters' device;
-    ``winners[i, j]`` says whether expert ``expert_names[j]`` of ``module_names[i]`` was updated.
-    ``implementation`` says which path ran the step: ``"fused"`` (the CPU kernel),
-    ``"foreach"`` (multi-tensor ops) or ``"reference"``. (The step's device-to-host reads are
-    measured, not recorded: `molf_ds.host_reads.HostReadCounter`.)
-    """
-
-    module_names: tuple[str, ...]
-    expert_names: tuple[str, ...]
-    scores: torch.Tensor
-    winners: torch.Tensor
-    implementation: str
-
-    @property
-    def fused(self) -> bool:
-        """Whether the fused CPU kernel ran."""
-        return self.implementation == "fused"
-
-    def fft_share(self) -> float:
-        """Share of modules whose FFT expert won (reads the winners to the host)."""
-        return float(self.winners[:, 0].float().mean())
 
 
 class MoLFAdamW(torch.optim.Optimizer):
@@ -134,7 +114,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         # (flat partitions instead of parameters), and the all-reduce of the score partial sums
         # over the data-parallel group.
         self.segment_source: SegmentSource | None = None
-        self.reduce_scores: Callable[[torch.Tensor], None] | None = None
+        self.reduce_scores: ReduceScores | None = None
         super().__init__([{"params": list(plan.params)}], defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -160,7 +140,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         if not segments and self.reduce_scores is None:
             return loss
         beta1, beta2 = group["betas"]
-        decision = routed_adamw(
+        record = routed_adamw(
             segments,
             RoutingTable(self.plan.expert_numel, candidates),
             beta1=beta1,
@@ -172,7 +152,9 @@ class MoLFAdamW(torch.optim.Optimizer):
             fused=group["fused"],
             foreach=group["foreach"],
         )
-        self.last_routing = self._record(decision)
+        self.last_routing = dataclasses.replace(
+            record, module_names=self.plan.module_names, expert_names=self.plan.expert_names
+        )
         return loss
 
     def advance_state(self, tensor: torch.Tensor) -> dict:
@@ -184,15 +166,6 @@ class MoLFAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(tensor, memory_format=torch.preserve_format)
         state["step"] += 1
         return state
-
-    def _record(self, decision: RoutingDecision) -> RoutingRecord:
-        return RoutingRecord(
-            module_names=self.plan.module_names,
-            expert_names=self.plan.expert_names,
-            scores=decision.scores,
-            winners=decision.winners,
-            implementation=decision.implementation,
-        )
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

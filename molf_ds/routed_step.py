@@ -19,16 +19,26 @@ Algorithm (one call = one optimizer step; ``t`` is each segment's step count, al
     for every segment of a winner:
         p <- p (1 - lr wd) - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
-Three implementations share this signature, chosen by `choose_implementation` the way torch's
-AdamW chooses between its ``fused``, ``foreach`` and for-loop paths: the fused CPU kernel (two
-SIMD + OpenMP passes over host memory), the multi-tensor path (``torch._foreach_*`` ops over
-lists of segments grouped by device and dtype, in chunks of bounded size, so the number of ops a
-step dispatches does not grow with the number of segments — what matters on an accelerator), and
-the reference (tensor ops per segment, the readable version the other two are tested against).
+Each quantity has one function: `_segment_score_sum` (a segment's ``sum(...)``, written with
+tensor ops; the other paths compute the same sum their own way), `_score_weight` (what multiplies
+it: ``lr_e / N_e`` or ``1 / N_e``), `_expert_scores` (``S``: the weighted sums per expert, reduced
+across ranks, PFN's root), `top_k_winners`, and `_update_scalars` (the update's
+``1 - lr wd``, ``lr / (1 - b1^t)`` and ``sqrt(1 - b2^t)``). `_route` runs the middle of the
+step, from the segments' sums to whether each segment's expert won.
+
+Three implementations of the whole step share one signature and are picked by a plain if/elif
+in `routed_adamw`, as torch's ``adam()`` (which AdamW runs) picks ``_fused_adam``,
+``_multi_tensor_adam`` or ``_single_tensor_adam`` (`choose_implementation` reads the ``fused`` /
+``foreach`` flags the way torch does): `_fused_routed_adamw`, the CPU kernel (two SIMD +
+OpenMP passes over host memory, `molf_ds.cpu_kernel`); `_multi_tensor_routed_adamw`,
+``torch._foreach_*`` ops over lists of segments grouped by device and dtype, in chunks of bounded
+size, so the number of ops a step dispatches does not grow with the number of segments (what
+matters on an accelerator); and `_single_tensor_routed_adamw`, tensor ops per segment, the
+readable reference the other two are tested against.
 
 The only device-to-host read is, once per step, whether each segment's expert won (a bool per
 segment, gathered on the device from the ``[modules x experts]`` winners; measured with
-`molf_ds.host_reads.HostReadCounter` by the tests and ``bench/optimizer_step.py``).
+`molf_ds.testing.HostReadCounter` by the tests and ``bench/optimizer_step.py``).
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -47,6 +58,9 @@ UNROUTED = -1
 """``Segment.module`` of parameters outside routed modules: plain AdamW, always updated."""
 
 SCORES = ("epd", "pfn")
+
+Implementation = Literal["fused", "foreach", "reference"]
+"""Which path runs a step (`choose_implementation`)."""
 
 CHUNK_BYTES = {"cpu": 2 * 2**20}
 """The multi-tensor path's temporary per chunk of segments, by device type (larger contiguous
@@ -59,6 +73,9 @@ to memory: 1.5-2x faster than chunks that spill (``bench/optimizer_step.py --imp
 an accelerator every op is a kernel launch, so chunks are large (`DEFAULT_CHUNK_BYTES`) and a
 step's op count does not grow with the number of segments."""
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+ReduceScores = Callable[[torch.Tensor], None]
+"""Sums the ``[modules, experts]`` float64 weighted score sums across ranks, in place."""
 
 
 @dataclass(slots=True)  # hundreds are made every step: slots make them cheaper to build and read
@@ -100,25 +117,32 @@ class RoutingTable:
 
 
 @dataclass
-class RoutingDecision:
-    """The outcome of one routed step.
+class RoutingRecord:
+    """The routing decision of one step.
 
-    Attributes:
-        scores: ``[modules, experts]`` float64 on the parameters' device (``-inf`` where an
-            expert was not a candidate).
-        winners: ``[modules, experts]`` bool on the parameters' device.
-        implementation: which path ran: ``"fused"`` (the CPU kernel), ``"foreach"`` (the
-            multi-tensor path) or ``"reference"``.
+    ``scores`` (float64, ``-inf`` where an expert was not a candidate) and ``winners`` (bool)
+    are ``[modules, experts]`` tensors on the parameters' device; ``winners[i, j]`` says whether
+    expert ``expert_names[j]`` of ``module_names[i]`` was updated. `routed_adamw` leaves the
+    names empty; `molf_ds.MoLFAdamW` fills them in from its plan. ``implementation`` says which
+    path ran the step: ``"fused"`` (the CPU kernel), ``"foreach"`` (multi-tensor ops) or
+    ``"reference"``. (The step's device-to-host reads are measured, not recorded:
+    `molf_ds.testing.HostReadCounter`.)
     """
 
     scores: torch.Tensor
     winners: torch.Tensor
-    implementation: str
+    implementation: Implementation
+    module_names: tuple[str, ...] = ()
+    expert_names: tuple[str, ...] = ()
 
     @property
     def fused(self) -> bool:
         """Whether the fused CPU kernel ran."""
         return self.implementation == "fused"
+
+    def fft_share(self) -> float:
+        """Share of modules whose FFT expert won (reads the winners to the host)."""
+        return float(self.winners[:, 0].float().mean())
 
 
 def routed_adamw(
@@ -130,10 +154,10 @@ def routed_adamw(
     eps: float,
     score: str,
     top_k: int,
-    reduce_scores: Callable[[torch.Tensor], None] | None = None,
+    reduce_scores: ReduceScores | None = None,
     fused: bool | None = None,
     foreach: bool | None = None,
-) -> RoutingDecision:
+) -> RoutingRecord:
     """One routed AdamW step over ``segments`` (see the module docstring for the math).
 
     Args:
@@ -147,33 +171,29 @@ def routed_adamw(
     """
     if score not in SCORES:
         raise ValueError(f"`score` must be one of {SCORES}, got {score!r}")
-    device = segments[0].param.device if segments else torch.device("cpu")
-    implementation = _IMPLEMENTATIONS[choose_implementation(segments, fused=fused, foreach=foreach)]
-    # Everything a step needs to know per segment is read here, in sweeps over the segments
-    # before pass 1: afterwards the passes and the routing touch only a few small tensors.
-    cells, weights = _score_cells(segments, table, score, device)
-    batch = implementation.prepare(segments, beta1=beta1, beta2=beta2, score=score)
-
-    partials = implementation.moments(batch, beta1=beta1, beta2=beta2, eps=eps, score=score)
-    scores = _expert_scores(partials, cells, weights, table.shape)
-    if reduce_scores is not None:
-        reduce_scores(scores)
-    if score == "pfn":
-        scores = scores.sqrt()
-    candidates = torch.tensor(table.candidates, dtype=torch.bool).to(device, non_blocking=True)
-    scores = scores.masked_fill(~candidates, -math.inf)
-    winners = top_k_winners(scores, candidates, top_k)
-
-    # whether each segment's expert won (unrouted segments point at an extra cell that never
-    # wins): the step's one device-to-host read
-    chosen = torch.cat([winners.view(-1), winners.new_zeros(1)])[cells].cpu()
-    implementation.update(batch, chosen, beta1=beta1, beta2=beta2, eps=eps)
-    return RoutingDecision(scores=scores, winners=winners, implementation=implementation.name)
+    implementation = choose_implementation(segments, fused=fused, foreach=foreach)
+    if implementation == "fused":
+        func = _fused_routed_adamw
+    elif implementation == "foreach":
+        func = _multi_tensor_routed_adamw
+    else:
+        func = _single_tensor_routed_adamw
+    scores, winners = func(
+        segments,
+        table,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        score=score,
+        top_k=top_k,
+        reduce_scores=reduce_scores,
+    )
+    return RoutingRecord(scores=scores, winners=winners, implementation=implementation)
 
 
 def choose_implementation(
     segments: Sequence[Segment], *, fused: bool | None, foreach: bool | None
-) -> str:
+) -> Implementation:
     """``"fused"``, ``"foreach"`` or ``"reference"``, as torch's AdamW reads the same flags.
 
     ``fused=True`` requires the CPU kernel (contiguous float32 CPU tensors and a C++ compiler);
@@ -190,23 +210,7 @@ def choose_implementation(
     return "reference" if foreach is False else "foreach"
 
 
-def top_k_winners(scores: torch.Tensor, candidates: torch.Tensor, top_k: int) -> torch.Tensor:
-    """The ``top_k`` highest-scoring candidates of each row; ties go to the lower index.
-
-    Written as a rank count rather than ``torch.topk``, whose tie order is unspecified, so every
-    rank and every device breaks ties the same way.
-    """
-    num_experts = scores.shape[-1]
-    index = torch.arange(num_experts, device=scores.device)
-    mine, other = scores.unsqueeze(-1), scores.unsqueeze(-2)
-    other_first = index.view(1, 1, -1) < index.view(1, -1, 1)
-    beats = ((other > mine) | ((other == mine) & other_first)) & candidates.unsqueeze(-2)
-    return candidates & (beats.sum(-1) < top_k)
-
-
 def _use_cpu_kernel(segments: Sequence[Segment], fused: bool | None) -> bool:
-    if fused is False:
-        return False
     # Every tensor is checked: the kernel reads raw memory, so one float64 moment or CUDA
     # gradient must mean another path, never a wrong read. (`is_cpu` builds no torch.device.)
     suitable = all(
@@ -224,37 +228,121 @@ def _use_cpu_kernel(segments: Sequence[Segment], fused: bool | None) -> bool:
     return True
 
 
-def _score_cells(
-    segments: Sequence[Segment], table: RoutingTable, score: str, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where each segment's partial score sum goes and its weight, as tensors on ``device``.
+# ---------------------------------------------------------------------------------------------
+# The quantities of the algorithm, each written once
 
-    Segment ``i`` adds ``weights[i] * partial[i]`` into cell ``cells[i]`` of the flattened
-    ``[modules, experts]`` table; unrouted segments go to one extra cell past its end."""
-    num_modules, num_experts = table.shape
-    expert_numel, epd = table.expert_numel, score == "epd"
-    spare = num_modules * num_experts
-    # EPD's lr_e / N_e is linear, so it can be applied before the cross-rank sum.
-    rows = [
-        (spare, 0.0)
-        if s.module == UNROUTED
-        else (
-            s.module * num_experts + s.expert,
-            (s.lr if epd else 1.0) / expert_numel[s.module][s.expert],
-        )
-        for s in segments
-    ]
-    cells, weights = cpu_kernel.columns(rows, 2)
-    return _on(device, "q", cells), _on(device, "d", weights)
+
+def _segment_score_sum(s: Segment, eps: float, score: str) -> torch.Tensor:
+    """A routed segment's sum of score terms, as a float64 scalar on its device: with
+    ``d = sqrt(v) + eps``, EPD sums ``m^2 / d`` and PFN ``(m / d)^2``."""
+    # One temporary the size of the segment: d becomes the score term in place.
+    term = s.exp_avg_sq.sqrt().add_(eps)
+    torch.div(s.exp_avg, term, out=term)
+    if score == "epd":
+        term.mul_(s.exp_avg)
+    else:
+        term.square_()
+    return term.sum().double()
+
+
+def _score_weight(lr: float, expert_numel: int, score: str) -> float:
+    """What multiplies a segment's score sum in its expert's score: EPD's ``lr_e / N_e``, PFN's
+    ``1 / N_e`` (under the root). Linear, so applied to each segment before the cross-rank sum:
+    a rank that holds nothing of an expert need not know its learning rate."""
+    return (lr if score == "epd" else 1.0) / expert_numel
 
 
 def _expert_scores(
-    partials: torch.Tensor, cells: torch.Tensor, weights: torch.Tensor, shape: tuple[int, int]
+    sums: torch.Tensor,
+    cells: torch.Tensor,
+    weights: torch.Tensor,
+    shape: tuple[int, int],
+    score: str,
+    reduce_scores: ReduceScores | None,
 ) -> torch.Tensor:
-    """Each ``(module, expert)``'s weighted sum of its segments' partial sums."""
+    """``S``, ``[modules, experts]`` float64: each expert's weighted sum of its segments' score
+    sums (segment ``i`` adds ``weights[i] * sums[i]`` into cell ``cells[i]`` of the flattened
+    table, unrouted segments into one spare cell past its end), summed across ranks by
+    ``reduce_scores``; PFN's square root is taken after that sum."""
     flat = torch.zeros(shape[0] * shape[1] + 1, dtype=torch.float64, device=weights.device)
-    flat.index_add_(0, cells, partials * weights)
-    return flat[:-1].view(shape)
+    flat.index_add_(0, cells, sums * weights)
+    scores = flat[:-1].view(shape)
+    if reduce_scores is not None:
+        reduce_scores(scores)
+    return scores.sqrt() if score == "pfn" else scores
+
+
+def top_k_winners(scores: torch.Tensor, candidates: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The ``top_k`` highest-scoring candidates of each row; ties go to the lower index.
+
+    Written as a rank count rather than ``torch.topk``, whose tie order is unspecified, so every
+    rank and every device breaks ties the same way.
+    """
+    num_experts = scores.shape[-1]
+    index = torch.arange(num_experts, device=scores.device)
+    mine, other = scores.unsqueeze(-1), scores.unsqueeze(-2)
+    other_first = index.view(1, 1, -1) < index.view(1, -1, 1)
+    beats = ((other > mine) | ((other == mine) & other_first)) & candidates.unsqueeze(-2)
+    return candidates & (beats.sum(-1) < top_k)
+
+
+def _update_scalars(s: Segment, beta1: float, beta2: float) -> tuple[float, float, float]:
+    """``(1 - lr wd, lr / (1 - b1^t), sqrt(1 - b2^t))`` of one segment: the update is
+    ``p <- p (1 - lr wd) - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``."""
+    return (
+        1.0 - s.lr * s.weight_decay,
+        s.lr / (1.0 - beta1**s.step),
+        math.sqrt(1.0 - beta2**s.step),
+    )
+
+
+@dataclass(frozen=True)
+class _Cells:
+    """Where each segment's score sum goes in the flattened ``[modules, experts]`` table, and
+    its `_score_weight`, as tensors on the segments' device (unrouted: a spare cell, weight 0)."""
+
+    index: torch.Tensor
+    weight: torch.Tensor
+
+    @classmethod
+    def of(cls, segments: Sequence[Segment], table: RoutingTable, score: str) -> _Cells:
+        num_modules, num_experts = table.shape
+        expert_numel, spare = table.expert_numel, num_modules * num_experts
+        rows = [
+            (spare, 0.0)
+            if s.module == UNROUTED
+            else (
+                s.module * num_experts + s.expert,
+                _score_weight(s.lr, expert_numel[s.module][s.expert], score),
+            )
+            for s in segments
+        ]
+        index, weight = cpu_kernel.columns(rows, 2)
+        device = segments[0].param.device if segments else torch.device("cpu")
+        return cls(_on(device, "q", index), _on(device, "d", weight))
+
+
+def _route(
+    sums: torch.Tensor,
+    cells: _Cells,
+    table: RoutingTable,
+    *,
+    score: str,
+    top_k: int,
+    reduce_scores: ReduceScores | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From each segment's score sum to ``(scores, winners, chosen)``: `_expert_scores` (``-inf``
+    where an expert is no candidate), `top_k_winners`, and ``chosen``, whether each segment's
+    expert won, as a bool CPU tensor: the step's one device-to-host read."""
+    scores = _expert_scores(sums, cells.index, cells.weight, table.shape, score, reduce_scores)
+    candidates = torch.tensor(table.candidates, dtype=torch.bool).to(
+        scores.device, non_blocking=True
+    )
+    scores = scores.masked_fill(~candidates, -math.inf)
+    winners = top_k_winners(scores, candidates, top_k)
+    # unrouted segments point at the spare cell, which never wins
+    chosen = torch.cat([winners.view(-1), winners.new_zeros(1)])[cells.index].cpu()
+    return scores, winners, chosen
 
 
 def _on(device: torch.device, typecode: str, values: Sequence) -> torch.Tensor:
@@ -269,72 +357,114 @@ def _on(device: torch.device, typecode: str, values: Sequence) -> torch.Tensor:
 _TYPECODES = {"q": torch.int64, "d": torch.float64}
 
 
-def _reference_moments(
-    segments: Sequence[Segment], *, beta1: float, beta2: float, eps: float, score: str
-) -> torch.Tensor:
-    """Pass 1 with plain tensor ops: the readable reference the fused kernel is tested against."""
-    partials = []
-    for s in segments:
-        s.exp_avg.mul_(beta1).add_(s.grad, alpha=1 - beta1)
-        s.exp_avg_sq.mul_(beta2).addcmul_(s.grad, s.grad, value=1 - beta2)
-        if s.module == UNROUTED:
-            _reference_update([s], beta1=beta1, beta2=beta2, eps=eps)
-            partials.append(torch.zeros((), dtype=torch.float64, device=s.param.device))
-            continue
-        # One temporary the size of the segment: denom becomes the score term in place.
-        term = s.exp_avg_sq.sqrt().add_(eps)
-        torch.div(s.exp_avg, term, out=term)
-        if score == "epd":
-            term.mul_(s.exp_avg)
-        else:
-            term.square_()
-        partials.append(term.sum().double())
-        del term  # free before the next segment allocates its own
-    if not partials:
-        return torch.zeros(0, dtype=torch.float64)
-    return torch.stack(partials)
+# ---------------------------------------------------------------------------------------------
+# The three implementations. Each reads what it needs of every segment in sweeps before pass 1
+# (`_Cells.of`, the kernel's batch): afterwards the passes and the routing touch only a few
+# small tensors, not hundreds of Python objects the pass has pushed out of the caches.
 
 
-def _reference_update(
-    segments: Sequence[Segment], *, beta1: float, beta2: float, eps: float
-) -> None:
-    for s in segments:
-        decay, step_size, bc2_sqrt = _update_scalars(s, beta1, beta2)
-        s.param.mul_(decay)
-        denom = s.exp_avg_sq.sqrt().div_(bc2_sqrt).add_(eps)
-        s.param.addcdiv_(s.exp_avg, denom, value=-step_size)
-        del denom  # free before the next segment allocates its own
-
-
-def _kernel_batch(
-    segments: Sequence[Segment], *, beta1: float, beta2: float, score: str
-) -> cpu_kernel.Batch:
+def _fused_routed_adamw(
+    segments: Sequence[Segment],
+    table: RoutingTable,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    score: str,
+    top_k: int,
+    reduce_scores: ReduceScores | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU kernel: pass 1 and pass 2 each one call over all segments; the winner flags
+    reach it in host memory, so Python reads no tensor value."""
+    cells = _Cells.of(segments, table, score)
     kind = SCORES.index(score)
     rows = [
         (-1 if s.module == UNROUTED else kind, *_update_scalars(s, beta1, beta2)) for s in segments
     ]
-    return cpu_kernel.Batch(segments, *cpu_kernel.columns(rows, 4))
-
-
-def _kernel_moments(
-    batch: cpu_kernel.Batch, *, beta1: float, beta2: float, eps: float, score: str
-) -> torch.Tensor:
-    return batch.moments_and_partials(beta1=beta1, beta2=beta2, eps=eps)
-
-
-def _kernel_update(
-    batch: cpu_kernel.Batch, chosen: torch.Tensor, *, beta1: float, beta2: float, eps: float
-) -> None:
+    batch = cpu_kernel.Batch(segments, *cpu_kernel.columns(rows, 4))
+    sums = batch.moments_and_partials(beta1=beta1, beta2=beta2, eps=eps)
+    scores, winners, chosen = _route(
+        sums, cells, table, score=score, top_k=top_k, reduce_scores=reduce_scores
+    )
     batch.apply_update(chosen, eps=eps)
+    return scores, winners
+
+
+def _single_tensor_routed_adamw(
+    segments: Sequence[Segment],
+    table: RoutingTable,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    score: str,
+    top_k: int,
+    reduce_scores: ReduceScores | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tensor ops per segment: the readable reference the other two are tested against."""
+    cells = _Cells.of(segments, table, score)
+    sums = [_single_tensor_moments(s, beta1, beta2, eps, score) for s in segments]
+    # rebound: the list of scalars is freed before pass 2 allocates its temporaries
+    sums = torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
+    scores, winners, chosen = _route(
+        sums, cells, table, score=score, top_k=top_k, reduce_scores=reduce_scores
+    )
+    for s in itertools.compress(segments, chosen.tolist()):
+        _single_tensor_update(s, beta1, beta2, eps)
+    return scores, winners
+
+
+def _single_tensor_moments(
+    s: Segment, beta1: float, beta2: float, eps: float, score: str
+) -> torch.Tensor:
+    """Pass 1 of one segment: its moments, then its `_segment_score_sum`, or (unrouted, 0) its
+    update."""
+    s.exp_avg.mul_(beta1).add_(s.grad, alpha=1 - beta1)
+    s.exp_avg_sq.mul_(beta2).addcmul_(s.grad, s.grad, value=1 - beta2)
+    if s.module != UNROUTED:
+        return _segment_score_sum(s, eps, score)
+    _single_tensor_update(s, beta1, beta2, eps)
+    return torch.zeros((), dtype=torch.float64, device=s.param.device)
+
+
+def _single_tensor_update(s: Segment, beta1: float, beta2: float, eps: float) -> None:
+    decay, step_size, bc2_sqrt = _update_scalars(s, beta1, beta2)
+    s.param.mul_(decay)
+    denom = s.exp_avg_sq.sqrt().div_(bc2_sqrt).add_(eps)
+    s.param.addcdiv_(s.exp_avg, denom, value=-step_size)
+
+
+def _multi_tensor_routed_adamw(
+    segments: Sequence[Segment],
+    table: RoutingTable,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    score: str,
+    top_k: int,
+    reduce_scores: ReduceScores | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch._foreach_*`` ops over chunks of segments: the reference's arithmetic, one op
+    per list, a bounded number of ops per step."""
+    cells = _Cells.of(segments, table, score)
+    sums = _foreach_moments(segments, beta1=beta1, beta2=beta2, eps=eps, score=score)
+    scores, winners, chosen = _route(
+        sums, cells, table, score=score, top_k=top_k, reduce_scores=reduce_scores
+    )
+    for chunk in _chunks(list(itertools.compress(segments, chosen.tolist()))):
+        _foreach_update(chunk, beta1, beta2, eps)
+    return scores, winners
 
 
 def _foreach_moments(
     segments: Sequence[Segment], *, beta1: float, beta2: float, eps: float, score: str
 ) -> torch.Tensor:
-    """Pass 1 as multi-tensor ops: the same arithmetic as `_reference_moments`, one op per list.
+    """Pass 1 as multi-tensor ops: the moments, the unrouted pieces' update, and each
+    segment's `_segment_score_sum` (0 if unrouted), float64.
 
     Written for the bytes each op streams (what bounds a step on any device): ``m`` moves by one
-    lerp (as in torch's AdamW), and each score is a squared 2-norm, so one temporary and one
+    lerp (as in torch's AdamW), and each score sum is a squared 2-norm, so one temporary and one
     reduction serve all pieces at once: with ``d = sqrt(v) + eps``, EPD sums
     ``(m d^-1/2)^2 = m^2/d`` and PFN sums ``(m/d)^2``.
     """
@@ -350,7 +480,7 @@ def _foreach_moments(
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
         routed = [k for k, piece in enumerate(chunk) if piece.segment.module != UNROUTED]
         if len(routed) < len(chunk):  # unrouted pieces: their update, while still in cache
-            _foreach_update_pieces(
+            _foreach_update(
                 [piece for piece in chunk if piece.segment.module == UNROUTED], beta1, beta2, eps
             )
         if not routed:
@@ -365,23 +495,19 @@ def _foreach_moments(
         values += torch._foreach_norm(terms, 2, **({"dtype": wide} if wide else {}))
         owners += [chunk[k].index for k in routed]
         del terms
-    partials = torch.zeros(len(segments), dtype=torch.float64, device=device)
+    sums = torch.zeros(len(segments), dtype=torch.float64, device=device)
     for values, owners in norms.values():
-        sums = torch.stack(values).double().square()
+        squares = torch.stack(values).double().square()
         # a split segment's pieces add up
-        partials.index_add_(0, torch.tensor(owners, device=device), sums)
-    return partials
+        sums.index_add_(0, torch.tensor(owners, device=device), squares)
+    return sums
 
 
-def _foreach_update(segments: Sequence[Segment], *, beta1: float, beta2: float, eps: float) -> None:
-    """Pass 2 as multi-tensor ops: `_reference_update`'s update with the bias correction moved
-    out of the denominator, ``m / (sqrt(v)/c + eps) = c m / (sqrt(v) + c eps)`` with
-    ``c = sqrt(1 - b2^t)``, which saves one pass over the temporary (equal up to fp32 rounding)."""
-    for chunk in _chunks(segments):
-        _foreach_update_pieces(chunk, beta1, beta2, eps)
-
-
-def _foreach_update_pieces(chunk: list[_Piece], beta1: float, beta2: float, eps: float) -> None:
+def _foreach_update(chunk: list[_Piece], beta1: float, beta2: float, eps: float) -> None:
+    """Pass 2 over one chunk as multi-tensor ops: `_single_tensor_update`'s update with the bias
+    correction moved out of the denominator, ``m / (sqrt(v)/c + eps) = c m / (sqrt(v) + c eps)``
+    with ``c = sqrt(1 - b2^t)``, which saves one pass over the temporary (equal up to fp32
+    rounding)."""
     params, exp_avgs, exp_avg_sqs = (
         [piece.view(field) for piece in chunk] for field in ("param", "exp_avg", "exp_avg_sq")
     )
@@ -463,56 +589,3 @@ def _pieces(index: int, s: Segment, chunk_bytes: int) -> list[_Piece]:
         _Piece(index, s, (min(a + per_chunk, numel) - a) * size, slice(a, a + per_chunk))
         for a in range(0, numel, per_chunk)
     ]
-
-
-def _update_scalars(s: Segment, beta1: float, beta2: float) -> tuple[float, float, float]:
-    """``(1 - lr wd, lr / (1 - b1^t), sqrt(1 - b2^t))`` of one segment."""
-    return (
-        1.0 - s.lr * s.weight_decay,
-        s.lr / (1.0 - beta1**s.step),
-        math.sqrt(1.0 - beta2**s.step),
-    )
-
-
-def _segments(
-    segments: Sequence[Segment], *, beta1: float, beta2: float, score: str
-) -> Sequence[Segment]:
-    """What the multi-tensor and reference passes take: the segments themselves."""
-    return segments
-
-
-def _winning(update: Callable[..., None]) -> Callable[..., None]:
-    """``update`` (over a list of segments) applied to the chosen segments only."""
-
-    def update_chosen(
-        segments: Sequence[Segment], chosen: torch.Tensor, *, beta1: float, beta2: float, eps: float
-    ) -> None:
-        update(
-            list(itertools.compress(segments, chosen.tolist())), beta1=beta1, beta2=beta2, eps=eps
-        )
-
-    return update_chosen
-
-
-@dataclass(frozen=True)
-class _Implementation:
-    """One way to run the two passes: ``prepare`` reads the segments once (what both passes
-    take), ``moments`` is pass 1, ``update`` is pass 2 over the chosen segments (a bool CPU
-    tensor, one entry per segment)."""
-
-    name: str
-    prepare: Callable[..., object]
-    moments: Callable[..., torch.Tensor]
-    update: Callable[..., None]
-
-
-_IMPLEMENTATIONS = {
-    implementation.name: implementation
-    for implementation in (
-        _Implementation("fused", _kernel_batch, _kernel_moments, _kernel_update),
-        _Implementation("foreach", _segments, _foreach_moments, _winning(_foreach_update)),
-        _Implementation("reference", _segments, _reference_moments, _winning(_reference_update)),
-    )
-}
-IMPLEMENTATIONS = tuple(_IMPLEMENTATIONS)
-"""What `choose_implementation` can return."""

@@ -2,7 +2,7 @@
 
 Expected values come from the contract in docs/design.md (ties go to the lower expert index; the
 step reads one small tensor back to the host), not from the implementation; host reads are
-measured with `molf_ds.host_reads.HostReadCounter`, which sees on the CPU what would be a
+measured with `molf_ds.testing.HostReadCounter`, which sees on the CPU what would be a
 device-to-host synchronisation on a GPU.
 """
 
@@ -16,8 +16,8 @@ from torch.overrides import TorchFunctionMode
 
 import molf_ds
 from molf_ds import cpu_kernel, routed_step
-from molf_ds.host_reads import HostReadCounter, _device_to_host
-from molf_ds.probes import DispatchedOps, TransientMemory
+from molf_ds.testing import DispatchedOps, HostReadCounter, TransientMemory
+from molf_ds.testing.host_reads import _device_to_host
 
 IN, HIDDEN, OUT = 24, 40, 12
 RANKS = (4, 8)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import molf_ds
-from molf_ds.optimizer import RoutingRecord
+from molf_ds.routed_step import RoutingRecord
 from molf_ds.train import plot
 from molf_ds.train.telemetry import (
     METRICS_FILE,

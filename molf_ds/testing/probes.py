@@ -3,7 +3,7 @@ storage it allocates for a while (`TransientMemory`) and the ops it dispatches (
 
 Both are torch dispatch modes: they see every aten op (a ``torch._foreach_*`` call is one op),
 so the memory and the launch count a step would have on an accelerator can be checked by tests
-on a machine without one. `molf_ds.host_reads.HostReadCounter` is their sibling for
+on a machine without one. `molf_ds.testing.HostReadCounter` is their sibling for
 device-to-host reads.
 
     with TransientMemory() as memory, DispatchedOps() as ops:
