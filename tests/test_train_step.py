@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from molf_ds.host_reads import HostReadCounter
+from molf_ds.testing import HostReadCounter
 from molf_ds.train.config import load_config
 from molf_ds.train.distributed import free_port
 from molf_ds.train.recipe import Recipe
