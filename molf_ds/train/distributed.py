@@ -30,6 +30,7 @@ __all__ = [
     "is_main_rank",
     "local_device",
     "mean_over_ranks",
+    "share_cpu_cores",
 ]
 
 # Exit status of a run stopped by SIGUSR1/SIGTERM after checkpointing: EX_TEMPFAIL ("try again"),
@@ -81,6 +82,37 @@ def ensure_launch_env() -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def share_cpu_cores() -> int | None:
+    """Collective on CPU ranks: give each rank an equal share of the cores it shares with the
+    other ranks on its host, as torch's thread count; returns that count (None: left alone).
+
+    Each process's torch otherwise starts one thread per core it may use, so two ranks on two
+    cores run four threads that wait on each other (the main job's profile,
+    docs/performance.md). torchrun sets ``OMP_NUM_THREADS=1`` for the same
+    reason; the deepspeed launcher and mpirun set nothing. An ``OMP_NUM_THREADS`` the user set
+    is kept, and so are GPU ranks (their CPU threads are not the step's bottleneck). Ranks bound
+    to cores of their own (Slurm's ``--cpus-per-task``, numactl) share nothing and keep theirs.
+    """
+    if cuda() or "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = _usable_cores()
+    mine = (socket.gethostname(), cores)
+    everyone = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    sharing = sum(1 for host, theirs in everyone if host == mine[0] and theirs & cores)
+    threads = max(1, len(cores) // sharing)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _usable_cores() -> frozenset[int]:
+    if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may run on
+        return frozenset(os.sched_getaffinity(0))
+    return frozenset(range(os.cpu_count() or 1))
 
 
 def _hostname_address() -> str:

@@ -49,6 +49,7 @@ from molf_ds.train.distributed import (
     ensure_launch_env,
     is_main_rank,
     mean_over_ranks,
+    share_cpu_cores,
 )
 from molf_ds.train.evaluate import evaluate_merged
 from molf_ds.train.methods import METHODS
@@ -129,6 +130,7 @@ class Recipe:
         console.quiet_dependencies(cfg.log_level)  # (imports DeepSpeed: after the cheap check)
         ensure_launch_env()  # rank variables for whatever launched this process
         init_distributed(collective_timeout_s=cfg.collective_timeout_s)
+        share_cpu_cores()  # CPU ranks on one host: no more torch threads than cores
         agree(storage.writable_problem(self.output_dir))
         self.derived, ds_config = self._setup_derived(
             int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
