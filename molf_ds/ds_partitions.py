@@ -1,4 +1,6 @@
-"""The one module that reads DeepSpeed internals (written against DeepSpeed 0.19.8).
+"""The one module that reads DeepSpeed internals (written against DeepSpeed 0.19.8). Why the
+integration needs each, and what it relies on DeepSpeed to do: docs/design.md, "DeepSpeed
+behaviours the integration relies on".
 
 Everything else in molf_ds, and the test and benchmark workers, use DeepSpeed's public API
 (``deepspeed.initialize``, the engine's methods, ``deepspeed.utils.safe_get_*``,

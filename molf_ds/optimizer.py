@@ -42,7 +42,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         score: ``"epd"`` (expected parameter displacement) or ``"pfn"`` (normalised update norm).
         fused, foreach: the implementation, read as torch's AdamW reads them: ``fused=True``
             requires the fused CPU kernel (contiguous float32 CPU tensors), ``foreach=True`` the
-            multi-tensor path (``torch._foreach_*`` ops, a constant number per step whatever the
+            multi-tensor path (``torch._foreach_*`` ops whose number does not grow with the
             number of parameters: the path for accelerators), both ``False`` the per-tensor
             reference. Left at ``None``: the kernel where it can run, else multi-tensor.
 

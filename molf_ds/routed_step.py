@@ -1,9 +1,9 @@
 """The routed AdamW step, written once over *segments*.
 
 A segment is a contiguous 1-D view of parameter, gradient and moment storage, tagged with the
-``(module, expert)`` it belongs to. The same function serves every memory layout: one segment per
-parameter in a single process, per-parameter slices of a flat ZeRO partition, CPU-offloaded
-partitions. It imports torch only; a cross-rank reduction reaches it as ``reduce_scores``.
+``(module, expert)`` it belongs to; this module cannot tell which memory layout it came from
+(docs/design.md, "Segments: one step for every memory layout"). It imports torch only; a
+cross-rank reduction reaches it as ``reduce_scores``.
 
 Algorithm (one call = one optimizer step; ``t`` is each segment's step count, already advanced)::
 
@@ -34,7 +34,8 @@ OpenMP passes over host memory, `molf_ds.cpu_kernel`); `_multi_tensor_routed_ada
 ``torch._foreach_*`` ops over lists of segments grouped by device and dtype, in chunks of bounded
 size, so the number of ops a step dispatches does not grow with the number of segments (what
 matters on an accelerator); and `_single_tensor_routed_adamw`, tensor ops per segment, the
-readable reference the other two are tested against.
+readable reference the other two are tested against (docs/design.md, "Three implementations
+behind one dispatcher").
 
 The only device-to-host read is, once per step, whether each segment's expert won (a bool per
 segment, gathered on the device from the ``[modules x experts]`` winners; measured with

@@ -1,5 +1,6 @@
-"""Process-level helpers shared by every multi-rank entry point (molf-train, test and bench
-workers)."""
+"""Process-level helpers shared by every multi-rank entry point (molf-train, the examples, the
+test and bench workers): `is_main_rank`, the one rank-0 check, and the exit sequence
+(`shutdown`, `run_then_exit`; why: docs/design.md, "The exit sequence")."""
 
 from __future__ import annotations
 
