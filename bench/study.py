@@ -1,7 +1,7 @@
 """A CPU-scale study: FFT vs LoRA vs AdaLoRA vs MoLF vs MoLF-Efficient on fact editing and SQL.
 
-    .venv/bin/python bench/study.py                 # the study: 3 seeds (see docs/results.md)
-    .venv/bin/python bench/study.py --smoke --out /tmp/study   # 1-2 min: does everything run?
+    .venv/bin/python -m bench.study                 # the study: 3 seeds (see docs/results.md)
+    .venv/bin/python -m bench.study --smoke --out /tmp/study   # 1-2 min: does everything run?
 
 Stages, all in this one command:
 
@@ -42,11 +42,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from anywhere: the repository's molf_ds
-    sys.path.insert(0, str(REPO))
-
-from study_data import (  # noqa: E402
+from bench.study_data import (
     FactSplits,
     SqlSplits,
     fact_sentences,
@@ -56,7 +52,7 @@ from study_data import (  # noqa: E402
     sql_documents,
     sql_splits,
 )
-from study_report import (  # noqa: E402
+from bench.study_report import (
     METHODS,
     TASK_METRICS,
     choose_option,
@@ -70,9 +66,11 @@ from study_report import (  # noqa: E402
     task_scores,
     write_report,
 )
+from molf_ds.errors import MoLFError, OneLineArgumentParser
+from molf_ds.train.distributed import free_port
 
-from molf_ds.errors import MoLFError, OneLineArgumentParser  # noqa: E402
-from molf_ds.train.distributed import free_port  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+PROG = "python -m bench.study"
 
 # Bump when the corpus, the world or the pretraining loop change: the cache key includes it.
 CORPUS_VERSION = 1
@@ -690,7 +688,7 @@ def _process_age_s() -> float:
 
 def parse_args(argv: list[str] | None):
     parser = OneLineArgumentParser(
-        prog="bench/study.py",
+        prog=PROG,
         description="FFT vs LoRA vs AdaLoRA vs MoLF vs MoLF-Efficient on fact editing and SQL, "
         "from a pretrained tiny model; writes results.md, a routing figure and a JSON line.",
     )
@@ -735,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         sql = sql_splits(settings.sql_train, settings.sql_val, settings.sql_test)
         model_dir, pre = pretrained_model(settings, sql, facts.known, Path(args.cache), log)
     except MoLFError as err:
-        print(f"bench/study.py: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
     log(
         f"knowledge check: true object preferred for {100 * pre['known']['efficacy']:.1f} % of "
@@ -753,9 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     curves = routing_curves(runs, summary)
     figure = plot_routing(curves, settings, out / "results_routing.png")
     report = {
-        "command": " ".join(
-            ["python bench/study.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
+        "command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])]),
         "wall_s": time.perf_counter() - started,
         # every process's CPU time: this one's and its joined children's (pretraining ranks,
         # fine-tuning workers); a cached pretraining's is in "pretraining"

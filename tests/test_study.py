@@ -10,7 +10,6 @@ scores are set by hand; the optimizer-state measure against AdamW's known layout
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import study, study_data, study_report
+from molf_ds.train import sql_task, tasks
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-import study  # noqa: E402
-import study_data  # noqa: E402
-import study_report  # noqa: E402
-
-from molf_ds.train import sql_task, tasks  # noqa: E402
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -199,11 +194,11 @@ def test_bad_option_is_one_line(capsys):
 
 @pytest.mark.slow
 def test_smoke_study_writes_a_report_that_matches_its_json(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(
         [
             sys.executable,
-            str(REPO / "bench" / "study.py"),
+            "-m",
+            "bench.study",
             "--smoke",
             "--out",
             str(tmp_path / "docs"),
@@ -212,8 +207,7 @@ def test_smoke_study_writes_a_report_that_matches_its_json(tmp_path):
         ],
         capture_output=True,
         text=True,
-        cwd=REPO,
-        env=env,
+        cwd=REPO,  # `-m bench.study`: this repository's bench and molf_ds
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
