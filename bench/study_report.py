@@ -196,13 +196,14 @@ def _rows(module_names: list[str], projections: tuple[str, ...]) -> list[int]:
 
 
 def _share_curve(routed: list[dict], rows: list[int], expert: int) -> list[float]:
-    """Per step, the share of (run, module in ``rows``) pairs whose winner was ``expert``."""
-    steps = len(routed[0]["winners"])
-    return [
-        sum(r["winners"][step][i] == expert for r in routed for i in rows)
-        / (len(routed) * len(rows))
-        for step in range(steps)
-    ]
+    """Per step, the share of (run, module in ``rows``) pairs whose winner was ``expert``, over
+    the runs that applied the step (a skipped step has no winners: None; NaN if none did)."""
+    curve = []
+    for step in range(len(routed[0]["winners"])):
+        applied = [r["winners"][step] for r in routed if r["winners"][step] is not None]
+        won = sum(winners[i] == expert for winners in applied for i in rows)
+        curve.append(won / (len(applied) * len(rows)) if applied else math.nan)
+    return curve
 
 
 def plot_routing(curves: dict, settings: StudySettings, path: Path) -> Path:

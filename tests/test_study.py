@@ -181,6 +181,11 @@ def test_routing_curves_count_the_tracked_expert_per_layer_type_and_step():
     assert curve["by_type"]["attention"] == [1.0, 0.25]
     assert curve["by_type"]["mlp"] == [0.0, 0.0]
     assert curve["by_projection"]["q_proj"] == [1.0, 1.0]
+    # a second seed skipped step 1 (non-finite): that step's shares are the first seed's alone
+    skipped = {**routing, "winners": [[1] * 7, None]}
+    runs.append({**_run("sql", "molf", 0, 1, 0.5, 0.5), "routing": skipped})
+    curve = study_report.routing_curves(runs, summary)["sql"]["molf"]
+    assert curve["by_type"]["attention"] == [0.5, 0.25]
 
 
 # ---- the command -------------------------------------------------------------------------------
