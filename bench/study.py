@@ -56,7 +56,7 @@ from bench.study_data import (
     sql_splits,
 )
 from bench.study_report import (
-    METHODS,
+    COMPARED_MODES,
     TASK_METRICS,
     choose_option,
     claims,
@@ -531,13 +531,14 @@ class GridSearch:
         return [
             Job(task, method, option, self.first_seed)
             for task in sorted(TASK_METRICS, key=lambda t: t != "sql")
-            for method in METHODS
+            for method in COMPARED_MODES
             for option in range(len(s.grids[method]))
         ]
 
     def total(self) -> int:
         s = self.settings
-        per_seed = sum(len(s.grids[m]) for m in METHODS) + len(METHODS) * (len(s.seeds) - 1)
+        modes = COMPARED_MODES
+        per_seed = sum(len(s.grids[m]) for m in modes) + len(modes) * (len(s.seeds) - 1)
         return len(TASK_METRICS) * per_seed
 
     def follow_up(self, result: dict) -> list[Job]:
@@ -772,12 +773,14 @@ def main(argv: list[str] | None = None) -> int:
     finetune_started = time.perf_counter()
     runs = finetune(search, model_dir, settings, data, workers, log)
     finetune_wall = time.perf_counter() - finetune_started
-    summary = summarize(runs, settings)
+    plain_settings = asdict(settings)  # as the report's JSON holds them
+    summary = summarize(runs, plain_settings)
     out = Path(args.out)
     curves = routing_curves(runs, summary)
-    figure = plot_routing(curves, settings, out / "results_routing.png")
+    figure = plot_routing(curves, plain_settings, out / "results_routing.png")
     report = {
         "command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])]),
+        "settings": plain_settings,  # all the report reads of them: it never imports the study
         "wall_s": time.perf_counter() - started,
         # every process's CPU time: this one's and its joined children's (pretraining ranks,
         # fine-tuning workers); a cached pretraining's is in "pretraining"
@@ -796,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
         "routing_figure": figure.name,
         "runs": [{k: v for k, v in r.items() if k != "routing"} for r in runs],
     }
-    path = write_report(report, settings, out)
+    path = write_report(report, out)
     log(f"wrote {path} and {figure}")
     print(json.dumps(json_summary(report, path, figure)))
     return 0
