@@ -1,6 +1,6 @@
 """Examples/s of each task's batched evaluation against one example at a time.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/eval_throughput.py [--examples 32] [--batch-size 16]
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.eval_throughput [--examples 32] [--batch-size 16]
 
 The main job's model (tiny-qwen2, untrained: the SQL task's greedy generation then runs to its
 budget of 128 new tokens, the worst case) evaluates ``--examples`` records of each task — the

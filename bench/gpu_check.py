@@ -49,7 +49,6 @@ from pathlib import Path
 from molf_ds.train.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "bench"
 ZERO_CASES = "z2,z3,z2_offload,z3_offload_param,fft_z2,fft_z2_offload"
 GPU_PRESETS = ["tiny-qwen2", "random-qwen2.5-0.5b", "random-qwen2.5-3b"]
 PAIR_LIMIT_S = 120  # a model's fft + molf runs: the "2-minute budget"
@@ -188,9 +187,7 @@ def ds_ops(checks: Checks, ops: subprocess.Popen, limit_s: float) -> None:
 
 
 def exactness(checks: Checks) -> None:
-    done = checks.run(
-        [sys.executable, str(BENCH / "gpu_exactness.py"), "--device", checks.device], 120
-    )
+    done = checks.run([sys.executable, "-m", "bench.gpu_exactness", "--device", checks.device], 120)
     for line in done["lines"]:
         checks.emit(line)
     if done["rc"] != 0 or not done["lines"]:
@@ -240,7 +237,8 @@ def optimizer_step(checks: Checks) -> None:
     size = (small if checks.dry_run else large).split()
     command = [
         sys.executable,
-        str(BENCH / "optimizer_step.py"),
+        "-m",
+        "bench.optimizer_step",
         "--device",
         checks.device,
         *size,
@@ -284,7 +282,8 @@ def train(checks: Checks, presets: list[str], steps: dict[str, int], micro: int)
         for mode in ("fft", "molf"):
             command = [
                 sys.executable,
-                str(BENCH / "train_loop.py"),
+                "-m",
+                "bench.train_loop",
                 f"model={model}",
                 f"mode={mode}",
                 f"max_steps={steps[model]}",

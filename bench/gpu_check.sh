@@ -39,4 +39,4 @@ else
   echo "no wheels in $WHEELS: using the python's own packages" >&2
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-exec "$PY" bench/gpu_check.py --setup-s "$((SECONDS - started))" "$@"
+exec "$PY" -m bench.gpu_check --setup-s "$((SECONDS - started))" "$@"

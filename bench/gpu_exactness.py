@@ -1,8 +1,8 @@
 """`MoLFAdamW` on a device against the float64 CPU reference of tests/test_optimizer_exactness.py;
 one JSON line per implementation.
 
-    python bench/gpu_exactness.py --device cuda    # foreach and reference on the GPU, fused on CPU
-    python bench/gpu_exactness.py --device cpu     # all three on the CPU
+    python -m bench.gpu_exactness --device cuda    # foreach and reference on the GPU, fused on CPU
+    python -m bench.gpu_exactness --device cpu     # all three on the CPU
 
 Every case of the test file (``CASES``: EPD and PFN scores, top-1 and top-2, weight decay,
 MoLF-Efficient, clipped gradients, a module without gradient in some steps) trains its tiny model
@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import molf_ds  # noqa: E402
-from tests.test_optimizer_exactness import (  # noqa: E402
+import molf_ds
+from tests.test_optimizer_exactness import (
     CASES,
     PARAM_ATOL,
     PARAM_RTOL,

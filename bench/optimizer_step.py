@@ -1,8 +1,8 @@
 """Median `MoLFAdamW.step()` time against torch's fused and foreach AdamW; prints one JSON line.
 
-    .venv/bin/python bench/optimizer_step.py            # the default model (~46M routed params)
-    .venv/bin/python bench/optimizer_step.py --layers 2 --repeats 5   # a quick look
-    python3 bench/optimizer_step.py --device cuda --layers 20 --hidden 2048 --mlp 5632 \
+    .venv/bin/python -m bench.optimizer_step            # the default model (~46M routed params)
+    .venv/bin/python -m bench.optimizer_step --layers 2 --repeats 5   # a quick look
+    python3 -m bench.optimizer_step --device cuda --layers 20 --hidden 2048 --mlp 5632 \
         --kernels --targets 1.5,1.0                     # ~1.1B parameters on a GPU (gpu_check.sh)
 
 Model (the defaults): a Qwen2ForCausalLM of 12 decoder layers (hidden 512, MLP 1408, 8 heads,

@@ -1,7 +1,7 @@
 """A CPU-scale study: FFT vs LoRA vs AdaLoRA vs MoLF vs MoLF-Efficient on fact editing and SQL.
 
-    .venv/bin/python bench/study.py                 # the study: 3 seeds (see docs/results.md)
-    .venv/bin/python bench/study.py --smoke --out /tmp/study   # 1-2 min: does everything run?
+    .venv/bin/python -m bench.study                 # the study: 3 seeds (see docs/results.md)
+    .venv/bin/python -m bench.study --smoke --out /tmp/study   # 1-2 min: does everything run?
 
 Stages, all in this one command:
 
@@ -16,19 +16,21 @@ Stages, all in this one command:
 2. **Fine-tuning**: each method on (a) counterfactual fact editing in CounterFact's schema
    (known facts rewritten to another object; ``tasks.get("fact")``: efficacy on the edit prompt,
    paraphrase on the other phrasings, plus the share of untouched facts kept) and (b) the
-   text-to-SQL task (``tasks.get("sql")``, the embedded generator, exact match). Models and
-   optimizers come from molf-train's own table (``methods.METHODS``: PEFT LoRA/AdaLoRA,
-   ``molf_ds.wrap`` + ``MoLFAdamW``), each run on a single-process DeepSpeed engine
-   (``ds_config=zero0``: the builders hand back an engine, and AdaLoRA's hook reads it) in one
-   of two worker processes, with molf-train's loop (forward, backward, the method's
-   after-backward hook, step). Each method's learning-rate grid runs with the first seed; the
-   option best on the validation split then runs with the other seeds, and the test split
-   reports it over all of them.
+   text-to-SQL task (``tasks.get("sql")``, the embedded generator, exact match). Each run is
+   molf-train's own `Recipe`, in one of two worker processes: its set-up (the DeepSpeed config
+   filled, the model and optimizer built by ``methods.METHODS``: PEFT LoRA/AdaLoRA,
+   ``molf_ds.wrap`` + ``MoLFAdamW``; one rank, ``ds_config=zero0``, since AdaLoRA's hook reads
+   whole gradients) from the pretrained model's directory and the task's training records as a
+   ``data=`` file, then `Recipe.train_step` for every step (gradient accumulation, the method's
+   after-backward hook, non-finite steps skipped), as molf-train's loop calls it; the trained
+   model is scored in the worker, without molf-train's exports. Each method's learning-rate grid
+   runs with the first seed; the option best on the validation split then runs with the other
+   seeds, and the test split reports it over all of them.
 3. **Report**: ``docs/results.md`` (tables, the paper's two claims checked, optimizer-state
    memory, routing dynamics, chosen learning rates, wall time, the command), the routing figure
    ``docs/results_routing.png``, and one JSON summary line on stdout (progress goes to stderr).
 
-The data are built in ``study_data.py``, the numbers and the report in ``study_report.py``.
+The data are built in `bench.study_data`, the numbers and the report in `bench.study_report`.
 """
 
 from __future__ import annotations
@@ -41,12 +43,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from anywhere: the repository's molf_ds
-    sys.path.insert(0, str(REPO))
-
-from study_data import (  # noqa: E402
+from bench.study_data import (
     FactSplits,
     SqlSplits,
     fact_sentences,
@@ -56,8 +55,8 @@ from study_data import (  # noqa: E402
     sql_documents,
     sql_splits,
 )
-from study_report import (  # noqa: E402
-    METHODS,
+from bench.study_report import (
+    COMPARED_MODES,
     TASK_METRICS,
     choose_option,
     claims,
@@ -70,9 +69,15 @@ from study_report import (  # noqa: E402
     task_scores,
     write_report,
 )
+from molf_ds.errors import MoLFError, OneLineArgumentParser
+from molf_ds.train.distributed import free_port
 
-from molf_ds.errors import MoLFError, OneLineArgumentParser  # noqa: E402
-from molf_ds.train.distributed import free_port  # noqa: E402
+if TYPE_CHECKING:
+    from molf_ds.train.config import TrainConfig
+    from molf_ds.train.recipe import Recipe
+
+REPO = Path(__file__).resolve().parents[1]
+PROG = "python -m bench.study"
 
 # Bump when the corpus, the world or the pretraining loop change: the cache key includes it.
 CORPUS_VERSION = 1
@@ -293,6 +298,7 @@ class TaskData:
 
     train: list[dict]
     evals: dict[str, list[dict]]  # split name -> records
+    train_file: Path | None = None  # ``train`` as the file molf-train reads (``data=``)
 
 
 def task_data(facts: FactSplits, sql: SqlSplits) -> dict[str, TaskData]:
@@ -312,120 +318,132 @@ def task_data(facts: FactSplits, sql: SqlSplits) -> dict[str, TaskData]:
     }
 
 
+def write_training_files(data: dict[str, TaskData], folder: Path) -> dict[str, TaskData]:
+    """``data`` with each task's training records written to ``folder/<task>.jsonl``: molf-train
+    reads its training data from a file, as a user's run does."""
+    out = {}
+    for name, task in data.items():
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(record) + "\n" for record in task.train))
+        out[name] = replace(task, train_file=path)
+    return out
+
+
 class Worker:
-    """One process's fine-tuning state: the pretrained model (copied for every run), the
-    tokenizer, the tokenized training sets, and the process group DeepSpeed needs (one rank)."""
+    """One process's fine-tuning runs: each is molf-train's own `Recipe` (its set-up, then
+    `Recipe.train_step` for every step), on the pretrained model's directory and the task's
+    training records written as a file (``data=``), in an output directory of its own that goes
+    once the run is scored."""
 
     def __init__(self, model_dir: str, settings: StudySettings, data: dict[str, TaskData]):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from molf_ds.train import data as train_data
-        from molf_ds.train import tasks
 
         _quiet_dependencies()
         torch.set_num_threads(1)  # see `main`: one thread per process
-        _start_single_rank_group()
+        self.model_dir = model_dir
         self.settings = settings
         self.data = data
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        self.train_examples = {
-            name: train_data.tokenize(tasks.get(name).to_examples(d.train), self.tokenizer, 256)
-            for name, d in data.items()
-        }
 
-    def run(self, job: Job) -> dict:
-        """Fine-tune a copy of the pretrained model as molf-train would, then evaluate it."""
-        import copy
-
-        import torch
-
-        from molf_ds.train import methods, tasks
+    def config(self, job: Job, output_dir: Path) -> TrainConfig:
+        """The molf-train options of ``job``: the study's settings, zero0 (the builders hand
+        back an engine, AdaLoRA's hook reads it), all of ``data`` for training (the study
+        scores its own splits, not a held-out share)."""
         from molf_ds.train.config import TrainConfig
-        from molf_ds.zero import fill_auto
 
         s = self.settings
-        steps = s.fact_steps if job.task == "fact" else s.sql_steps
-        options = s.grids[job.method][job.option]
-        cfg = TrainConfig(
+        return TrainConfig(
+            output_dir=str(output_dir),
+            model=self.model_dir,
+            task=job.task,
+            data=str(self.data[job.task].train_file),
+            eval_fraction=0.0,
+            max_length=MAX_LENGTH,
             mode=job.method,
             lora_ranks=s.ranks[job.method],
-            max_steps=steps,
+            max_steps=s.fact_steps if job.task == "fact" else s.sql_steps,
             warmup_steps=s.warmup_steps,
             micro_batch_size=s.batch_size,
             ds_config="zero0",
             seed=job.seed,
-            **options,
+            **s.grids[job.method][job.option],
         )
-        method = methods.METHODS[job.method]
-        torch.manual_seed(job.seed)  # the LoRA factors' initialisation
-        model = method.build_model(cfg, copy.deepcopy(self.base))
-        ds_config = fill_auto(
-            cfg.ds_config,  # a shipped name: fill_auto finds it
-            micro_batch_size=cfg.micro_batch_size,
-            gradient_accumulation_steps=1,
-            world_size=1,
-            gradient_clipping=cfg.gradient_clipping,
-            bf16=False,
-        )
-        engine, optimizer = method.build_engine(cfg, model, ds_config, 0)
-        started = time.perf_counter()
-        losses, winners, state_bytes = self._train(job, cfg, method, model, engine, optimizer)
-        train_s = time.perf_counter() - started
-        model.eval()
-        task = tasks.get(job.task)
-        started = time.perf_counter()
-        metrics = evaluate(task, model, self.tokenizer, self.data[job.task], s.eval_batch_size)
+
+    def run(self, job: Job) -> dict:
+        """Fine-tune the pretrained model as molf-train does, then evaluate it."""
+        import tempfile
+
+        from molf_ds.train import tasks
+        from molf_ds.train.recipe import Recipe
+
+        with tempfile.TemporaryDirectory(prefix="study-run-") as scratch:
+            recipe = Recipe(self.config(job, Path(scratch) / "run"))
+            try:
+                recipe.setup()
+                started = time.perf_counter()
+                trace = run_steps(recipe)
+                train_s = time.perf_counter() - started
+                model = recipe.model.eval()
+                started = time.perf_counter()
+                task, evals = tasks.get(job.task), self.data[job.task]
+                metrics = evaluate(
+                    task, model, recipe.tokenizer, evals, self.settings.eval_batch_size
+                )
+                eval_s = time.perf_counter() - started
+            finally:
+                recipe.cleanup()
+        losses = [loss for loss in trace.losses if loss is not None]
         result = {
             **asdict(job),
-            "options": options,
+            "options": self.settings.grids[job.method][job.option],
             "metrics": metrics,
             "scores": task_scores(job.task, metrics),
-            "final_loss": sum(losses[-5:]) / len(losses[-5:]),
+            "final_loss": sum(losses[-5:]) / max(1, len(losses[-5:])),
+            "skipped_steps": len(trace.losses) - len(losses),
             "train_s": train_s,
-            "eval_s": time.perf_counter() - started,
+            "eval_s": eval_s,
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             # the most the method kept beside the weights at any step (AdaLoRA frees its
             # sensitivity averages once the ranks are final)
-            "state_bytes": max(state_bytes),
+            "state_bytes": max(trace.state_bytes),
         }
-        if method.routed:
+        if recipe.method.routed:
+            plan = recipe.optimizer.plan
             result["routing"] = {
-                "module_names": list(optimizer.plan.module_names),
-                "expert_names": list(optimizer.plan.expert_names),
-                "winners": winners,  # [step][module] -> index of the (top-1) winning expert
+                "module_names": list(plan.module_names),
+                "expert_names": list(plan.expert_names),
+                # [step][module] -> index of the (top-1) winning expert; None: a skipped step
+                "winners": trace.winners,
             }
         return result
 
-    def _train(self, job, cfg, method, model, engine, optimizer):
-        """molf-train's loop on one rank: forward, backward, the method's hook, step."""
-        from molf_ds.train import data
 
-        examples = self.train_examples[job.task]
-        per_epoch = data.num_batches(examples, micro_batch_size=cfg.micro_batch_size)
-        losses, winners, state_bytes = [], [], []
-        engine.train()
-        for step in range(cfg.max_steps):
-            epoch, index = divmod(step, per_epoch)
-            if index == 0:
-                stream = data.batches(
-                    examples,
-                    micro_batch_size=cfg.micro_batch_size,
-                    pad_id=self.tokenizer.pad_token_id,
-                    seed=cfg.seed,
-                    epoch=epoch,
-                )
-            batch = next(stream)
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            method.after_backward(model, engine, step)
-            engine.step()
-            losses.append(float(loss.detach()))
-            state_bytes.append(optimizer_state_bytes(optimizer) + rank_allocator_bytes(model))
-            if method.routed:
-                winners.append(optimizer.last_routing.winners.float().argmax(dim=1).tolist())
-        return losses, winners, state_bytes
+@dataclass
+class Trace:
+    """What the study keeps of each step of a run (None where the step was skipped)."""
+
+    losses: list[float | None] = field(default_factory=list)
+    winners: list[list[int] | None] = field(default_factory=list)  # routed methods only
+    state_bytes: list[int] = field(default_factory=list)
+
+
+def run_steps(recipe: Recipe) -> Trace:
+    """Every step of a set-up `Recipe`, by its own `Recipe.train_step` (gradient accumulation,
+    the method's hook, skipping of non-finite steps), on its own micro-batches; the loss, the
+    routing and the optimizer state read back after each."""
+    trace = Trace()
+    stream = recipe.micro_batches(0)
+    recipe.engine.train()
+    for step in range(recipe.config.max_steps):
+        metrics = recipe.train_step(stream, step)
+        loss = sum(float(x) for x in metrics.losses) / len(metrics.losses)
+        trace.losses.append(loss if metrics.applied else None)
+        trace.state_bytes.append(
+            optimizer_state_bytes(recipe.optimizer) + rank_allocator_bytes(recipe.model)
+        )
+        if recipe.method.routed:
+            winners = recipe.optimizer.last_routing.winners.float().argmax(dim=1).tolist()
+            trace.winners.append(winners if metrics.applied else None)
+    return trace
 
 
 def evaluate(task, model, tokenizer, data: TaskData, batch_size: int) -> dict[str, dict]:
@@ -462,15 +480,6 @@ def rank_allocator_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for b in buffers for t in b.values())
 
 
-def _start_single_rank_group() -> None:
-    """A one-rank process group (gloo), as `deepspeed.initialize` needs, on a free port."""
-    from molf_ds.zero import init_distributed
-
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    os.environ["MASTER_PORT"] = str(free_port())
-    init_distributed()
-
-
 def _quiet_dependencies() -> None:
     """DeepSpeed's INFO lines and known deprecation warnings would bury the study's output."""
     import logging
@@ -486,6 +495,7 @@ def _quiet_dependencies() -> None:
     transformers_logging.set_verbosity_error()  # (generation-length reminders)
     transformers_logging.disable_progress_bar()  # (weight loading and saving)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # (reading the data files)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # (read when deepspeed is first imported)
 
 
@@ -521,13 +531,14 @@ class GridSearch:
         return [
             Job(task, method, option, self.first_seed)
             for task in sorted(TASK_METRICS, key=lambda t: t != "sql")
-            for method in METHODS
+            for method in COMPARED_MODES
             for option in range(len(s.grids[method]))
         ]
 
     def total(self) -> int:
         s = self.settings
-        per_seed = sum(len(s.grids[m]) for m in METHODS) + len(METHODS) * (len(s.seeds) - 1)
+        modes = COMPARED_MODES
+        per_seed = sum(len(s.grids[m]) for m in modes) + len(modes) * (len(s.seeds) - 1)
         return len(TASK_METRICS) * per_seed
 
     def follow_up(self, result: dict) -> list[Job]:
@@ -589,21 +600,35 @@ def run_jobs(search: GridSearch, model_dir: Path, settings, data, workers: int, 
     return done
 
 
+def finetune(search: GridSearch, model_dir: Path, settings, data, workers: int, log) -> list[dict]:
+    """`run_jobs` on the tasks' training records written to a scratch folder, which also holds
+    the datasets cache of reading them: the study leaves nothing behind."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="molf-study-") as scratch:
+        # read when the workers first import datasets (this process has not)
+        os.environ["HF_DATASETS_CACHE"] = str(Path(scratch) / "datasets")
+        files = write_training_files(data, Path(scratch))
+        return run_jobs(search, model_dir, settings, files, workers, log)
+
+
 def _describe(result: dict) -> str:
     scores = ", ".join(
         f"{split} {name} {value:.2f}"
         for split, values in result["scores"].items()
         for name, value in values.items()
     )
+    skipped = f", {result['skipped_steps']} steps skipped" if result["skipped_steps"] else ""
     return (
         f"{result['task']} {result['method']} {options_label(result['options'])} seed "
-        f"{result['seed']}: {scores} ({result['train_s']:.0f}+{result['eval_s']:.0f} s)"
+        f"{result['seed']}: {scores} ({result['train_s']:.0f}+{result['eval_s']:.0f} s{skipped})"
     )
 
 
 # Evaluator options per task: the embedded SQL task's answers are at most 80 bytes (+ eos), and
 # the tiny model's 256 positions must hold prompt and generation.
 EVAL_OPTIONS = {"fact": {}, "sql": {"max_new_tokens": 96}}
+MAX_LENGTH = 256  # tokens per training example: the tiny model's positions
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -690,7 +715,7 @@ def _process_age_s() -> float:
 
 def parse_args(argv: list[str] | None):
     parser = OneLineArgumentParser(
-        prog="bench/study.py",
+        prog=PROG,
         description="FFT vs LoRA vs AdaLoRA vs MoLF vs MoLF-Efficient on fact editing and SQL, "
         "from a pretrained tiny model; writes results.md, a routing figure and a JSON line.",
     )
@@ -735,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
         sql = sql_splits(settings.sql_train, settings.sql_val, settings.sql_test)
         model_dir, pre = pretrained_model(settings, sql, facts.known, Path(args.cache), log)
     except MoLFError as err:
-        print(f"bench/study.py: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
     log(
         f"knowledge check: true object preferred for {100 * pre['known']['efficacy']:.1f} % of "
@@ -746,16 +771,16 @@ def main(argv: list[str] | None = None) -> int:
     search = GridSearch(settings)
     log(f"{search.total()} fine-tuning runs on {workers} processes")
     finetune_started = time.perf_counter()
-    runs = run_jobs(search, model_dir, settings, data, workers, log)
+    runs = finetune(search, model_dir, settings, data, workers, log)
     finetune_wall = time.perf_counter() - finetune_started
-    summary = summarize(runs, settings)
+    plain_settings = asdict(settings)  # as the report's JSON holds them
+    summary = summarize(runs, plain_settings)
     out = Path(args.out)
     curves = routing_curves(runs, summary)
-    figure = plot_routing(curves, settings, out / "results_routing.png")
+    figure = plot_routing(curves, plain_settings, out / "results_routing.png")
     report = {
-        "command": " ".join(
-            ["python bench/study.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
+        "command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])]),
+        "settings": plain_settings,  # all the report reads of them: it never imports the study
         "wall_s": time.perf_counter() - started,
         # every process's CPU time: this one's and its joined children's (pretraining ranks,
         # fine-tuning workers); a cached pretraining's is in "pretraining"
@@ -774,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
         "routing_figure": figure.name,
         "runs": [{k: v for k, v in r.items() if k != "routing"} for r in runs],
     }
-    path = write_report(report, settings, out)
+    path = write_report(report, out)
     log(f"wrote {path} and {figure}")
     print(json.dumps(json_summary(report, path, figure)))
     return 0

@@ -2,23 +2,21 @@
 chosen on validation, test means and spreads, the paper's two claims checked, optimizer-state
 memory, routing curves and their figure, and ``results.md``.
 
-Works on plain data (the runs' result dicts and the settings), so it can be read and tested apart
-from the training.
+Works on plain data, the runs' result dicts and the settings as the report's JSON holds them
+(``report["settings"]``, `bench.study.StudySettings` as a dict), so it can be read and tested
+apart from the training, and never imports the study.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from study_data import RELATIONS
+from bench.study_data import RELATIONS
+from molf_ds.train.methods import METHODS
 
-if TYPE_CHECKING:
-    from study import StudySettings
-
-# The methods, in the order of every table.
-METHODS = ("fft", "lora", "adalora", "molf", "molf-efficient")
+# The modes compared: every mode of molf-train's table, in its order (every table's rows).
+COMPARED_MODES = tuple(METHODS)
 
 
 def options_label(options: dict) -> str:
@@ -70,18 +68,18 @@ def choose_option(val_scores: list[float]) -> int:
     return max(range(len(val_scores)), key=lambda i: (val_scores[i], -i))
 
 
-def summarize(runs: list[dict], settings: StudySettings) -> dict:
+def summarize(runs: list[dict], settings: dict) -> dict:
     """Per task and method: the option chosen on validation with the first seed (as the study
     chose it, `choose_option`), and that option's test metrics over every seed."""
     summary: dict = {}
-    first_seed = settings.seeds[0]
+    first_seed = settings["seeds"][0]
     for task, metrics in TASK_METRICS.items():
         summary[task] = {}
-        for method in METHODS:
+        for method in COMPARED_MODES:
             mine = [r for r in runs if r["task"] == task and r["method"] == method]
             if not mine:
                 continue
-            options = settings.grids[method]
+            options = settings["grids"][method]
             grid = {r["option"]: r for r in mine if r["seed"] == first_seed}
             val = [grid[i]["scores"]["val"][metrics[0]] for i in range(len(options))]
             chosen = choose_option(val)
@@ -125,7 +123,7 @@ def claims(summary: dict) -> dict:
     """The paper's two claims, checked on every metric of every task."""
     within, beats = [], []
     for task, metrics in TASK_METRICS.items():
-        if not all(m in summary[task] for m in METHODS):
+        if not all(m in summary[task] for m in COMPARED_MODES):
             continue
         for metric in metrics:
             row = compare(summary, task, metric, "molf", ["fft", "lora"])
@@ -141,7 +139,7 @@ def claims(summary: dict) -> dict:
 def memory_table(runs: list[dict]) -> dict:
     """Per method: trainable parameters and the most optimizer state measured in any run."""
     table = {}
-    for method in METHODS:
+    for method in COMPARED_MODES:
         mine = [r for r in runs if r["method"] == method]
         if mine:
             table[method] = {
@@ -196,16 +194,17 @@ def _rows(module_names: list[str], projections: tuple[str, ...]) -> list[int]:
 
 
 def _share_curve(routed: list[dict], rows: list[int], expert: int) -> list[float]:
-    """Per step, the share of (run, module in ``rows``) pairs whose winner was ``expert``."""
-    steps = len(routed[0]["winners"])
-    return [
-        sum(r["winners"][step][i] == expert for r in routed for i in rows)
-        / (len(routed) * len(rows))
-        for step in range(steps)
-    ]
+    """Per step, the share of (run, module in ``rows``) pairs whose winner was ``expert``, over
+    the runs that applied the step (a skipped step has no winners: None; NaN if none did)."""
+    curve = []
+    for step in range(len(routed[0]["winners"])):
+        applied = [r["winners"][step] for r in routed if r["winners"][step] is not None]
+        won = sum(winners[i] == expert for winners in applied for i in rows)
+        curve.append(won / (len(applied) * len(rows)) if applied else math.nan)
+    return curve
 
 
-def plot_routing(curves: dict, settings: StudySettings, path: Path) -> Path:
+def plot_routing(curves: dict, settings: dict, path: Path) -> Path:
     """One panel per task and routed method: the share of modules taking the tracked expert's
     update per step, attention vs MLP (thick), each projection (thin)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -231,7 +230,7 @@ def plot_routing(curves: dict, settings: StudySettings, path: Path) -> Path:
                 y = curve["by_type"][layer_type]
                 label = f"{layer_type} ({'/'.join(p.split('_')[0] for p in projections)})"
                 ax.plot(range(1, len(y) + 1), y, color=colours[layer_type], lw=2, label=label)
-            ranks = settings.ranks[method]
+            ranks = settings["ranks"][method]
             tracked = curve["tracked_expert"]
             what = "FFT expert" if tracked == "fft" else f"rank-{max(ranks)} LoRA expert"
             ax.set(
@@ -267,13 +266,14 @@ def _pm(cell: dict) -> str:
     return f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}"
 
 
-def write_report(report: dict, settings: StudySettings, out: Path) -> Path:
+def write_report(report: dict, out: Path) -> Path:
     """``out/results.md`` from the study's report (the same numbers as the JSON summary)."""
-    summary, pre = report["summary"], report["pretraining"]
+    summary, pre, settings = report["summary"], report["pretraining"], report["settings"]
+    pretrain = settings["pretrain"]
     lines = [
         "# Study: FFT vs LoRA vs AdaLoRA vs MoLF vs MoLF-Efficient at CPU scale",
         "",
-        "Generated by `bench/study.py` (do not edit: rerun it). Command:",
+        "Generated by `python -m bench.study` (do not edit: rerun it). Command:",
         "",
         f"    {report['command']}",
         "",
@@ -281,13 +281,13 @@ def write_report(report: dict, settings: StudySettings, out: Path) -> Path:
         "",
         "## Set-up",
         "",
-        f"- **Model**: molf-train's `{settings.pretrain.model}` preset (Qwen2: hidden 64, 4 "
+        f"- **Model**: molf-train's `{pretrain['model']}` preset (Qwen2: hidden 64, 4 "
         f"layers, {pre['parameters']:,} parameters, byte tokenizer), **pretrained** from "
-        f"scratch for {settings.pretrain.steps} steps of {settings.pretrain.batch_size} packed "
-        f"samples of ≤ {settings.pretrain.seq_len} bytes (AdamW, lr "
-        f"{settings.pretrain.lr:g}, cosine; {pre['processes']} data-parallel processes) on a "
+        f"scratch for {pretrain['steps']} steps of {pretrain['batch_size']} packed "
+        f"samples of ≤ {pretrain['seq_len']} bytes (AdamW, lr "
+        f"{pretrain['lr']:g}, cosine; {pre['processes']} data-parallel processes) on a "
         f"generated corpus: {pre['fact_lines']} fact "
-        f"sentences ({pre['facts']} invented facts: {settings.pretrain.subjects} people × "
+        f"sentences ({pre['facts']} invented facts: {pretrain['subjects']} people × "
         f"{len(RELATIONS)} relations — native language, occupation, residence, instrument — each "
         f"in 5 phrasings) and {pre['sql_documents']} SQL documents (a question of the embedded "
         "SQL task as a `--` comment above its statement; the fine-tuning task's validation and "
@@ -304,29 +304,35 @@ def write_report(report: dict, settings: StudySettings, out: Path) -> Path:
             if pre["known"]["efficacy"] >= 0.9
             else "**Too low: the fact-editing results below do not mean much.**"
         ),
-        f"- **fact** (counterfactual editing, CounterFact's schema): {2 * settings.fact_edits} "
-        f"known facts are rewritten to another object of their relation in one fine-tuning run "
-        f"({settings.fact_steps} steps of {settings.batch_size}, training on the edit prompt "
-        f"only); {settings.fact_edits} of the edits are the validation split, "
-        f"{settings.fact_edits} the test split. Metrics: efficacy (the new object beats the "
+        "- **fact** (counterfactual editing, CounterFact's schema): "
+        f"{2 * settings['fact_edits']} known facts are rewritten to another object of their "
+        f"relation in one fine-tuning run ({settings['fact_steps']} steps of "
+        f"{settings['batch_size']}, training on the edit prompt "
+        f"only); {settings['fact_edits']} of the edits are the validation split, "
+        f"{settings['fact_edits']} the test split. Metrics: efficacy (the new object beats the "
         "true one after the edit prompt), paraphrase (the same on the 4 other phrasings, never "
         "trained on), kept (the share of the untouched facts — other people, other relations — "
         "still known; half scored with validation, half with test) and score, their harmonic "
         "mean (CounterFact's summary; the learning rate is chosen by it).",
-        f"- **sql** (the `sql` task's embedded generator, Gretel's schema): {settings.sql_train} "
-        f"training records, {settings.sql_val} validation, {settings.sql_test} test (a fixed "
-        f"split), {settings.sql_steps} steps of {settings.batch_size}; metric: exact match of "
-        "the greedy generation (the `sql` evaluator).",
-        "- **Methods**: built by molf-train's own table (`molf_ds.train.recipe.METHODS`: "
-        "`build_model`, `build_engine`, `after_backward`) on a single-process DeepSpeed engine "
-        "(`ds_config=zero0`, fp32, gradient clipping 1.0, warm-up "
-        f"{settings.warmup_steps} steps then cosine), molf-train's loop. "
-        + "; ".join(f"`{m}`: {_method_shape(m, settings)}" for m in METHODS)
+        "- **sql** (the `sql` task's embedded generator, Gretel's schema): "
+        f"{settings['sql_train']} training records, {settings['sql_val']} validation, "
+        f"{settings['sql_test']} test (a fixed split), {settings['sql_steps']} steps of "
+        f"{settings['batch_size']}; metric: exact match of the greedy generation (the `sql` "
+        "evaluator).",
+        "- **Methods**: each run is molf-train's own `Recipe` (`molf_ds.train.recipe`): its "
+        "set-up from the pretrained model's directory and the task's training records (a "
+        "`data=` file, `eval_fraction=0`), the model and optimizer built by molf-train's table "
+        "(`molf_ds.train.methods.METHODS`: `build_model`, `build_engine`, `after_backward`) on "
+        "a single-process DeepSpeed engine (`ds_config=zero0`, fp32, gradient clipping 1.0, "
+        f"warm-up {settings['warmup_steps']} steps then cosine), then molf-train's step, "
+        "`Recipe.train_step`, for every step (the method's hook after each backward; "
+        "non-finite steps skipped). "
+        + "; ".join(f"`{m}`: {_method_shape(m, settings)}" for m in COMPARED_MODES)
         + ".",
-        f"- **Learning rates**: a grid of {len(settings.grids['fft'])} options per method, each "
-        f"run with seed {settings.seeds[0]}; the option with the best validation score is then "
+        f"- **Learning rates**: a grid of {len(settings['grids']['fft'])} options per method, each "
+        f"run with seed {settings['seeds'][0]}; the option with the best validation score is then "
         "run with the other seeds and reported on the test split over all of them (seeds "
-        f"{', '.join(map(str, settings.seeds))}: LoRA initialisation and data order; the splits "
+        f"{', '.join(map(str, settings['seeds']))}: LoRA initialisation and data order; the splits "
         "are fixed).",
         "",
         "## Results (test split, % mean ± std over the seeds, at the learning rate chosen on "
@@ -377,8 +383,8 @@ def _wall_time_line(report: dict) -> str:
     )
 
 
-def _method_shape(method: str, settings: StudySettings) -> str:
-    ranks = settings.ranks[method]
+def _method_shape(method: str, settings: dict) -> str:
+    ranks = settings["ranks"][method]
     return {
         "fft": "every weight (embeddings and norms too), AdamW",
         "lora": f"PEFT LoRA r={ranks[0]} (rsLoRA, alpha 16) on q/k/v/o/gate/up/down, AdamW",
@@ -399,7 +405,7 @@ def _results_table(report: dict) -> list[str]:
     lines = [head + " |", "|---" * (len(columns) + 2) + "|"]
     cells = [f"{100 * baseline[t][m]:.1f}" for t, m in columns]
     lines.append("| pretrained, not fine-tuned | — | " + " | ".join(cells) + " |")
-    for method in METHODS:
+    for method in COMPARED_MODES:
         lrs = {
             t: options_label(summary[t][method]["options"]) for t in summary if method in summary[t]
         }
@@ -481,7 +487,7 @@ def _memory_section(memory: dict) -> list[str]:
     return lines
 
 
-def _routing_section(report: dict, settings: StudySettings) -> list[str]:
+def _routing_section(report: dict, settings: dict) -> list[str]:
     curves = report["routing"]
     lines = [
         f"![routing]({report['routing_figure']})",
@@ -507,17 +513,18 @@ def _routing_section(report: dict, settings: StudySettings) -> list[str]:
     return lines
 
 
-def _grid_table(summary: dict, settings: StudySettings) -> list[str]:
+def _grid_table(summary: dict, settings: dict) -> list[str]:
+    options = max(len(grid) for grid in settings["grids"].values())
     lines = [
         "| task (metric) | method | "
-        + " | ".join(f"option {i + 1}" for i in range(max(len(g) for g in settings.grids.values())))
+        + " | ".join(f"option {i + 1}" for i in range(options))
         + " |",
-        "|---|---|" + "---|" * max(len(g) for g in settings.grids.values()),
+        "|---|---|" + "---|" * options,
     ]
     for task, rows in summary.items():
         for method, row in rows.items():
             cells = []
-            for i, options in enumerate(settings.grids[method]):
+            for i, options in enumerate(settings["grids"][method]):
                 text = f"{options_label(options)}: {100 * row['val_by_option'][i]:.1f}"
                 cells.append(f"**{text}**" if i == row["chosen"] else text)
             metric = METRIC_LABELS[TASK_METRICS[task][0]]
@@ -525,7 +532,7 @@ def _grid_table(summary: dict, settings: StudySettings) -> list[str]:
     return lines
 
 
-def _discussion(report: dict, settings: StudySettings) -> list[str]:
+def _discussion(report: dict, settings: dict) -> list[str]:
     """What the numbers say, worded from them (so a rerun's text matches its numbers), then
     what limits them."""
     checked, memory, curves = report["claims"], report["memory"], report["routing"]
@@ -546,7 +553,7 @@ def _discussion(report: dict, settings: StudySettings) -> list[str]:
             + ". "
             + (
                 f"{len(noisy)} of these gaps are smaller than twice their standard error over "
-                f"{len(settings.seeds)} seeds, i.e. not resolved by this study."
+                f"{len(settings['seeds'])} seeds, i.e. not resolved by this study."
                 if noisy
                 else ""
             )
@@ -567,7 +574,7 @@ def _discussion(report: dict, settings: StudySettings) -> list[str]:
             else "."
         )
         + " AdaLoRA here is PEFT's, with a schedule squeezed into a few dozen steps "
-        "(warm-up, rank budget, final phase: `recipe._adalora_model`); that is a real handicap "
+        "(warm-up, rank budget, final phase: `methods._adalora_model`); that is a real handicap "
         "at this length and part of any margin."
     )
     lines.append(_memory_line(memory, settings))
@@ -588,10 +595,10 @@ def _discussion(report: dict, settings: StudySettings) -> list[str]:
     lines += [
         "- **Scale**: a 0.2M-parameter model with 64-wide layers, where a rank-8 LoRA spans "
         "1/8 of the width, a byte tokenizer, a hundred fine-tuning steps or fewer, "
-        f"{len(settings.seeds)} seeds and test sets of {settings.fact_edits} edits "
-        f"and {settings.sql_test} questions: one edit is "
-        f"{100 / settings.fact_edits:.1f} points of efficacy and one question "
-        f"{100 / settings.sql_test:.1f} points of exact match, so gaps of a few points are "
+        f"{len(settings['seeds'])} seeds and test sets of {settings['fact_edits']} edits "
+        f"and {settings['sql_test']} questions: one edit is "
+        f"{100 / settings['fact_edits']:.1f} points of efficacy and one question "
+        f"{100 / settings['sql_test']:.1f} points of exact match, so gaps of a few points are "
         "within the noise, and the paper's 1.5 % threshold is below this study's resolution.",
         "- **What transfers and what does not**: the claims are about relative quality at "
         "the scale of the paper's models and data; this study checks that the machinery "
@@ -604,7 +611,7 @@ def _discussion(report: dict, settings: StudySettings) -> list[str]:
     return lines
 
 
-def _memory_line(memory: dict, settings: StudySettings) -> str:
+def _memory_line(memory: dict, settings: dict) -> str:
     def ratio(a: str, b: str) -> str:
         return f"{memory[a]['state_bytes'] / memory[b]['state_bytes']:.2f}×"
 
@@ -612,8 +619,8 @@ def _memory_line(memory: dict, settings: StudySettings) -> str:
         f"- **Memory**: MoLF keeps {ratio('molf', 'fft')} the optimizer state of FFT — the "
         "moments of every FFT parameter *and* of the LoRA expert, updated every step whoever "
         f"wins, since the router scores both; MoLF-Efficient {ratio('molf-efficient', 'lora')} "
-        f"that of LoRA r={settings.ranks['lora'][0]} (its experts' ranks add up to "
-        f"{sum(settings.ranks['molf-efficient'])}); AdaLoRA {ratio('adalora', 'lora')} LoRA's "
+        f"that of LoRA r={settings['ranks']['lora'][0]} (its experts' ranks add up to "
+        f"{sum(settings['ranks']['molf-efficient'])}); AdaLoRA {ratio('adalora', 'lora')} LoRA's "
         "(its singular values' moments, and three sensitivity averages per parameter in PEFT's "
         "rank allocator until the ranks are final)."
     )
@@ -648,6 +655,7 @@ def json_summary(report: dict, path: Path, figure: Path) -> dict:
     return {
         "study": "molf_vs_baselines",
         "command": report["command"],
+        "settings": report["settings"],
         "results_md": str(path),
         "routing_figure": str(figure),
         "wall_s": round(report["wall_s"], 1),

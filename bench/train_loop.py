@@ -1,6 +1,6 @@
 """Tokens/s of molf-train's own training loop for one mode, in this process; prints one JSON line.
 
-    python3 bench/train_loop.py mode=fft model=tiny-qwen2 max_steps=30   # any molf-train options
+    python3 -m bench.train_loop mode=fft model=tiny-qwen2 max_steps=30   # any molf-train options
 
 molf-train's `Recipe` runs its set-up and its loop (the same code as ``molf-train``), but not its
 end: no final checkpoint, export or evaluation, which for a large model would write tens of GB and
@@ -17,11 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from molf_ds.runtime import run_then_exit  # noqa: E402
-from molf_ds.train.config import load_config  # noqa: E402
-from molf_ds.train.recipe import Recipe  # noqa: E402
+from molf_ds.runtime import run_then_exit
+from molf_ds.train.config import load_config
+from molf_ds.train.recipe import Recipe
 
 
 def measure(overrides: list[str]) -> None:

@@ -1,6 +1,6 @@
 """Tokens/s of the main job under ZeRO-2 on 2 CPU ranks for fft, lora, molf, molf-efficient.
 
-    .venv/bin/python bench/train_throughput.py [--steps 60]
+    .venv/bin/python -m bench.train_throughput [--steps 60]
 
 Runs `launch/deepspeed.sh` once per mode (same model, data, batch and ds_config), reads each
 run's metrics.jsonl and prints one JSON line: the last logged tokens/s of each mode, their ratios

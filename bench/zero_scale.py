@@ -1,6 +1,6 @@
 """MoLF under DeepSpeed ZeRO: memory per rank, collectives and time per step; prints JSON.
 
-    DS_ACCELERATOR=cpu .venv/bin/python bench/zero_scale.py      # CPU ranks over gloo (~5 min)
+    DS_ACCELERATOR=cpu .venv/bin/python -m bench.zero_scale      # CPU ranks over gloo (~5 min)
 
 Every figure comes from real `deepspeed --num_gpus N bench/zero_worker.py` jobs on the same
 Qwen2-like model (4 layers, hidden 512, MLP 1408, LoRA rank 16 on all seven projections):

@@ -9,23 +9,21 @@ scores are set by hand; the optimizer-state measure against AdamW's known layout
 
 from __future__ import annotations
 
+import importlib
 import json
-import os
+import re
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench import study, study_data, study_report
+from molf_ds.train import sql_task, tasks
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-import study  # noqa: E402
-import study_data  # noqa: E402
-import study_report  # noqa: E402
-
-from molf_ds.train import sql_task, tasks  # noqa: E402
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -116,7 +114,8 @@ def _run(task, method, option, seed, val, test):
 
 def _settings(options: int = 2):
     grid = ({"lr": 1e-3}, {"lr": 3e-3})[:options]
-    return study.StudySettings(seeds=(0, 1), grids=dict.fromkeys(study_report.METHODS, grid))
+    grids = dict.fromkeys(study_report.COMPARED_MODES, grid)
+    return asdict(study.StudySettings(seeds=(0, 1), grids=grids))  # as the report's JSON has them
 
 
 def test_summary_chooses_on_validation_and_reports_test_over_seeds():
@@ -147,8 +146,8 @@ def test_grid_search_runs_the_other_seeds_at_the_option_chosen_on_validation():
         follow_ups += search.follow_up(_run("sql", "lora", job.option, 4, score, 0.0))
     assert follow_ups == [study.Job("sql", "lora", 1, 5), study.Job("sql", "lora", 1, 6)]
     assert search.follow_up(_run("sql", "lora", 1, 5, 0.9, 0.0)) == []
-    per_task = sum(len(g) for g in settings.grids.values()) + len(study_report.METHODS) * 2
-    assert search.total() == 2 * per_task == len(first) + 2 * len(study_report.METHODS) * 2
+    per_task = sum(len(g) for g in settings.grids.values()) + len(study_report.COMPARED_MODES) * 2
+    assert search.total() == 2 * per_task == len(first) + 2 * len(study_report.COMPARED_MODES) * 2
 
 
 def _summary_with(values: dict[str, float]) -> dict:
@@ -186,6 +185,11 @@ def test_routing_curves_count_the_tracked_expert_per_layer_type_and_step():
     assert curve["by_type"]["attention"] == [1.0, 0.25]
     assert curve["by_type"]["mlp"] == [0.0, 0.0]
     assert curve["by_projection"]["q_proj"] == [1.0, 1.0]
+    # a second seed skipped step 1 (non-finite): that step's shares are the first seed's alone
+    skipped = {**routing, "winners": [[1] * 7, None]}
+    runs.append({**_run("sql", "molf", 0, 1, 0.5, 0.5), "routing": skipped})
+    curve = study_report.routing_curves(runs, summary)["sql"]["molf"]
+    assert curve["by_type"]["attention"] == [0.5, 0.25]
 
 
 # ---- the command -------------------------------------------------------------------------------
@@ -197,13 +201,29 @@ def test_bad_option_is_one_line(capsys):
     assert err.count("\n") == 1 and "--seeds 0" in err
 
 
+def _resolves(dotted: str) -> bool:
+    """Whether ``dotted`` names a module or an attribute of one."""
+    try:
+        importlib.import_module(dotted)
+        return True
+    except ImportError:
+        module, _, name = dotted.rpartition(".")
+        return _resolves(module) and hasattr(importlib.import_module(module), name)
+
+
+def test_report_module_never_imports_the_study():
+    # the report reads the settings from the study's JSON: no import cycle between the two
+    code = "import sys, bench.study_report; sys.exit('bench.study' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
 @pytest.mark.slow
 def test_smoke_study_writes_a_report_that_matches_its_json(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(
         [
             sys.executable,
-            str(REPO / "bench" / "study.py"),
+            "-m",
+            "bench.study",
             "--smoke",
             "--out",
             str(tmp_path / "docs"),
@@ -212,8 +232,7 @@ def test_smoke_study_writes_a_report_that_matches_its_json(tmp_path):
         ],
         capture_output=True,
         text=True,
-        cwd=REPO,
-        env=env,
+        cwd=REPO,  # `-m bench.study`: this repository's bench and molf_ds
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -222,10 +241,13 @@ def test_smoke_study_writes_a_report_that_matches_its_json(tmp_path):
     figure = tmp_path / "docs" / "results_routing.png"
     assert figure.stat().st_size > 1000 and "results_routing.png" in report
     assert summary["command"] in report
+    assert summary["settings"]["seeds"] == [0]  # what the report read its settings from
+    for dotted in re.findall(r"`(molf_ds(?:\.\w+)+)`", report):  # every code name it cites exists
+        assert _resolves(dotted), dotted
     assert "{" not in report and "}" not in report  # every placeholder filled in
-    assert summary["runs"] == len(study_report.METHODS) * 2  # 1 seed, 1 option, 2 tasks
+    assert summary["runs"] == len(study_report.COMPARED_MODES) * 2  # 1 seed, 1 option, 2 tasks
     for task, rows in summary["results"].items():
-        assert set(rows) == set(study_report.METHODS)
+        assert set(rows) == set(study_report.COMPARED_MODES)
         for method, row in rows.items():
             cells = [
                 f"{100 * row['test'][m]['mean']:.1f} ± {100 * row['test'][m]['std']:.1f}"
