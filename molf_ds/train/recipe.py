@@ -50,7 +50,7 @@ from molf_ds.train.distributed import (
     is_main_rank,
     mean_over_ranks,
 )
-from molf_ds.train.evaluate import evaluate_merged
+from molf_ds.train.evaluate import evaluate_merged, heldout_note, heldout_problem
 from molf_ds.train.methods import METHODS
 from molf_ds.train.models import build_model, load_model, with_state
 from molf_ds.train.telemetry import MetricsWriter, RoutingLog
@@ -208,7 +208,8 @@ class Recipe:
     def _setup_data(self, tokenizer) -> tuple[list, list, Any]:
         """``(training examples, held-out records, the task scoring them)``: records of
         ``data`` in ``task``'s schema (or plain prompt/completion ones, scored by loss only),
-        split once by ``seed``, the training share tokenized."""
+        split once by ``seed``, the training share tokenized, the held-out one cut to the
+        ``eval_examples`` the end evaluates and checked that it can."""
         cfg, world_size = self.config, self.derived.world_size
         records, scorer = tasks.training_records(
             tasks.get(cfg.task),
@@ -230,7 +231,23 @@ class Recipe:
                 f"{global_batch} (micro_batch_size={cfg.micro_batch_size} x {world_size} "
                 "ranks): lower micro_batch_size or add data"
             )
-        return examples, eval_records, scorer
+        return examples, self._setup_heldout(eval_records, scorer, tokenizer), scorer
+
+    def _setup_heldout(self, held_out: list[dict], scorer: Any, tokenizer) -> list[dict]:
+        """The held-out records the end evaluates; raises `EveryRankError` (the data is the same
+        on every rank) if the evaluation could not score them, and says where it scores fewer
+        than ``eval_examples``."""
+        cfg = self.config
+        records = held_out[: cfg.eval_examples]
+        problem = heldout_problem(
+            records, task=scorer, tokenizer=tokenizer, max_length=cfg.max_length
+        )
+        if problem is not None:
+            raise EveryRankError(problem)
+        note = heldout_note(len(held_out), cfg.eval_examples, cfg.eval_fraction)
+        if note is not None and is_main_rank():
+            print(f"molf-train: {note}", flush=True)
+        return records
 
     def _resume(self) -> int:
         """The step to start from: 0, or that of the checkpoint ``resume`` names."""
@@ -552,7 +569,7 @@ class Recipe:
         """Evaluate the merged export on the held-out records; writes and returns eval.json."""
         result = evaluate_merged(
             self.output_dir / "merged",
-            self.eval_records[: self.config.eval_examples],
+            self.eval_records,
             task=self.eval_task,
             max_length=self.config.max_length,
         )
