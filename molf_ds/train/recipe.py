@@ -49,6 +49,7 @@ from molf_ds.train.distributed import (
     ensure_launch_env,
     is_main_rank,
     mean_over_ranks,
+    wait_group,
 )
 from molf_ds.train.evaluate import evaluate_merged, heldout_note, heldout_problem
 from molf_ds.train.methods import METHODS
@@ -108,7 +109,8 @@ class Recipe:
 
     ``__init__`` keeps the config and what follows from it alone; ``setup`` assigns what the
     ``_setup_*`` helpers return (the model, engine, data, telemetry, ...), and nothing else
-    assigns attributes. ``cleanup`` undoes what was set up so far, whichever step failed.
+    assigns attributes but ``finish``, which names the timeout its wait runs under. ``cleanup``
+    undoes what was set up so far, whichever step failed.
     """
 
     def __init__(self, config: TrainConfig) -> None:
@@ -120,6 +122,8 @@ class Recipe:
         # every rank's host and PID, filled by setup once the ranks are up; a failure before
         # that names no peer
         self.peer_processes: list[peers.Peer] = []
+        # the option bounding the collective a rank waits in now: a lost peer's line names it
+        self.timeout_key = "collective_timeout_s"
         self._cleanups = ExitStack()  # closes the logs, restores the signal handlers
 
     # ---- set-up: everything is checked before anything is written -------------------------
@@ -129,6 +133,8 @@ class Recipe:
         console.quiet_dependencies(cfg.log_level)  # (imports DeepSpeed: after the cheap check)
         ensure_launch_env()  # rank variables for whatever launched this process
         init_distributed(collective_timeout_s=cfg.collective_timeout_s)
+        # every rank, at once: the group the end of the run waits on for rank 0's exports
+        self.finish_group = wait_group(cfg.finish_timeout_s)
         agree(storage.writable_problem(self.output_dir))
         self.derived, ds_config = self._setup_derived(
             int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -504,11 +510,15 @@ class Recipe:
                     raise
                 problem += f"; checkpoint step{final_step} is intact: free space, then "
                 problem += "resume=auto writes the exports"
-        agree(problem)  # rank 0 alone writes: every rank leaves with its outcome
-        barrier()
+        # rank 0 alone writes, for as long as finish_timeout_s: every rank leaves with its outcome
+        self.timeout_key = "finish_timeout_s"
+        agree(problem, group=self.finish_group)
+        barrier(self.finish_group)
+        self.timeout_key = "collective_timeout_s"
 
     def _write_outputs(self, result: TrainResult) -> None:
         """Rank 0: exports, evaluation, figures, outputs.json."""
+        started = time.perf_counter()
         outputs = {
             "checkpoint": str(self.ckpt_dir / f"step{result.final_step}"),
             "optimizer": type(self.optimizer).__name__,  # the class that ran the steps
@@ -523,16 +533,20 @@ class Recipe:
         outputs.update(self._plot())
         _write_json(self.output_dir / "outputs.json", outputs)
         outputs["outputs"] = str(self.output_dir / "outputs.json")
-        for line in self._summary(result, outputs, evaluation):
+        finish_s = time.perf_counter() - started  # what the other ranks waited for
+        for line in self._summary(result, outputs, evaluation, finish_s):
             print(line, flush=True)
 
-    def _summary(self, result: TrainResult, outputs: dict, evaluation: dict) -> list[str]:
+    def _summary(
+        self, result: TrainResult, outputs: dict, evaluation: dict, finish_s: float
+    ) -> list[str]:
         return console.summary(
             mode=self.config.mode,
             steps=result.final_step,
             world_size=self.derived.world_size,
             zero_stage=self.derived.zero_stage,
             train_s=result.train_s,
+            finish_s=finish_s,
             total_s=time.perf_counter() - self.started,
             tokens_per_s=result.tokens_per_s,
             evaluation=evaluation,
@@ -622,12 +636,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _report_failure(recipe: Recipe, err: Exception) -> None:
-    """A lost peer rank (dead, or silent past ``collective_timeout_s``) is one line naming it;
+    """A lost peer rank (dead, or silent past ``collective_timeout_s``, at the end of the run
+    ``finish_timeout_s``) is one line naming it;
     anything else is a bug and keeps its traceback."""
     rank = int(os.environ.get("RANK", "0"))  # (set by the launcher, or by setup)
-    lost = peers.describe_lost_peer(
-        err, tuple(recipe.peer_processes), rank, recipe.config.collective_timeout_s
-    )
+    key = recipe.timeout_key
+    timeout_s = getattr(recipe.config, key)
+    lost = peers.describe_lost_peer(err, tuple(recipe.peer_processes), rank, timeout_s, key)
     if lost is not None:
         print(f"molf-train: error: {lost}", file=sys.stderr, flush=True)
         return
