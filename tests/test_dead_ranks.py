@@ -1,15 +1,18 @@
 """A dead or hung rank ends the whole job: non-zero exit, one line naming the rank, no process
-left behind, within ``collective_timeout_s`` plus the launcher's own grace.
+left behind, within ``collective_timeout_s`` plus the launcher's own grace; but rank 0's work at
+the end of the run (exports, evaluation), which the others wait for, has ``finish_timeout_s``.
 
 Real jobs: molf-train under the deepspeed launcher on 2 and 3 CPU ranks over gloo; once training
 is under way (metrics.jsonl has lines) one rank gets ``kill -9`` (dead) or ``kill -STOP`` (hung:
-alive, silent, holding its sockets open).
+alive, silent, holding its sockets open). A slow end of the run is rank 0 stopped during its
+exports for longer than ``collective_timeout_s``, then continued (``kill -CONT``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +31,7 @@ TIMEOUT_S = 15  # collective_timeout_s of these runs
 # one, which ignores SIGTERM.)
 EXIT_BOUND_S = 60 + TIMEOUT_S
 START_LIMIT_S = 300  # until training is under way; 2 cores shared with other jobs
+SLOW_END_S = TIMEOUT_S + 10  # how long rank 0 is held during its exports: past the timeout
 STRIKES = [  # (signal, ranks, victim): rank 0 (store host, metrics writer) and another rank
     pytest.param(signal.SIGKILL, 2, 1, id="kill9-1of2"),
     pytest.param(signal.SIGKILL, 3, 0, id="kill9-0of3"),
@@ -64,6 +68,31 @@ def test_dead_or_hung_rank_ends_the_job(tmp_path: Path, sig, ranks: int, victim:
         _kill_everything(launcher.pid, pids.values())
 
 
+@pytest.mark.slow
+def test_rank_0_end_of_run_longer_than_the_collective_timeout_does_not_fail(tmp_path: Path) -> None:
+    """The other ranks wait for rank 0's exports and evaluation under ``finish_timeout_s``, not
+    ``collective_timeout_s``: rank 0 held SLOW_END_S (> the timeout) during its exports, then
+    continued, ends the job with exit 0 and a summary saying the end took that long. (With one
+    timeout for every collective, rank 1 gave up on rank 0 after TIMEOUT_S.)"""
+    out, log = tmp_path / "run", tmp_path / "job.log"
+    launcher = _start_job(out, log, 2, "max_steps=2", "finish_timeout_s=600")
+    pids: dict[int, int] = {}
+    try:
+        pids = _rank_pids(launcher, 2)
+        _wait_for(lambda: (out / "merged").exists() or launcher.poll() is not None, START_LIMIT_S)
+        assert launcher.poll() is None, f"job ended before the exports:\n{_tail(log)}"
+        os.kill(pids[0], signal.SIGSTOP)  # rank 0 is exporting; rank 1 waits in finish
+        time.sleep(SLOW_END_S)
+        os.kill(pids[0], signal.SIGCONT)
+        launcher.wait(timeout=START_LIMIT_S)
+        assert launcher.returncode == 0, _tail(log)
+        took = re.search(r"exports and eval (\d+) s", log.read_text(errors="replace"))
+        assert took is not None, _tail(log)
+        assert int(took.group(1)) > TIMEOUT_S, took.group(0)  # the end outlasted the timeout
+    finally:
+        _kill_everything(launcher.pid, pids.values())
+
+
 def test_lost_peer_on_another_host_is_reported_by_the_timeout() -> None:
     elsewhere = (Peer(0, "this-host-does-not-exist", 1), Peer(1, "nor-this-one", 1))
     gloo = RuntimeError(
@@ -95,7 +124,8 @@ def test_process_state_sees_stopped_and_exited_processes() -> None:
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-def _start_job(out: Path, log: Path, ranks: int) -> subprocess.Popen:
+def _start_job(out: Path, log: Path, ranks: int, *extra: str) -> subprocess.Popen:
+    """The job in the background, its output in ``log``; ``extra`` overrides win."""
     env = cpu_env()
     env.update(PYTHON=sys.executable, NUM_GPUS=str(ranks), MASTER_PORT=str(free_port()))
     args = [
@@ -105,6 +135,7 @@ def _start_job(out: Path, log: Path, ranks: int) -> subprocess.Popen:
         "log_every=1",
         "warmup_steps=0",
         f"collective_timeout_s={TIMEOUT_S}",
+        *extra,
     ]
     with log.open("w") as sink:  # a file, not a pipe: nobody has to drain it
         return subprocess.Popen(
@@ -128,11 +159,19 @@ def _wait_until_training(
         if time.monotonic() > deadline:
             pytest.fail(f"no training step within {START_LIMIT_S} s:\n{_tail(log)}")
         time.sleep(0.5)
-    pids = {}
-    for proc in psutil.Process(launcher.pid).children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if "molf_ds.train" in proc.cmdline() and "RANK" in proc.environ():
-                pids[int(proc.environ()["RANK"])] = proc.pid
+    return _rank_pids(launcher, ranks)
+
+
+def _rank_pids(launcher: subprocess.Popen, ranks: int) -> dict[int, int]:
+    """``{rank: pid}`` of the job's rank processes, once all have started."""
+    pids: dict[int, int] = {}
+    deadline = time.monotonic() + START_LIMIT_S
+    while sorted(pids) != list(range(ranks)) and time.monotonic() < deadline:
+        for proc in psutil.Process(launcher.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "molf_ds.train" in proc.cmdline() and "RANK" in proc.environ():
+                    pids[int(proc.environ()["RANK"])] = proc.pid
+        time.sleep(0.2)
     assert sorted(pids) == list(range(ranks)), pids
     return pids
 

@@ -116,7 +116,7 @@ CHOICES = {
     ),
     "log_level": ("warning", "info", "debug"),
 }
-POSITIVE_FLOATS = ("lora_alpha", "collective_timeout_s")  # finite and > 0
+POSITIVE_FLOATS = ("lora_alpha", "collective_timeout_s", "finish_timeout_s")  # finite, > 0
 OTHER_FIELDS = ("resume", "seed", *POSITIVE_FLOATS, "eval_fraction", "lora_ranks")
 SPEC_FIELDS = (
     *NAME_FIELDS,
@@ -240,6 +240,7 @@ def _valid_value(key: str) -> st.SearchStrategy:
         "seed": st.integers(*SEED_RANGE),
         "lora_alpha": st.floats(min_value=1e-6, max_value=1e6),
         "collective_timeout_s": st.floats(min_value=1e-3, max_value=1e6),
+        "finish_timeout_s": st.floats(min_value=1e-3, max_value=1e6),
         "eval_fraction": st.floats(min_value=0, max_value=0.99),
         "lora_ranks": st.integers(1, 64) | st.lists(st.integers(1, 64), min_size=1, max_size=3),
     }[key]

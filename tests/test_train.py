@@ -71,6 +71,9 @@ BAD_INPUT = [
     (["data=./missing.jsonl"], "missing.jsonl"),
     (["top_k=3"], "`top_k`=3 is larger than the 2 experts"),
     (["batch_size=7", "micro_batch_size=2"], "`batch_size`=7 is not divisible"),
+    # the one held-out prompt evaluated (132 tokens) is too long; 90 % of training ones fit:
+    # found only at the end, after training, exports and checkpoint, before set-up checked it
+    (["max_length=100", "eval_examples=1"], "`max_length`=100 cannot hold any of the 1 held-out"),
 ]
 
 
@@ -84,6 +87,25 @@ def test_train_bad_input_one_line_error_and_writes_nothing(tmp_path, args, messa
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_setup_says_what_the_evaluation_at_the_end_will_score() -> None:
+    """The set-up checks behind the held-out error above, and its notes: evaluation off, or
+    on fewer records than ``eval_examples``; a prompt that fits leaves nothing to say."""
+    from molf_ds.train.evaluate import heldout_note, heldout_problem
+    from molf_ds.train.models import byte_tokenizer
+
+    records = [{"prompt": "x" * 20, "completion": "y"}, {"prompt": "x" * 5, "completion": "y"}]
+    check = {"task": None, "tokenizer": byte_tokenizer()}
+    assert heldout_problem(records, max_length=10, **check) is None  # the second one fits
+    problem = heldout_problem(records[:1], max_length=10, **check)
+    assert problem is not None and problem.startswith("`max_length`=10 cannot hold any of the 1")
+    assert "eval_fraction=0" in problem
+    assert heldout_problem([], max_length=10, **check) is None
+    assert "eval_fraction=0" in heldout_note(0, eval_examples=5, eval_fraction=0.0)
+    assert "held-out split is empty" in heldout_note(0, eval_examples=5, eval_fraction=0.1)
+    assert "all 3 held-out records" in heldout_note(3, eval_examples=5, eval_fraction=0.1)
+    assert heldout_note(5, eval_examples=5, eval_fraction=0.1) is None
 
 
 @pytest.mark.slow

@@ -168,11 +168,19 @@ class TrainConfig(BaseModel):
         description="console: warning (quiet: DeepSpeed's warnings only, known deprecation "
         "notices of dependencies hidden), info (DeepSpeed's INFO lines), debug (everything)",
     )
+    # NCCL's own watchdog default is 10 min; 5 min outlasts any one step's skew between ranks
+    # (a checkpoint save included) while a hung rank still costs minutes, not half an hour
     collective_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="a dead or hung rank ends the job after this many seconds of set-up or "
+        "training (rank 0's exports and evaluation at the end wait under finish_timeout_s)",
+    )
+    finish_timeout_s: float = Field(
         1800.0,
         gt=0,
-        description="a dead or hung rank ends the job after this many seconds (must exceed "
-        "rank 0's export + evaluation at the end, which the others wait for)",
+        description="how long the other ranks wait for rank 0's exports and evaluation at the "
+        "end of the run before they give up on it",
     )
 
     # ---- what strict types would refuse but the command line means -------------------------

@@ -237,6 +237,7 @@ def summary(
     world_size: int,
     zero_stage: int,
     train_s: float,
+    finish_s: float,
     total_s: float,
     tokens_per_s: float | None,
     evaluation: Mapping[str, Any],
@@ -244,12 +245,14 @@ def summary(
     outputs: Mapping[str, Any],
 ) -> list[str]:
     """The lines that end a run, each starting with ``molf-train: ``: what ran and how fast, the
-    eval score, and where the outputs went (``outputs`` maps names to paths, `outputs.json`)."""
+    eval score, and where the outputs went (``outputs`` maps names to paths, `outputs.json`).
+    ``finish_s``: rank 0's exports, evaluation and figures, which the other ranks wait for."""
     ranks = f"{world_size} rank{'s' if world_size > 1 else ''}"
     speed = f", {tokens_per_s:,.0f} tokens/s" if tokens_per_s is not None else ""
     return [
         f"{PREFIX}done: {mode}, {steps} steps, {ranks}, ZeRO-{zero_stage}: training "
-        f"{_duration(train_s)}{speed}, total {_duration(total_s)}",
+        f"{_duration(train_s)}{speed}, exports and eval {_duration(finish_s)}, "
+        f"total {_duration(total_s)}",
         f"{PREFIX}eval: {eval_text(evaluation)}",
         f"{PREFIX}outputs in {output_dir}: {', '.join(_output_names(outputs, Path(output_dir)))}",
     ]

@@ -1,6 +1,7 @@
 """The job's ranks: the launch environment (deepspeed, torchrun, mpirun, one plain process), the
-free port, agreement between ranks (one problem, the stop/skip flags, a mean, a barrier) and the
-preemption signals with their exit status `PREEMPTED_EXIT`.
+free port, agreement between ranks (one problem, the stop/skip flags, a mean, a barrier, the
+longer-waiting group of the end of the run) and the preemption signals with their exit status
+`PREEMPTED_EXIT`.
 
 "Am I rank 0?" is the library's `molf_ds.runtime.is_main_rank` (re-exported here), so that
 `molf_ds.zero` and the job ask it the same way.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -31,6 +33,7 @@ __all__ = [
     "local_device",
     "mean_over_ranks",
     "share_cpu_cores",
+    "wait_group",
 ]
 
 # Exit status of a run stopped by SIGUSR1/SIGTERM after checkpointing: EX_TEMPFAIL ("try again"),
@@ -122,13 +125,14 @@ def _hostname_address() -> str:
         return "127.0.0.1"
 
 
-def agree(problem: str | None) -> None:
+def agree(problem: str | None, group: dist.ProcessGroup | None = None) -> None:
     """Collective: every rank calls this at the same point with its own problem (or None); if
-    any rank has one, every rank raises `EveryRankError` with the first (by rank)."""
+    any rank has one, every rank raises `EveryRankError` with the first (by rank). ``group``:
+    the process group to agree on (None: the default one)."""
     problems = [problem]
     if dist.is_initialized() and dist.get_world_size() > 1:
         problems = [None] * dist.get_world_size()
-        dist.all_gather_object(problems, problem)
+        dist.all_gather_object(problems, problem, group=group)
     first = next((p for p in problems if p), None)
     if first is not None:
         raise EveryRankError(first)
@@ -149,10 +153,24 @@ def mean_over_ranks(value: torch.Tensor) -> float:
     return float(value) / dist.get_world_size()
 
 
-def barrier() -> None:
-    """Wait for every rank, where there is a process group."""
+def barrier(group: dist.ProcessGroup | None = None) -> None:
+    """Wait for every rank, where there is a process group (``group``; None: the default)."""
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
+
+
+def wait_group(timeout_s: float) -> dist.ProcessGroup | None:
+    """Collective (every rank, at the same point): a gloo group of every rank whose
+    collectives wait up to ``timeout_s`` for a peer; None with one rank or no process group.
+
+    For waits where one rank works alone for long (rank 0's exports and evaluation) while
+    every other collective keeps the short default timeout. gloo, whatever the ranks' device:
+    a rank blocked in it holds no NCCL collective, which NCCL's watchdog would time out. The
+    explicit ``timeout`` wins over the default that `molf_ds.zero.init_distributed` sets for
+    groups created later."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
 
 class PreemptionSignals:

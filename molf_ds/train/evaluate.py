@@ -9,7 +9,39 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from molf_ds.train.data import IGNORE_INDEX
+from molf_ds.train.data import IGNORE_INDEX, encode_prompts
+
+
+def heldout_problem(
+    records: list[dict], *, task: Any, tokenizer: Any, max_length: int
+) -> str | None:
+    """Why the evaluation at the end could not score ``records`` (the held-out records it will
+    get), or None: checked at set-up, so a run never fails after training for it. The held-out
+    loss drops a prompt that fills ``max_length`` (as training does); if every prompt does,
+    nothing is left to score."""
+    if not records:
+        return None
+    examples = task.to_examples(records) if task is not None else records
+    shortest = min(len(p) for p in encode_prompts(tokenizer, [e["prompt"] for e in examples]))
+    if shortest < max_length:
+        return None
+    return (
+        f"`max_length`={max_length} cannot hold any of the {len(records)} held-out prompts "
+        f"the evaluation at the end scores (the shortest is {shortest} tokens): raise "
+        f"max_length to at least {shortest + 1}, or set eval_fraction=0 to train without "
+        "evaluation"
+    )
+
+
+def heldout_note(held_out: int, eval_examples: int, eval_fraction: float) -> str | None:
+    """The set-up line saying what the evaluation at the end will score, where that is not
+    simply ``eval_examples`` held-out records: none, or all of fewer."""
+    if held_out == 0:
+        why = "eval_fraction=0" if eval_fraction == 0 else "the held-out split is empty"
+        return f"evaluation off: {why} (no held-out records); eval.json will say 0 examples"
+    if held_out < eval_examples:
+        return f"evaluation on all {held_out} held-out records (eval_examples={eval_examples})"
+    return None
 
 
 def evaluate_merged(

@@ -64,10 +64,15 @@ def process_state(pid: int) -> str:
 
 
 def describe_lost_peer(
-    err: BaseException, peers: tuple[Peer, ...], rank: int, timeout_s: float
+    err: BaseException,
+    peers: tuple[Peer, ...],
+    rank: int,
+    timeout_s: float,
+    timeout_key: str = "collective_timeout_s",
 ) -> str | None:
     """One line naming the dead or stopped peer behind ``err``; None if ``err`` does not come
-    from a lost peer (then it is a bug of its own and keeps its traceback)."""
+    from a lost peer (then it is a bug of its own and keeps its traceback). ``timeout_key`` names
+    the option whose ``timeout_s`` the failed collective waited under."""
     host = socket.gethostname()
     local = [peer for peer in peers if peer.rank != rank and peer.host == host]
     states = _settled_states(local)
@@ -77,7 +82,7 @@ def describe_lost_peer(
     if stopped:
         return (
             f"{_names(stopped)} stopped (SIGSTOP) and did not answer a collective within "
-            f"collective_timeout_s={timeout_s:g}s: {RESTART_HINT}"
+            f"{timeout_key}={timeout_s:g}s: {RESTART_HINT}"
         )
     exited = [peer for peer in local if states[peer] == "exited"]
     if exited:
@@ -91,7 +96,7 @@ def describe_lost_peer(
         return f"a peer rank closed its connection ({text}): it died; {RESTART_HINT}"
     if _is_distributed_error(err) or any(marker in text for marker in _TIMEOUT_TEXT):
         return (
-            f"a peer rank stopped responding within collective_timeout_s={timeout_s:g}s "
+            f"a peer rank stopped responding within {timeout_key}={timeout_s:g}s "
             f"({text}): find the hung or dead rank in the log, then {RESTART_HINT}"
         )
     return None

@@ -50,8 +50,9 @@ from molf_ds.train.distributed import (
     is_main_rank,
     mean_over_ranks,
     share_cpu_cores,
+    wait_group,
 )
-from molf_ds.train.evaluate import evaluate_merged
+from molf_ds.train.evaluate import evaluate_merged, heldout_note, heldout_problem
 from molf_ds.train.methods import METHODS
 from molf_ds.train.models import build_model, load_model, with_state
 from molf_ds.train.telemetry import MetricsWriter, RoutingLog
@@ -109,7 +110,8 @@ class Recipe:
 
     ``__init__`` keeps the config and what follows from it alone; ``setup`` assigns what the
     ``_setup_*`` helpers return (the model, engine, data, telemetry, ...), and nothing else
-    assigns attributes. ``cleanup`` undoes what was set up so far, whichever step failed.
+    assigns attributes but ``finish``, which names the timeout its wait runs under. ``cleanup``
+    undoes what was set up so far, whichever step failed.
     """
 
     def __init__(self, config: TrainConfig) -> None:
@@ -121,6 +123,8 @@ class Recipe:
         # every rank's host and PID, filled by setup once the ranks are up; a failure before
         # that names no peer
         self.peer_processes: list[peers.Peer] = []
+        # the option bounding the collective a rank waits in now: a lost peer's line names it
+        self.timeout_key = "collective_timeout_s"
         self._cleanups = ExitStack()  # closes the logs, restores the signal handlers
 
     # ---- set-up: everything is checked before anything is written -------------------------
@@ -131,6 +135,8 @@ class Recipe:
         ensure_launch_env()  # rank variables for whatever launched this process
         init_distributed(collective_timeout_s=cfg.collective_timeout_s)
         share_cpu_cores()  # CPU ranks on one host: no more torch threads than cores
+        # every rank, at once: the group the end of the run waits on for rank 0's exports
+        self.finish_group = wait_group(cfg.finish_timeout_s)
         agree(storage.writable_problem(self.output_dir))
         self.derived, ds_config = self._setup_derived(
             int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -210,7 +216,8 @@ class Recipe:
     def _setup_data(self, tokenizer) -> tuple[list, list, Any]:
         """``(training examples, held-out records, the task scoring them)``: records of
         ``data`` in ``task``'s schema (or plain prompt/completion ones, scored by loss only),
-        split once by ``seed``, the training share tokenized."""
+        split once by ``seed``, the training share tokenized, the held-out one cut to the
+        ``eval_examples`` the end evaluates and checked that it can."""
         cfg, world_size = self.config, self.derived.world_size
         records, scorer = tasks.training_records(
             tasks.get(cfg.task),
@@ -232,7 +239,23 @@ class Recipe:
                 f"{global_batch} (micro_batch_size={cfg.micro_batch_size} x {world_size} "
                 "ranks): lower micro_batch_size or add data"
             )
-        return examples, eval_records, scorer
+        return examples, self._setup_heldout(eval_records, scorer, tokenizer), scorer
+
+    def _setup_heldout(self, held_out: list[dict], scorer: Any, tokenizer) -> list[dict]:
+        """The held-out records the end evaluates; raises `EveryRankError` (the data is the same
+        on every rank) if the evaluation could not score them, and says where it scores fewer
+        than ``eval_examples``."""
+        cfg = self.config
+        records = held_out[: cfg.eval_examples]
+        problem = heldout_problem(
+            records, task=scorer, tokenizer=tokenizer, max_length=cfg.max_length
+        )
+        if problem is not None:
+            raise EveryRankError(problem)
+        note = heldout_note(len(held_out), cfg.eval_examples, cfg.eval_fraction)
+        if note is not None and is_main_rank():
+            print(f"molf-train: {note}", flush=True)
+        return records
 
     def _resume(self) -> int:
         """The step to start from: 0, or that of the checkpoint ``resume`` names."""
@@ -489,11 +512,15 @@ class Recipe:
                     raise
                 problem += f"; checkpoint step{final_step} is intact: free space, then "
                 problem += "resume=auto writes the exports"
-        agree(problem)  # rank 0 alone writes: every rank leaves with its outcome
-        barrier()
+        # rank 0 alone writes, for as long as finish_timeout_s: every rank leaves with its outcome
+        self.timeout_key = "finish_timeout_s"
+        agree(problem, group=self.finish_group)
+        barrier(self.finish_group)
+        self.timeout_key = "collective_timeout_s"
 
     def _write_outputs(self, result: TrainResult) -> None:
         """Rank 0: exports, evaluation, figures, outputs.json."""
+        started = time.perf_counter()
         outputs = {
             "checkpoint": str(self.ckpt_dir / f"step{result.final_step}"),
             "optimizer": type(self.optimizer).__name__,  # the class that ran the steps
@@ -508,16 +535,20 @@ class Recipe:
         outputs.update(self._plot())
         _write_json(self.output_dir / "outputs.json", outputs)
         outputs["outputs"] = str(self.output_dir / "outputs.json")
-        for line in self._summary(result, outputs, evaluation):
+        finish_s = time.perf_counter() - started  # what the other ranks waited for
+        for line in self._summary(result, outputs, evaluation, finish_s):
             print(line, flush=True)
 
-    def _summary(self, result: TrainResult, outputs: dict, evaluation: dict) -> list[str]:
+    def _summary(
+        self, result: TrainResult, outputs: dict, evaluation: dict, finish_s: float
+    ) -> list[str]:
         return console.summary(
             mode=self.config.mode,
             steps=result.final_step,
             world_size=self.derived.world_size,
             zero_stage=self.derived.zero_stage,
             train_s=result.train_s,
+            finish_s=finish_s,
             total_s=time.perf_counter() - self.started,
             tokens_per_s=result.tokens_per_s,
             evaluation=evaluation,
@@ -554,7 +585,7 @@ class Recipe:
         """Evaluate the merged export on the held-out records; writes and returns eval.json."""
         result = evaluate_merged(
             self.output_dir / "merged",
-            self.eval_records[: self.config.eval_examples],
+            self.eval_records,
             task=self.eval_task,
             max_length=self.config.max_length,
         )
@@ -607,12 +638,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _report_failure(recipe: Recipe, err: Exception) -> None:
-    """A lost peer rank (dead, or silent past ``collective_timeout_s``) is one line naming it;
+    """A lost peer rank (dead, or silent past ``collective_timeout_s``, at the end of the run
+    ``finish_timeout_s``) is one line naming it;
     anything else is a bug and keeps its traceback."""
     rank = int(os.environ.get("RANK", "0"))  # (set by the launcher, or by setup)
-    lost = peers.describe_lost_peer(
-        err, tuple(recipe.peer_processes), rank, recipe.config.collective_timeout_s
-    )
+    key = recipe.timeout_key
+    timeout_s = getattr(recipe.config, key)
+    lost = peers.describe_lost_peer(err, tuple(recipe.peer_processes), rank, timeout_s, key)
     if lost is not None:
         print(f"molf-train: error: {lost}", file=sys.stderr, flush=True)
         return
