@@ -46,8 +46,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from molf_ds.train.distributed import free_port
-
 REPO = Path(__file__).resolve().parents[1]
 ZERO_CASES = "z2,z3,z2_offload,z3_offload_param,fft_z2,fft_z2_offload"
 GPU_PRESETS = ["tiny-qwen2", "random-qwen2.5-0.5b", "random-qwen2.5-3b"]
@@ -202,6 +200,9 @@ def zero(checks: Checks, out: Path) -> None:
     done = checks.run(reference, 60, CUDA_VISIBLE_DEVICES="")  # the plain process: on the CPU
     if done["rc"] != 0:
         return checks.failed("zero", done, step="reference")
+    # here, not at the top: the orchestrator itself stays free of torch (molf_ds imports it)
+    from molf_ds.train.distributed import free_port
+
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1"]
     launcher += ["--master_port", str(free_port())]
     done = checks.run([*launcher, worker, "--out", str(out / "gpu"), *common], 150)

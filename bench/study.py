@@ -35,6 +35,7 @@ The data are built in `bench.study_data`, the numbers and the report in `bench.s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -378,7 +379,10 @@ class Worker:
         with tempfile.TemporaryDirectory(prefix="study-run-") as scratch:
             recipe = Recipe(self.config(job, Path(scratch) / "run"))
             try:
-                recipe.setup()
+                # molf-train's set-up lines (e.g. "evaluation off") join the progress on stderr:
+                # stdout is the study's one JSON line
+                with contextlib.redirect_stdout(sys.stderr):
+                    recipe.setup()
                 started = time.perf_counter()
                 trace = run_steps(recipe)
                 train_s = time.perf_counter() - started

@@ -232,6 +232,12 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
 
 
+def leaves_a_target(prompt_ids: Sequence[int], max_length: int) -> bool:
+    """Whether ``max_length`` tokens hold this prompt and at least one token to learn: a prompt
+    that fills them is dropped, in training and in the held-out loss alike."""
+    return len(prompt_ids) < max_length
+
+
 def tokenize(
     records: Sequence[dict], tokenizer: Any, max_length: int, *, report: bool = True
 ) -> Examples:
@@ -254,7 +260,7 @@ def tokenize(
     out = Examples()
     for p, c in zip(prompts, completions["input_ids"], strict=True):
         target = [*c, eos]
-        if len(p) >= max_length:
+        if not leaves_a_target(p, max_length):
             out.dropped += 1
             continue
         out.truncated += len(p) + len(target) > max_length

@@ -88,15 +88,16 @@ def ensure_launch_env() -> None:
 
 
 def share_cpu_cores() -> int | None:
-    """Collective on CPU ranks: give each rank an equal share of the cores it shares with the
-    other ranks on its host, as torch's thread count; returns that count (None: left alone).
+    """Collective on CPU ranks: where several ranks share a host's cores, give each an equal
+    share of the threads torch would start alone; returns that count (None: left alone).
 
-    Each process's torch otherwise starts one thread per core it may use, so two ranks on two
-    cores run four threads that wait on each other (the main job's profile,
-    docs/performance.md). torchrun sets ``OMP_NUM_THREADS=1`` for the same
-    reason; the deepspeed launcher and mpirun set nothing. An ``OMP_NUM_THREADS`` the user set
-    is kept, and so are GPU ranks (their CPU threads are not the step's bottleneck). Ranks bound
-    to cores of their own (Slurm's ``--cpus-per-task``, numactl) share nothing and keep theirs.
+    Each process's torch otherwise starts one thread per core, so two ranks on two cores run
+    four threads that wait on each other (the main job's profile, docs/performance.md).
+    torchrun sets ``OMP_NUM_THREADS=1`` for the same reason; the deepspeed launcher and mpirun
+    set nothing. Left alone: an ``OMP_NUM_THREADS`` the user set, GPU ranks (their CPU threads
+    are not the step's bottleneck), a rank that shares its cores with no other (one process, or
+    ranks bound to cores of their own by Slurm's ``--cpus-per-task`` or numactl), and whatever
+    the calling process set itself.
     """
     if cuda() or "OMP_NUM_THREADS" in os.environ:
         return None
@@ -107,7 +108,9 @@ def share_cpu_cores() -> int | None:
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
     sharing = sum(1 for host, theirs in everyone if host == mine[0] and theirs & cores)
-    threads = max(1, len(cores) // sharing)
+    if sharing == 1:
+        return None
+    threads = max(1, torch.get_num_threads() // sharing)
     torch.set_num_threads(threads)
     return threads
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from molf_ds.train.data import IGNORE_INDEX, encode_prompts
+from molf_ds.train.data import IGNORE_INDEX, encode_prompts, leaves_a_target
 
 
 def heldout_problem(
@@ -22,9 +22,10 @@ def heldout_problem(
     if not records:
         return None
     examples = task.to_examples(records) if task is not None else records
-    shortest = min(len(p) for p in encode_prompts(tokenizer, [e["prompt"] for e in examples]))
-    if shortest < max_length:
+    prompts = encode_prompts(tokenizer, [e["prompt"] for e in examples])
+    if any(leaves_a_target(p, max_length) for p in prompts):
         return None
+    shortest = min(len(p) for p in prompts)
     return (
         f"`max_length`={max_length} cannot hold any of the {len(records)} held-out prompts "
         f"the evaluation at the end scores (the shortest is {shortest} tokens): raise "

@@ -95,7 +95,7 @@ class TrainResult:
 
 
 @dataclass
-class _LogWindow:
+class LogWindow:
     """The steps since the previous metrics record: the next record covers them (the first:
     the warm-up of kernels and allocators too)."""
 
@@ -315,14 +315,14 @@ class Recipe:
         self, stream: Iterator[dict], progress: console.Progress, signals: PreemptionSignals
     ) -> tuple[int, bool, float | None]:
         """``(final step, preempted, tokens/s)``: `train_step`, `log_step`, `_end_of_loop`."""
-        window, bad_in_a_row, tokens_per_s = _LogWindow(), 0, None
+        window, bad_in_a_row, tokens_per_s = LogWindow(), 0, None
         for step in range(self.start_step, self.config.max_steps):
             metrics = self.train_step(stream, step, stop_requested=lambda: signals.received)
             bad_in_a_row = 0 if metrics.applied else bad_in_a_row + 1
             end = self._end_of_loop(metrics, bad_in_a_row)
             record = self.log_step(metrics, window, progress)
             if record is not None:
-                window, tokens_per_s = _LogWindow(), record["tokens_per_s"]
+                window, tokens_per_s = LogWindow(), record["tokens_per_s"]
             if end is not None:
                 return metrics.step, end == "preempted", tokens_per_s
             if self.config.save_every and metrics.step % self.config.save_every == 0:
@@ -374,7 +374,7 @@ class Recipe:
         return StepMetrics(step + 1, losses, tokens * world, waited, applied, stop)
 
     def log_step(
-        self, metrics: StepMetrics, window: _LogWindow, progress: console.Progress
+        self, metrics: StepMetrics, window: LogWindow, progress: console.Progress
     ) -> dict[str, Any] | None:
         """Account ``metrics`` in ``window`` and the routing log; every ``log_every`` steps (and
         at the last) write the metrics record of the window and return it (the caller then starts
