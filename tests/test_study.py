@@ -236,7 +236,9 @@ def test_smoke_study_writes_a_report_that_matches_its_json(tmp_path):
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, lines[:-1]  # stdout is the JSON line alone; progress goes to stderr
+    summary = json.loads(lines[0])
     report = (tmp_path / "docs" / "results.md").read_text()
     figure = tmp_path / "docs" / "results_routing.png"
     assert figure.stat().st_size > 1000 and "results_routing.png" in report
