@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -110,12 +111,18 @@ class MoLFAdamW(torch.optim.Optimizer):
         }
         self.plan = plan
         self.last_routing: RoutingRecord | None = None
-        # Both set by `molf_ds.initialize` under ZeRO: how the group's tensors map to segments
-        # (flat partitions instead of parameters), and the all-reduce of the score partial sums
-        # over the data-parallel group.
+        # Set by `molf_ds.initialize` under ZeRO, and here for FSDP2's DTensors: how the group's
+        # tensors map to segments (flat partitions or local shards instead of parameters), and
+        # the all-reduce of the score partial sums over the ranks that split them.
         self.segment_source: SegmentSource | None = None
         self.reduce_scores: ReduceScores | None = None
         super().__init__([{"params": list(plan.params)}], defaults)
+        # A DTensor (FSDP2) cannot exist before its module is imported, and importing it costs
+        # about 0.4 s: a model of plain tensors does not pay for it.
+        if "torch.distributed.tensor" in sys.modules:
+            from molf_ds import fsdp2
+
+            fsdp2.connect(self)
 
     def add_param_group(self, param_group: dict) -> None:
         if self.param_groups:

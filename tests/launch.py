@@ -66,6 +66,13 @@ def deepspeed(ranks: int, script: str, *args: str, timeout: float = 300):
     return run([*command, str(WORKERS / script), *args], timeout=timeout)
 
 
+def torchrun(ranks: int, script: str, *args: str, timeout: float = 300):
+    """``torchrun --nproc_per_node RANKS tests/workers/SCRIPT ARGS`` on CPU ranks."""
+    command = [str(BIN / "torchrun"), "--nproc_per_node", str(ranks)]
+    command += ["--master_port", str(free_port())]
+    return run([*command, str(WORKERS / script), *args], timeout=timeout)
+
+
 def python(script: str, *args: str, timeout: float = 300):
     """``python tests/workers/SCRIPT ARGS`` in one plain process."""
     return run([sys.executable, str(WORKERS / script), *args], timeout=timeout)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 
 import molf_ds
@@ -442,12 +443,27 @@ def test_flat_segments_cut_the_pieces_given_in_their_order() -> None:
         flat_segments(group, flat, state, [(fft, 38, 3)])
 
 
+class _TensorSubclass(torch.Tensor):
+    """A tensor type the kernel does not know (as FSDP2's DTensor once was)."""
+
+
+ODD_TENSORS = {
+    "float64": lambda t: t.double(),
+    "strided": lambda t: t.t(),
+    "subclass": lambda t: t.as_subclass(_TensorSubclass),
+    "meta": lambda t: t.to("meta"),
+    "fake": lambda t: FakeTensorMode().from_tensor(t),
+    "sparse": lambda t: t.to_sparse(),
+}
+
+
 @pytest.mark.parametrize("field", ["param", "grad", "exp_avg", "exp_avg_sq"])
-@pytest.mark.parametrize("odd", ["float64", "strided"])
+@pytest.mark.parametrize("odd", list(ODD_TENSORS))
 def test_the_kernel_runs_only_where_every_tensor_suits_it(field: str, odd: str) -> None:
     """The CPU kernel reads raw float32 memory, so any one tensor of any segment that is not a
-    contiguous float32 CPU tensor sends ``fused=None`` to the multi-tensor path and makes
-    ``fused=True`` an error -- never a read of the wrong memory."""
+    plain, dense, contiguous float32 CPU tensor -- a subclass, a fake or meta tensor included --
+    sends ``fused=None`` to the multi-tensor path and makes ``fused=True`` an error, never a
+    read of the wrong memory."""
 
     def segment() -> routed_step.Segment:
         tensors = {name: torch.zeros(6, 4) for name in ("param", "grad", "exp_avg", "exp_avg_sq")}
@@ -455,12 +471,28 @@ def test_the_kernel_runs_only_where_every_tensor_suits_it(field: str, odd: str) 
 
     segments = [segment(), segment()]
     assert routed_step.choose_implementation(segments, fused=None, foreach=None) == "fused"
-    whole = getattr(segments[1], field)
-    odd_tensor = whole.double() if odd == "float64" else whole.t()
-    setattr(segments[1], field, odd_tensor)
+    setattr(segments[1], field, ODD_TENSORS[odd](getattr(segments[1], field)))
     assert routed_step.choose_implementation(segments, fused=None, foreach=None) == "foreach"
     with pytest.raises(ValueError, match="contiguous float32 CPU tensors"):
         routed_step.choose_implementation(segments, fused=True, foreach=None)
+
+
+def test_the_kernel_refuses_a_dtensor(tmp_path) -> None:
+    """FSDP2's parameters are DTensors, whose device and dtype are their shard's: the kernel
+    once read one as raw memory and crashed. `MoLFAdamW` hands it their local shards instead."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = DTensor.from_local(torch.zeros(6, 4), mesh, [Shard(0)])
+        assert sharded.is_cpu and sharded.dtype == torch.float32 and sharded.is_contiguous()
+        assert not routed_step.kernel_can_read(sharded)
+        assert routed_step.kernel_can_read(sharded.to_local())
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_the_kernel_batch_refuses_arguments_it_would_read_past() -> None:
