@@ -133,3 +133,33 @@ def connect(optimizer: MoLFAdamW) -> None:
     if is_sharded(params):
         optimizer.segment_source = shard_segments
         optimizer.reduce_scores = all_reduce_sum(shard_group(params))
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole and detached: a DTensor all-gathered from its shards, a plain tensor as
+    it is.
+
+    For a DTensor this is a collective: every rank of its mesh must call it, for the same
+    tensors in the same order, and every rank gets the whole tensor (so gather one module at a
+    time, never a whole model). Shards offloaded to the CPU (``CPUOffloadPolicy``) on an
+    accelerator's mesh travel to the accelerator for the gather: NCCL cannot gather CPU tensors.
+    """
+    if not isinstance(tensor, DTensor):
+        return tensor.detach()
+    if tensor.device.type != tensor.device_mesh.device_type:
+        tensor = tensor.to(tensor.device_mesh.device_type)
+    return tensor.detach().full_tensor()
+
+
+def local_state_bytes(optimizer: MoLFAdamW) -> dict[str, int]:
+    """Bytes of optimizer state this rank holds, by device type (``"cpu"``, ``"cuda"``...): the
+    local shards of every tensor in the state (the moments). FSDP2 keeps no master copy: the
+    optimizer steps the sharded parameters themselves."""
+    by_device: dict[str, int] = {}
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                local = value.to_local() if isinstance(value, DTensor) else value
+                kind = local.device.type
+                by_device[kind] = by_device.get(kind, 0) + local.numel() * local.element_size()
+    return by_device

@@ -56,7 +56,12 @@ from molf_ds.zero import DS_DEFAULT_PERSISTENCE_THRESHOLD
 
 # the methods whose model states the estimate counts
 MEMORY_METHODS: tuple[str, ...] = ("fft", "lora", "molf", "molf-efficient")
+ENGINES: tuple[str, ...] = ("deepspeed", "fsdp2")
 STAGES: tuple[int, ...] = (0, 1, 2, 3)
+# FSDP2's two settings, named by the ZeRO stage each resembles: 3 is fully_shard's default
+# reshard_after_forward=True (parameters gathered a block at a time, in forward and again in
+# backward), 2 is reshard_after_forward=False (gathered parameters kept from forward to backward).
+FSDP2_STAGES: tuple[int, ...] = (2, 3)
 OFFLOAD_NONE, OFFLOAD_OPTIMIZER, OFFLOAD_PARAM = "none", "optimizer", "optimizer+param"
 WEIGHT_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
 MASTER_BYTES = 4  # fp32 master copy of a trainable parameter
@@ -97,6 +102,9 @@ class ModelSpec:
     architecture: str
     params: tuple[ParamTensor, ...]  # tied weights once, as ``named_parameters()`` lists them
     linears: tuple[tuple[str, int, int], ...]  # (module name, in_features, out_features)
+    # the modules of the classes in the model's ``_no_split_modules`` (decoder layers): the
+    # blocks that FSDP2 users, Trainer and accelerate call fully_shard on
+    blocks: tuple[str, ...] = ()
 
     @property
     def num_params(self) -> int:
@@ -141,6 +149,7 @@ class MemoryEstimate:
     lora_ranks: tuple[int, ...]
     lora_modules: int  # linear layers that get LoRA experts
     rows: tuple[MemoryRow, ...]
+    engine: str = "deepspeed"  # or "fsdp2": then ``stage`` 3 / 2 is reshard_after_forward on / off
 
     @property
     def world_size(self) -> int:
@@ -179,6 +188,21 @@ def optimizer_state_bytes_per_rank(
     return per_element * _ceil_div(trainable_numel, world_size)
 
 
+def fsdp2_shard_numel(shape: Sequence[int], world_size: int) -> int:
+    """Elements of the largest shard (rank 0's) of a tensor of ``shape`` that ``fully_shard``
+    splits over ``world_size`` ranks: dim 0 in chunks of ``ceil(rows / world_size)``
+    (``Shard(0)``, cut as ``torch.chunk`` cuts), the last ranks' chunks smaller or empty. It is
+    also what FSDP2 allocates on every rank for a parameter's padded shard."""
+    if world_size < 1:
+        raise EstimateError(f"need world_size >= 1, got {world_size}")
+    if not shape:
+        return 1
+    rest = 1
+    for dim in shape[1:]:
+        rest *= dim
+    return _ceil_div(shape[0], world_size) * rest
+
+
 def estimate_memory(
     config: Any,
     *,
@@ -189,8 +213,9 @@ def estimate_memory(
     exclude_modules: Sequence[str] | str = DEFAULT_EXCLUDE_MODULES,
     weight_dtype: str = "bf16",
     methods: Sequence[str] = MEMORY_METHODS,
-    stages: Sequence[int] = STAGES,
+    stages: Sequence[int] | None = None,
     persistence_threshold: int | None = None,
+    engine: str = "deepspeed",
 ) -> MemoryEstimate:
     """Estimate the model-state memory of training ``config`` with each method and ZeRO setting.
 
@@ -205,10 +230,16 @@ def estimate_memory(
         methods: any of ``fft`` (AdamW on all parameters), ``lora`` (base frozen, LoRA of the
             first rank), ``molf`` (all parameters plus LoRA experts trainable), ``molf-efficient``
             (base frozen, LoRA experts of every rank trainable).
-        stages: ZeRO stages to report (0-3).
+        stages: ZeRO stages to report (0-3; default all). Under ``engine="fsdp2"``: 3 for
+            ``reshard_after_forward=True`` (the default), 2 for ``False`` (default both).
         persistence_threshold: ZeRO-3 ``stage3_param_persistence_threshold``; ``None`` takes
             what `molf_ds.initialize` sets for the MoLF methods (the largest LoRA factor, at
             least DeepSpeed's default 100000) and DeepSpeed's default for ``fft`` and ``lora``.
+            DeepSpeed only.
+        engine: ``"deepspeed"`` (ZeRO) or ``"fsdp2"`` (``fully_shard`` on each block and the
+            root; fp32 sharded parameters as the master, ``weight_dtype`` the compute dtype of
+            the gathered parameters, i.e. ``MixedPrecisionPolicy.param_dtype``; offload is
+            ``CPUOffloadPolicy``). docs/fsdp2.md, "Memory", says what each part counts.
 
     Returns:
         A `MemoryEstimate`, rows ordered by method, stage, offload.
@@ -231,8 +262,16 @@ def estimate_memory(
     unknown = [m for m in methods if m not in MEMORY_METHODS]
     if unknown or not methods:
         raise EstimateError(f"`methods` must be among {', '.join(MEMORY_METHODS)}, got {methods!r}")
-    stages = tuple(stages)
-    if not stages or any(isinstance(s, bool) or s not in STAGES for s in stages):
+    if engine not in ENGINES:
+        raise EstimateError(f"`engine` must be one of {', '.join(ENGINES)}, got {engine!r}")
+    allowed = FSDP2_STAGES if engine == "fsdp2" else STAGES
+    stages = allowed if stages is None else tuple(stages)
+    if not stages or any(isinstance(s, bool) or s not in allowed for s in stages):
+        if engine == "fsdp2":
+            raise EstimateError(
+                f"under fsdp2, `stages` must be among 2 (reshard_after_forward=False) and 3 "
+                f"(True), got {stages!r}"
+            )
         raise EstimateError(f"`stages` must be among 0, 1, 2, 3, got {stages!r}")
     if persistence_threshold is not None and (
         isinstance(persistence_threshold, bool)
@@ -265,6 +304,21 @@ def estimate_memory(
         else:
             threshold = DS_DEFAULT_PERSISTENCE_THRESHOLD
         for stage in stages:
+            if engine == "fsdp2":
+                for offload in (OFFLOAD_NONE, OFFLOAD_PARAM):
+                    rows.append(
+                        _fsdp2_row(
+                            method=method,
+                            stage=stage,
+                            offload=offload,
+                            tensors=tensors,
+                            weight_bytes=WEIGHT_BYTES[weight_dtype],
+                            world=world,
+                            gpus_per_node=num_gpus_per_node,
+                            blocks=spec.blocks,
+                        )
+                    )
+                continue
             for offload in _offloads(stage):
                 rows.append(
                     _row(
@@ -289,6 +343,7 @@ def estimate_memory(
         lora_ranks=molf_config.lora_ranks,
         lora_modules=len(targets),
         rows=tuple(rows),
+        engine=engine,
     )
 
 
@@ -408,6 +463,74 @@ def _row(
     )
 
 
+def _fsdp2_row(
+    *,
+    method: str,
+    stage: int,
+    offload: str,
+    tensors: list[TrainedTensor],
+    weight_bytes: int,
+    world: int,
+    gpus_per_node: int,
+    blocks: tuple[str, ...],
+) -> MemoryRow:
+    """The row of ``method`` under FSDP2 on ``world`` ranks: ``fully_shard`` on each block and
+    the root (``stage`` 3: ``reshard_after_forward=True``, 2: ``False``), ``offload`` none or
+    ``CPUOffloadPolicy`` (parameters, gradients and moments all on the CPU).
+
+    Sharded, per rank (`fsdp2_shard_numel`): every parameter in fp32, which the optimizer steps
+    itself (the master: no copy); the fp32 gradients and the two moments of the trainable ones.
+    Gathered, in the compute dtype (``weight_bytes``): the root module's own parameters for the
+    whole step (FSDP2 never reshards the root after forward), two blocks (the one computing and
+    the one prefetched), and one block's gradients before their reduce-scatter; with
+    ``reshard_after_forward=False`` every parameter stays gathered from forward to backward.
+    """
+    total = sum(t.numel for t in tensors)
+    trainable = sum(t.numel for t in tensors if t.trainable)
+    weight_shard = sum(fsdp2_shard_numel(t.param.shape, world) for t in tensors)
+    trainable_shard = sum(fsdp2_shard_numel(t.param.shape, world) for t in tensors if t.trainable)
+    units: dict[str, list[int]] = {}  # block (or "" for the root) -> [numel, trainable numel]
+    for t in tensors:
+        entry = units.setdefault(_block_of(t.param.module, blocks), [0, 0])
+        entry[0] += t.numel
+        entry[1] += t.numel if t.trainable else 0
+    root_numel = units.get("", [0, 0])[0]
+    block_numels = sorted((n for unit, (n, _) in units.items() if unit), reverse=True)
+    if stage == 3:
+        gathered = root_numel + sum(block_numels[:2])
+    else:
+        gathered = total
+    gathered += max((g for _, g in units.values()), default=0)
+    gather = gathered * weight_bytes
+    weights = weight_shard * MASTER_BYTES
+    grads = trainable_shard * FP32_GRAD_BYTES
+    optim = trainable_shard * MOMENT_BYTES
+    cpu_per_rank = 0
+    if offload != OFFLOAD_NONE:
+        cpu_per_rank, weights, grads, optim = weights + grads + optim, 0, 0, 0
+    return MemoryRow(
+        method=method,
+        stage=stage,
+        offload=offload,
+        gpu_bytes_per_gpu=weights + grads + optim + gather,
+        cpu_bytes_per_node=cpu_per_rank * gpus_per_node,
+        trainable_params=trainable,
+        total_params=total,
+        gpu_weight_bytes=weights,
+        gpu_grad_bytes=grads,
+        gpu_optimizer_bytes=optim,
+        gpu_gather_bytes=gather,
+    )
+
+
+def _block_of(module: str, blocks: tuple[str, ...]) -> str:
+    """The block ``module`` lies in (``""``: none, the root's own)."""
+    for block in blocks:
+        if module == block or module.startswith(block + "."):
+            return block
+    return ""
+
+
 def model_spec(config: Any) -> ModelSpec:
     """Resolve ``config`` (preset name, ``config.json`` path, ``PretrainedConfig`` or dict) into
     a `ModelSpec`: ``transformers.AutoModelForCausalLM`` builds the model on the meta device, and
@@ -442,12 +565,19 @@ def model_spec(config: Any) -> ModelSpec:
         for module_name, module in model.named_modules()
         if type(module) is nn.Linear
     )
+    block_classes = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = tuple(
+        module_name
+        for module_name, module in model.named_modules()
+        if type(module).__name__ in block_classes
+    )
     return ModelSpec(
         name=name,
         model_type=hf_config.model_type,
         architecture=type(model).__name__,
         params=params,
         linears=linears,
+        blocks=blocks,
     )
 
 

@@ -174,6 +174,13 @@ class MoLFAdamW(torch.optim.Optimizer):
         state["step"] += 1
         return state
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # The loaded state has no step of this process behind it: a record left from before
+        # (under FSDP2, the lr-0 step torch's `get_state_dict` takes to create a fresh
+        # optimizer's state) would describe a step that never trained the loaded weights.
+        self.last_routing = None
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for group in self.param_groups:

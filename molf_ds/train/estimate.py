@@ -1,6 +1,7 @@
 """`molf-estimate`: the memory model of `molf_ds.memory` from a shell, as a table (or JSON).
 
 molf-estimate --preset qwen2.5-3b --gpus-per-node 8 --nodes 2
+molf-estimate --preset qwen2.5-3b --gpus-per-node 8 --engine fsdp2
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from molf_ds.config import DEFAULT_EXCLUDE_MODULES, DEFAULT_TARGET_MODULES
 from molf_ds.errors import MoLFError, OneLineArgumentParser, one_line
 from molf_ds.memory import (
+    ENGINES,
     MEMORY_METHODS,
     STAGES,
     WEIGHT_BYTES,
@@ -25,19 +27,24 @@ from molf_ds.presets import PUBLISHED
 
 def format_table(estimate: MemoryEstimate) -> str:
     """A readable table: GiB per GPU (with its parts) and GiB per node of CPU memory."""
+    fsdp2 = estimate.engine == "fsdp2"
     nodes = f"{estimate.num_nodes} node{'s' if estimate.num_nodes > 1 else ''}"
     gpus = f"{estimate.num_gpus_per_node} GPU{'s' if estimate.num_gpus_per_node > 1 else ''}"
     lines = [
         f"Model states of {estimate.model} ({estimate.architecture}): "
         f"{_count(estimate.base_params)} params ({estimate.base_params:,}), "
-        f"{estimate.weight_dtype} weights, AdamW",
+        + (
+            f"fp32 sharded weights, {estimate.weight_dtype} compute, AdamW, FSDP2"
+            if fsdp2
+            else f"{estimate.weight_dtype} weights, AdamW"
+        ),
         f"Setup: {nodes} x {gpus} per node = {estimate.world_size} data-parallel ranks; "
         f"LoRA ranks {list(estimate.lora_ranks)} on {estimate.lora_modules} linear layers",
         "",
     ]
     header = (
         "method",
-        "ZeRO",
+        "reshard" if fsdp2 else "ZeRO",
         "offload",
         "trainable",
         "GPU/GPU",
@@ -50,7 +57,7 @@ def format_table(estimate: MemoryEstimate) -> str:
     body = [
         (
             r.method,
-            str(r.stage),
+            ({3: "yes", 2: "no"}[r.stage] if fsdp2 else str(r.stage)),
             r.offload,
             f"{_count(r.trainable_params)} ({100 * r.trainable_params / r.total_params:.3g}%)",
             _gib(r.gpu_bytes_per_gpu),
@@ -77,12 +84,22 @@ def format_table(estimate: MemoryEstimate) -> str:
             lines.append("")
         previous = row.method
         lines.append(fmt(cells))
-    lines += [
-        "",
-        "GiB. GPU/GPU = weights + grads + optim (fp32 master + AdamW moments) + gather",
-        "(ZeRO-3: the largest partitioned layer, gathered); CPU/node = offloaded states of",
-        "one node's GPUs. Activations, buffers and fragmentation come on top.",
-    ]
+    if fsdp2:
+        lines += [
+            "",
+            "GiB. GPU/GPU = weights (fp32 shards: the master) + grads (fp32 shards) + optim",
+            "(AdamW moments) + gather (the root module, two blocks and one block's gradients",
+            "whole; all weights with reshard=no); offload = CPUOffloadPolicy. CPU/node =",
+            "offloaded states of one node's GPUs. Activations, buffers and fragmentation",
+            "come on top.",
+        ]
+    else:
+        lines += [
+            "",
+            "GiB. GPU/GPU = weights + grads + optim (fp32 master + AdamW moments) + gather",
+            "(ZeRO-3: the largest partitioned layer, gathered); CPU/node = offloaded states of",
+            "one node's GPUs. Activations, buffers and fragmentation come on top.",
+        ]
     return "\n".join(lines)
 
 
@@ -102,7 +119,7 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="molf-estimate",
         description="Estimate per-GPU and per-node memory of model states (weights, gradients, "
         "fp32 master, AdamW moments) for FFT, LoRA, MoLF and MoLF-Efficient under DeepSpeed "
-        "ZeRO 0-3, with and without CPU offload. Activations are not included.",
+        "ZeRO 0-3 or PyTorch FSDP2, with and without CPU offload. Activations are not included.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -162,13 +179,21 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"methods to report, among {', '.join(MEMORY_METHODS)} (default: all)",
     )
     parser.add_argument(
+        "--engine",
+        choices=list(ENGINES),
+        default="deepspeed",
+        help="deepspeed (ZeRO) or fsdp2 (fully_shard on each block and the root) "
+        "(default: deepspeed)",
+    )
+    parser.add_argument(
         "--stages",
         nargs="+",
         type=int,
         choices=list(STAGES),
-        default=list(STAGES),
+        default=None,
         metavar="STAGE",
-        help="ZeRO stages to report (default: 0 1 2 3)",
+        help="ZeRO stages to report; under fsdp2 3 is reshard_after_forward=True, 2 False "
+        "(default: 0 1 2 3; fsdp2: 2 3)",
     )
     parser.add_argument(
         "--persistence-threshold",
@@ -200,8 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             exclude_modules=tuple(args.exclude_modules),
             weight_dtype=args.weight_dtype,
             methods=tuple(dict.fromkeys(args.methods)),
-            stages=tuple(sorted(set(args.stages))),
+            stages=None if args.stages is None else tuple(sorted(set(args.stages))),
             persistence_threshold=args.persistence_threshold,
+            engine=args.engine,
         )
     except (MoLFError, OSError) as err:
         # one line whatever the message quotes (a path holding a newline, a C++ stack)
