@@ -3,12 +3,16 @@
 Both exports load without molf_ds: `export_merged` writes ``AutoModelForCausalLM`` weights,
 `export_peft_adapter` writes an adapter for ``PeftModel.from_pretrained`` on the original base.
 The training model is never modified, so training can go on after an export.
+
+Under FSDP2 (DTensor parameters) both are collectives: every rank calls them, each module is
+gathered whole only while it is merged or folded (`fsdp2.full_tensor`), rank 0 writes.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +20,10 @@ import torch
 from torch import nn
 
 from molf_ds import ds_partitions
-from molf_ds.errors import MoLFError
-from molf_ds.layer import MoLFLinear
+from molf_ds.errors import MoLFError, one_line
+from molf_ds.layer import MoLFLinear, merge_experts
 from molf_ds.model import merge, molf_layers
+from molf_ds.runtime import is_main_rank
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -30,10 +35,26 @@ def export_merged(model: nn.Module, output_dir: str | Path, tokenizer: Any = Non
     (and its optimizer's references to them). Pass ``engine.module`` under DeepSpeed; under
     ZeRO-3 gather the weights first (``zero_to_fp32``), since a partitioned copy holds none.
 
+    Under FSDP2 (``fully_shard``) call it on every rank: `merged_state_dict` gathers one module
+    at a time and rank 0 writes; an error there is raised on every rank.
+
     Returns:
         the output directory.
     """
     _molf_layers_or_raise(model)
+    if _is_fsdp2(model):
+        out = Path(output_dir)
+        state = merged_state_dict(model, keep=is_main_rank())
+
+        def write() -> None:
+            check_finite(state, "merged model")
+            out.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(out, state_dict=state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(out)
+
+        _written_by_rank_0(write)
+        return out
     _check_not_partitioned(model.parameters())
     merged = merge(copy.deepcopy(model))
     check_finite(merged.state_dict(), "merged model")
@@ -49,11 +70,12 @@ def merged_state_dict(model: nn.Module, *, keep: bool = True) -> dict[str, torch
     """The state dict of ``merge(model)`` (Hugging Face names, the model's dtypes, on the CPU),
     built one module at a time without changing ``model``.
 
-    Works on a ZeRO-3 partitioned model: each module's parameters are gathered only while that
-    module is merged and copied, so no rank ever holds more than one module gathered. It is then
-    a collective: every rank must call it; ranks with ``keep=False`` (all but the one that
-    writes) copy nothing and get an empty dict. A parameter shared by several modules (tied
-    embeddings) appears once, under its first name, as in ``model.named_parameters()``.
+    Works on a ZeRO-3 partitioned model and on an FSDP2 one (DTensor parameters): each module's
+    parameters are gathered only while that module is merged and copied, so no rank ever holds
+    more than one module gathered. It is then a collective: every rank must call it; ranks with
+    ``keep=False`` (all but the one that writes) copy nothing and get an empty dict. A parameter
+    shared by several modules (tied embeddings) appears once, under its first name, as in
+    ``model.named_parameters()``.
 
     Raises:
         MoLFError: no MoLF layers, or a merged weight that is not finite.
@@ -74,17 +96,19 @@ def merged_state_dict(model: nn.Module, *, keep: bool = True) -> dict[str, torch
             continue  # the base linear and LoRA factors of a MoLF layer: merged below
         dot = f"{prefix}." if prefix else ""
         if isinstance(module, MoLFLinear):
-            base = module.base
+            base, experts = module.base, len(module.lora_A)
             with ds_partitions.gathered([*base.parameters(), *_lora_params(module)]):
-                put(f"{dot}weight", module.merged_weight())
+                weight, *factors = _whole([base.weight, *_lora_params(module)])
+                lora_a, lora_b = factors[:experts], factors[experts:]
+                put(f"{dot}weight", merge_experts(weight, lora_a, lora_b, module.scaling))
                 if base.bias is not None:
-                    put(f"{dot}bias", base.bias)
+                    put(f"{dot}bias", *_whole([base.bias]))
             continue
         own = [(name, p) for name, p in module.named_parameters(recurse=False) if id(p) not in seen]
         seen.update(id(p) for _, p in own)
         with ds_partitions.gathered(p for _, p in own):
-            for name, param in own:
-                put(f"{dot}{name}", param)
+            for (name, _), whole in zip(own, _whole([p for _, p in own]), strict=True):
+                put(f"{dot}{name}", whole)
         for name, buffer in module.named_buffers(recurse=False):
             if name not in module._non_persistent_buffers_set:
                 put(f"{dot}{name}", buffer)
@@ -104,6 +128,9 @@ def export_peft_adapter(
     Only the LoRA experts may have been trained: a model whose base (or any parameter outside
     the LoRA factors) is trainable raises `MoLFError` -- use `export_merged` for it.
 
+    Under FSDP2 (``fully_shard``) call it on every rank: each layer's factors are gathered
+    while it is folded, and rank 0 writes; an error there is raised on every rank.
+
     Args:
         model: the wrapped model (``engine.module`` under DeepSpeed).
         output_dir: where ``adapter_config.json`` and ``adapter_model.safetensors`` go.
@@ -116,13 +143,20 @@ def export_peft_adapter(
     _check_only_lora_trainable(model, layers)
     _check_not_partitioned(p for _, layer in layers for p in _lora_params(layer))
     rank = _total_rank(layers)
-    state = _adapter_state_dict(layers)
+    state = _adapter_state_dict(layers)  # on every rank: any check below fails on all of them
     check_finite(state, "adapter")
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = _lora_config(model, layers, rank, base_model_name_or_path)
-    config.save_pretrained(str(out))
-    _save_safetensors(state, out / ADAPTER_WEIGHTS)
+
+    def write() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        config = _lora_config(model, layers, rank, base_model_name_or_path)
+        config.save_pretrained(str(out))
+        _save_safetensors(state, out / ADAPTER_WEIGHTS)
+
+    if _is_fsdp2(model):
+        _written_by_rank_0(write)
+    else:
+        write()
     return out
 
 
@@ -143,14 +177,58 @@ def fold_experts(layer: MoLFLinear) -> tuple[torch.Tensor, torch.Tensor]:
 
     Computed in float32 (or wider when the factors are), so bf16 factors lose nothing more.
     """
-    dtype = torch.promote_types(layer.lora_A[0].dtype, torch.float32)
+    return _fold(layer.lora_A, layer.lora_B, layer.scaling)
+
+
+def _fold(
+    lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], scaling: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = torch.promote_types(lora_a[0].dtype, torch.float32)
     with torch.no_grad():
-        lora_a = torch.cat([a.detach().to(dtype) for a in layer.lora_A], dim=0)
-        lora_b = torch.cat(
-            [b.detach().to(dtype) * s for b, s in zip(layer.lora_B, layer.scaling, strict=True)],
-            dim=1,
+        folded_a = torch.cat([a.detach().to(dtype) for a in lora_a], dim=0)
+        folded_b = torch.cat(
+            [b.detach().to(dtype) * s for b, s in zip(lora_b, scaling, strict=True)], dim=1
         )
-    return lora_a.cpu().contiguous(), lora_b.cpu().contiguous()
+    return folded_a.cpu().contiguous(), folded_b.cpu().contiguous()
+
+
+def _is_fsdp2(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP2's DTensors (a DTensor cannot exist unless its
+    module was imported: a plain model does not pay for the import)."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _whole(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` whole on this rank: DTensors gathered (`fsdp2.full_tensor`, a collective),
+    plain tensors (or ZeRO-3 parameters inside `ds_partitions.gathered`) as they are."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return [t.detach() for t in tensors]
+    from molf_ds.fsdp2 import full_tensor
+
+    return [full_tensor(t) for t in tensors]
+
+
+def _written_by_rank_0(write: Callable[[], None]) -> None:
+    """``write()`` on rank 0 alone, then one broadcast of how it went: a failure there (a full
+    disk, a non-finite weight) raises on every rank, so none goes on as if the export existed."""
+    import torch.distributed as dist
+
+    error: Exception | None = None
+    if is_main_rank():
+        try:
+            write()
+        except Exception as err:  # re-raised below, after the other ranks have heard of it
+            error = err
+    message = [None if error is None else one_line(error)]
+    dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise MoLFError(f"the export failed on rank 0: {message[0]}")
 
 
 def _molf_layers_or_raise(model: nn.Module) -> list[tuple[str, MoLFLinear]]:
@@ -241,7 +319,9 @@ def _adapter_state_dict(layers: list[tuple[str, MoLFLinear]]) -> dict[str, torch
     """PEFT's on-disk key names: ``base_model.model.<module path>.lora_{A,B}.weight``."""
     state = {}
     for name, layer in layers:
-        lora_a, lora_b = fold_experts(layer)
+        experts = len(layer.lora_A)
+        factors = _whole(_lora_params(layer))
+        lora_a, lora_b = _fold(factors[:experts], factors[experts:], layer.scaling)
         state[f"base_model.model.{name}.lora_A.weight"] = lora_a
         state[f"base_model.model.{name}.lora_B.weight"] = lora_b
     return state

@@ -79,22 +79,12 @@ class MoLFLinear(nn.Module):
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """``sum_i s_i B_i A_i`` in float32 (or float64 for a float64 layer), shaped like ``W``."""
-        dtype = torch.float64 if self.base.weight.dtype == torch.float64 else torch.float32
-        delta = torch.zeros(
-            self.out_features, self.in_features, dtype=dtype, device=self.base.weight.device
-        )
-        for lora_a, lora_b, scale in zip(self.lora_A, self.lora_B, self.scaling, strict=True):
-            delta.addmm_(lora_b.to(dtype), lora_a.to(dtype), alpha=scale)
-        return delta
+        return experts_delta(self.base.weight, self.lora_A, self.lora_B, self.scaling)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """``W + sum_i s_i B_i A_i`` in ``W``'s dtype; raises `MoLFError` if not finite."""
-        delta = self.delta_weight()
-        merged = self.base.weight.to(delta.dtype) + delta
-        if not torch.isfinite(merged).all():
-            raise MoLFError("merging produced non-finite weights; nothing was changed")
-        return merged.to(self.base.weight.dtype)
+        return merge_experts(self.base.weight, self.lora_A, self.lora_B, self.scaling)
 
     @torch.no_grad()
     def merged_linear(self, merged_weight: torch.Tensor | None = None) -> nn.Linear:
@@ -107,6 +97,38 @@ class MoLFLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, ranks={self.ranks}"
         )
+
+
+@torch.no_grad()
+def experts_delta(
+    weight: torch.Tensor,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    scaling: Sequence[float],
+) -> torch.Tensor:
+    """``sum_i s_i B_i A_i`` for a base ``weight`` and its experts' factors, in float32 (float64
+    for a float64 weight); the one formula, for a layer's own tensors or gathered copies of them
+    (`molf_ds.export` under FSDP2)."""
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    delta = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+    for a, b, scale in zip(lora_a, lora_b, scaling, strict=True):
+        delta.addmm_(b.to(dtype), a.to(dtype), alpha=scale)
+    return delta
+
+
+@torch.no_grad()
+def merge_experts(
+    weight: torch.Tensor,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    scaling: Sequence[float],
+) -> torch.Tensor:
+    """``W + sum_i s_i B_i A_i`` in ``weight``'s dtype; raises `MoLFError` if not finite."""
+    delta = experts_delta(weight, lora_a, lora_b, scaling)
+    merged = weight.to(delta.dtype) + delta
+    if not torch.isfinite(merged).all():
+        raise MoLFError("merging produced non-finite weights; nothing was changed")
+    return merged.to(weight.dtype)
 
 
 def _init_lora_a(weight: torch.Tensor) -> None:

@@ -1,7 +1,7 @@
 """Save MoLFAdamW under FSDP2 with ``torch.distributed.checkpoint`` on N ranks, resume on M.
 
     torchrun --nproc_per_node N tests/workers/fsdp2_checkpoint.py --out OUT \
-        [--straight] [--save DIR] [--resume DIR ...]
+        [--straight] [--save DIR] [--resume DIR ...] [--export DIR]
 
 The tiny model of ``fsdp2_train.py`` (its ``build`` and ``shard``), in a user's loop: backward,
 ``clip_grad_norm_``, ``step``, ``zero_grad``. Per case (`CASES`), in this order:
@@ -13,6 +13,8 @@ The tiny model of ``fsdp2_train.py`` (its ``build`` and ``shard``), in a user's 
 * ``--resume DIR``: a fresh model and optimizer, ``dcp.load`` and ``set_state_dict`` from
   ``DIR/<case>`` (written by any number of ranks), then steps `SAVE_AT` to `STEPS`; saved as
   ``OUT/<case>_<DIR's name>_to<N>.pt``.
+
+``--export DIR`` first runs ``fsdp2_export.py``'s work into DIR, sharing this launch.
 
 Every global batch is the same whatever the number of ranks (each rank takes its slice), so the
 resumed run must end where the straight run ends.
@@ -130,6 +132,7 @@ def main() -> None:
     parser.add_argument("--straight", action="store_true")
     parser.add_argument("--save")
     parser.add_argument("--resume", action="append", default=[])
+    parser.add_argument("--export")
     args = parser.parse_args()
     torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -141,6 +144,10 @@ def main() -> None:
             torch.save({**result, "world": world}, out / f"{name}.pt")
 
     def work() -> None:
+        if args.export:
+            from tests.workers.fsdp2_export import export_run
+
+            export_run(Path(args.export), world, rank)
         for case in CASES:
             if args.straight:
                 model, optimizer = setup(case, world)
