@@ -276,6 +276,49 @@ def test_lora_factors_stay_resident_under_zero3():
     assert pinned.row("molf", 3, "optimizer+param").gpu_weight_bytes == 0
 
 
+def test_fsdp2_rows_follow_fully_shard():
+    """FSDP2 rows (measured against real ranks in tests/test_fsdp2_library.py): fp32 shards of
+    every parameter as the master, fp32 gradient shards and the moments of the trainable ones;
+    the root module gathered all step plus two decoder layers and one layer's gradients, or
+    everything with reshard_after_forward=False; CPUOffloadPolicy leaves only the gathers."""
+    est = estimate_memory("qwen2.5-0.5b", num_gpus_per_node=8, engine="fsdp2", lora_ranks=(8,))
+    assert est.engine == "fsdp2" and est.to_dict()["engine"] == "fsdp2"
+    assert {(r.stage, r.offload) for r in est.rows if r.method == "molf"} == {
+        (3, "none"), (3, "optimizer+param"), (2, "none"), (2, "optimizer+param"),
+    }  # fmt: skip
+    spec = model_spec("qwen2.5-0.5b")
+    assert spec.blocks == tuple(f"model.layers.{i}" for i in range(24))
+    total = spec.num_params  # 896 x 151936 embedding tied with the head; 24 layers of equal size
+    layer = sum(p.numel for p in spec.params if p.module.startswith("model.layers.0."))
+    root = total - 24 * layer
+    fft = est.row("fft", 3)
+    assert fft.gpu_weight_bytes == pytest.approx(4 * total / 8, rel=1e-3)  # no other master
+    assert fft.gpu_grad_bytes == fft.gpu_weight_bytes
+    assert fft.gpu_optimizer_bytes == 2 * fft.gpu_weight_bytes
+    # bf16 compute: the root (embedding and final norm) + 2 layers, + the root's gradients
+    assert fft.gpu_gather_bytes == 2 * (root + 2 * layer + root)
+    assert est.row("fft", 2).gpu_gather_bytes == 2 * (total + root)
+    offloaded = est.row("fft", 3, "optimizer+param")
+    assert offloaded.gpu_bytes_per_gpu == fft.gpu_gather_bytes
+    assert offloaded.cpu_bytes_per_node == 8 * (fft.gpu_bytes_per_gpu - fft.gpu_gather_bytes)
+    efficient = est.row("molf-efficient", 3)
+    assert efficient.gpu_weight_bytes > fft.gpu_weight_bytes  # frozen base sharded, + LoRA
+    assert efficient.gpu_optimizer_bytes == 2 * efficient.gpu_grad_bytes
+    with pytest.raises(EstimateError, match="`engine` must be one of deepspeed, fsdp2"):
+        estimate_memory("qwen2.5-0.5b", engine="fsdp")
+
+
+def test_cli_fsdp2_table(capsys):
+    assert main(["--preset", "qwen2.5-0.5b", "--engine", "fsdp2", "--methods", "molf"]) == 0
+    out = capsys.readouterr().out
+    assert "FSDP2" in out and "fp32 sharded weights, bf16 compute" in out
+    header = next(line for line in out.splitlines() if line.startswith("method"))
+    assert header.split()[:3] == ["method", "reshard", "offload"]
+    rows = [line.split()[:3] for line in out.splitlines() if line.startswith("molf ")]
+    assert rows == [["molf", "no", "none"], ["molf", "no", "optimizer+param"],
+                    ["molf", "yes", "none"], ["molf", "yes", "optimizer+param"]]  # fmt: skip
+
+
 def test_fp32_master_copy_rules():
     est = estimate_memory("qwen2.5-0.5b", weight_dtype="fp32", num_gpus_per_node=2)
     trainable = est.row("fft", 0).trainable_params
@@ -383,6 +426,8 @@ def test_cli_bad_input_subprocess(cli_runs, run, message):
         (["--preset", "qwen2.5-3b", "--lora-ranks", "0"], "lora_ranks"),
         (["--preset", "qwen2.5-3b", "--nodes", "0"], "num_nodes"),
         (["--preset", "qwen2.5-3b", "--stages", "4"], "invalid choice: 4"),
+        (["--preset", "qwen2.5-3b", "--engine", "fsdp2", "--stages", "1"], "under fsdp2"),
+        (["--preset", "qwen2.5-3b", "--engine", "fsdp1"], "invalid choice: 'fsdp1'"),
         ([], "one of the arguments --preset --config is required"),
     ],
 )
@@ -408,8 +453,8 @@ def test_cli_json_and_help(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     options = [
         "--preset", "--config", "--gpus-per-node", "--nodes", "--lora-ranks", "--target-modules",
-        "--target-regex", "--exclude-modules", "--weight-dtype", "--methods", "--stages",
-        "--persistence-threshold", "--json",
+        "--target-regex", "--exclude-modules", "--weight-dtype", "--methods", "--engine",
+        "--stages", "--persistence-threshold", "--json",
     ]  # fmt: skip
     for option in options:
         assert option in help_text
