@@ -193,13 +193,13 @@ def _fold(
 
 
 def _is_fsdp2(model: nn.Module) -> bool:
-    """Whether ``model``'s parameters are FSDP2's DTensors (a DTensor cannot exist unless its
-    module was imported: a plain model does not pay for the import)."""
-    if "torch.distributed.tensor" not in sys.modules:
+    """Whether ``fully_shard`` was applied to ``model`` or a module in it (only possible once
+    torch's FSDP package was imported: a plain model does not pay for the import)."""
+    if "torch.distributed.fsdp" not in sys.modules:
         return False
-    from torch.distributed.tensor import DTensor
+    from molf_ds.fsdp2 import is_fully_sharded
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return is_fully_sharded(model)
 
 
 def _whole(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

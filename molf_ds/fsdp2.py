@@ -135,6 +135,15 @@ def connect(optimizer: MoLFAdamW) -> None:
         optimizer.reduce_scores = all_reduce_sum(shard_group(params))
 
 
+def is_fully_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``fully_shard`` was applied to ``model`` or to a module inside it. Asked of the
+    modules, not of the parameters: after an inference forward FSDP2 leaves the root's own
+    parameters gathered, plain tensors, until the next backward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` whole and detached: a DTensor all-gathered from its shards, a plain tensor as
     it is.

@@ -159,3 +159,15 @@ def test_fsdp2_memory_matches_molf_estimate(exported, method: str) -> None:
         assert got["grads"] == row.gpu_grad_bytes, rank
         assert got["state"] == row.gpu_optimizer_bytes, rank
         assert got["state"] * 2 == MOMENT_BYTES * row.trainable_params, rank
+
+
+def test_fsdp2_export_failure_on_rank_0_raises_on_every_rank(exported) -> None:
+    """Rank 0 alone writes and alone sees the gathered unrouted weights whole: when its check
+    refuses a NaN that lies in another rank's shard, every rank raises it, in one line, and
+    nothing is written."""
+    messages = exported["trained"]["diverged"]
+    assert len(messages) == 2
+    for rank, message in enumerate(messages):
+        assert "non-finite" in message and "model.layers.1.input_layernorm.weight" in message, rank
+        assert "\n" not in message
+    assert not (exported["dir"] / "diverged").exists()

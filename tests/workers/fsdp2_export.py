@@ -13,7 +13,7 @@ steps with `MoLFAdamW`, each rank on its slice of the batch:
 Rank 0 saves ``OUT/probe.pt`` (``{"probe": input_ids}``, as ``hf_reload.py`` reads it) and
 ``OUT/export.pt``: per model the trained model's logits on the probe (the FSDP2 model's own
 forward), the untrained model's, and every rank's bytes of parameters, gradients and optimizer
-state.
+state; and what each rank's ``export_merged`` said of a model with a NaN in one rank's shard.
 """
 
 from __future__ import annotations
@@ -93,9 +93,32 @@ def export_run(out: Path, world: int, rank: int) -> None:
         if not train_base:
             export_peft_adapter(model, out / "adapter", str(out / "base"))
         result[name] = {"trained": trained, "untrained": untrained, "memory": every_rank}
+    result["diverged"] = _export_diverged(model, out / "diverged", rank, world)
     if rank == 0:
         torch.save({"probe": probe}, out / "probe.pt")
         torch.save({**result, "world": world}, out / "export.pt")
+
+
+def _export_diverged(model, out: Path, rank: int, world: int) -> list:
+    """A NaN in the last rank's shard of a norm weight (gathered, never merged: only rank 0's
+    check of the whole state sees it): every rank's `export_merged` must raise; each rank's
+    error message is returned. (Not the embedding: FSDP2 leaves the root's own parameters
+    gathered after an inference forward, plain tensors until the next backward.)"""
+    from molf_ds.errors import MoLFError
+    from molf_ds.export import export_merged
+
+    norm = model.model.layers[1].input_layernorm.weight
+    if rank == world - 1:
+        with torch.no_grad():
+            norm.to_local()[0] = float("nan")
+    message = "exported"
+    try:
+        export_merged(model, out)
+    except MoLFError as err:
+        message = str(err)
+    every_rank = [None] * world
+    torch.distributed.all_gather_object(every_rank, message)
+    return every_rank
 
 
 def _seeded(seed: int) -> torch.Generator:
