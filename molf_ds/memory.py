@@ -32,6 +32,16 @@ DeepSpeed's `estimate_zero2_model_states_mem_needs` / `estimate_zero3_model_stat
   CPU memory; ZeRO-2/3 then keep no gradient partition on the GPU (ZeRO-1 keeps the full 16-bit
   gradients); ZeRO-3 parameter offload also moves the weight shards of partitioned tensors.
 
+Under PyTorch FSDP2 (``engine="fsdp2"``: ``fully_shard`` on each block of the model's
+``_no_split_modules`` classes and on the root) every tensor is sharded on dim 0 in chunks of
+``ceil(rows / N)`` (`fsdp2_shard_numel`), in fp32: the sharded parameters are the master (the
+optimizer steps them: no copy), with fp32 gradient shards and the two moments of the trainable
+ones. The gathered copies, in the compute dtype (``weight_dtype``, the ``MixedPrecisionPolicy``),
+are the root's own parameters for the whole step, two blocks and one block's gradients, or every
+parameter with ``reshard_after_forward=False`` (reported as stage 2; the default True as stage 3).
+``CPUOffloadPolicy`` moves the shards, their gradients and the moments to CPU memory
+(docs/fsdp2.md, "Memory").
+
 Not counted: activations, communication buckets, allocator fragmentation, the transient fp32
 gradient of the optimizer step, and the CPU memory needed to load a checkpoint (DeepSpeed's
 estimator adds ``4 x params x GPUs per node`` and a 1.5 buffer factor for that).
