@@ -21,6 +21,7 @@ FILE_SECONDS = {
     "test_hf.py": 150,
     "test_zero_exactness.py": 90,
     "test_zero_checkpoints.py": 90,
+    "test_fsdp2_library.py": 60,
     "test_disk_and_saves.py": 85,
     "test_nonfinite.py": 65,
     "test_hostile_input.py": 30,
