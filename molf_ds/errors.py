@@ -44,5 +44,6 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.error_hint = error_hint
 
     def error(self, message: str) -> NoReturn:
-        text = " ".join(message.split()).encode("utf-8", "backslashreplace").decode("utf-8")
+        # argparse quotes the bad value whole: a 100,000-character argument stays one short line
+        text = one_line(message, 500).encode("utf-8", "backslashreplace").decode("utf-8")
         self.exit(2, f"{self.prog}: error: {text} ({self.error_hint})\n")

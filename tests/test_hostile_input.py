@@ -499,6 +499,7 @@ ESTIMATE_FLAGS = st.sampled_from(
         "--exclude-modules",
         "--weight-dtype",
         "--methods",
+        "--engine",
         "--stages",
         "--persistence-threshold",
         "--json",
@@ -506,7 +507,12 @@ ESTIMATE_FLAGS = st.sampled_from(
     ]
 )
 ESTIMATE_WORDS = st.one_of(
-    st.integers().map(str), HUGE_INTS.map(str), st.text(max_size=8), ODD_STRINGS, ESTIMATE_FLAGS
+    st.integers().map(str),
+    HUGE_INTS.map(str),
+    st.text(max_size=8),
+    ODD_STRINGS,
+    ESTIMATE_FLAGS,
+    st.sampled_from(["fsdp2", "deepspeed"]),  # --engine's values, so that fsdp2 rows are built
 )
 
 
