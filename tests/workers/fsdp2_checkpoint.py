@@ -8,8 +8,8 @@ The tiny model of ``fsdp2_train.py`` (its ``build`` and ``shard``), in a user's 
 
 * ``--straight``: train `STEPS` steps without a break; saved as ``OUT/<case>_straight.pt``;
 * ``--save DIR``: train `SAVE_AT` steps, then ``dcp.save`` of ``get_state_dict(model,
-  optimizer)`` to ``DIR/<case>``; the bytes of each rank's optimizer state and local parameter
-  shards go to ``OUT/<case>_memory<N>.pt``;
+  optimizer)`` to ``DIR/<case>``; the bytes of each rank's optimizer state go to
+  ``OUT/<case>_memory<N>.pt``;
 * ``--resume DIR``: a fresh model and optimizer, ``dcp.load`` and ``set_state_dict`` from
   ``DIR/<case>`` (written by any number of ranks), then steps `SAVE_AT` to `STEPS`; saved as
   ``OUT/<case>_<DIR's name>_to<N>.pt``.
@@ -86,20 +86,15 @@ def snapshot(model, optimizer, run: dict, world: int) -> dict:
 
 
 def memory(model, optimizer, world: int) -> dict:
-    """Every rank's bytes of optimizer state and of local parameter shards, and the shapes."""
+    """Every rank's bytes of optimizer state, and the trainable parameters' shapes."""
     from molf_ds.fsdp2 import local_state_bytes
 
-    mine = {
-        "state": sum(local_state_bytes(optimizer).values()),
-        "params": sum(p.to_local().nbytes for p in model.parameters()),
-        "trainable": sum(p.to_local().nbytes for p in model.parameters() if p.requires_grad),
-    }
+    mine = {"state": sum(local_state_bytes(optimizer).values())}
     every_rank = [None] * world
     torch.distributed.all_gather_object(every_rank, mine)
     return {
         "per_rank": every_rank,
         "trainable_shapes": [tuple(p.shape) for p in model.parameters() if p.requires_grad],
-        "shapes": [tuple(p.shape) for p in model.parameters()],
         "world": world,
     }
 
