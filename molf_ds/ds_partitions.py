@@ -578,28 +578,34 @@ def _source_digest(name: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()
 
 
+def model_partitions(engine: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's ``(model partition, fp32 master partition)`` pairs under ZeRO-1/2/3: the
+    slice of the model's own parameter storage (what the forward pass reads, in the model's
+    dtype) that each step's result is copied into, and the master it is copied from. ZeRO-3's
+    partitions swapped to NVMe are ``None``."""
+    zero = engine.optimizer
+    if engine.zero_optimization_stage() == 3:
+        return list(
+            zip(zero.fp16_partitioned_groups_flat, zero.fp32_partitioned_groups_flat, strict=True)
+        )
+    rank = _dp_rank(zero)
+    return [
+        (partitions[rank], flat)
+        for partitions, flat in zip(
+            zero.parallel_partitioned_bit16_groups,
+            zero.single_partition_of_fp32_groups,
+            strict=True,
+        )
+    ]
+
+
 def model_partition_matches_master(engine: Any) -> bool:
     """Whether this rank's partition of the model's parameters holds exactly its fp32 master
     partition in the model's dtype: what DeepSpeed's full copy-back leaves after a step (the
     tests check the selective copy-back against it after every step)."""
-    zero = engine.optimizer
-    if engine.zero_optimization_stage() == 3:
-        pairs = list(
-            zip(zero.fp16_partitioned_groups_flat, zero.fp32_partitioned_groups_flat, strict=True)
-        )
-    else:
-        rank = _dp_rank(zero)
-        pairs = [
-            (partitions[rank], flat)
-            for partitions, flat in zip(
-                zero.parallel_partitioned_bit16_groups,
-                zero.single_partition_of_fp32_groups,
-                strict=True,
-            )
-        ]
     return all(
         lp is not None and torch.equal(lp.detach().cpu(), hp.detach().to(lp.dtype).cpu())
-        for lp, hp in pairs
+        for lp, hp in model_partitions(engine)
     )
 
 

@@ -23,6 +23,7 @@ from torch import nn
 import molf_ds
 from molf_ds import ds_partitions
 from molf_ds.runtime import run_then_exit
+from molf_ds.testing import CopiedBytes
 from molf_ds.zero import SHIPPED_CONFIGS, fill_auto
 
 CONFIG_DIR = SHIPPED_CONFIGS
@@ -216,6 +217,8 @@ def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
         engine, _, _, _ = molf_ds.initialize(model=model, optimizer=optimizer, config=config)
         ds_partitions.RELIED_ON_SOURCES.update(relied_on)
     winners, residency, after_steps = [], [], []
+    # the offload cases: how each step's result reaches the model's parameters
+    tracked = name in OFFLOAD_CASES or "copy_back" in case or case.get("unknown_deepspeed", False)
     for step in range(steps):
         for micro in range(GRAD_ACCUM):
             inputs, targets = global_batch(step, micro, world_of_data)
@@ -224,12 +227,15 @@ def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
             loss = loss_fn(engine, inputs[mine].to(device), targets[mine].to(device))
             residency.append(zero3_residency(engine.module))
             engine.backward(loss)
-            engine.step()
+            # what the step copies into the model's parameter partitions, measured
+            partitions = ds_partitions.model_partitions(engine) if tracked else []
+            with CopiedBytes([lp for lp, _ in partitions]) as copied:
+                engine.step()
             residency.append(zero3_residency(engine.module))
         routing = getattr(optimizer, "last_routing", None)  # (MoLFAdamW's)
         winners.append(routing.winners.tolist() if routing is not None else [])
-        if name in OFFLOAD_CASES or "copy_back" in case or case.get("unknown_deepspeed"):
-            after_steps.append(after_step(engine, optimizer))
+        if tracked:
+            after_steps.append(after_step(engine, optimizer, copied.bytes))
     params = {name: full_param(param) for name, param in engine.module.named_parameters()}
     every_rank, every_state = [None] * world, [None] * world
     dist.all_gather_object(every_rank, winners)
@@ -248,12 +254,13 @@ def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
     }
 
 
-def after_step(engine, optimizer) -> dict:
+def after_step(engine, optimizer, copied_bytes: int) -> dict:
     """After an optimizer step, per rank: the model's own parameters as this rank holds them
     (what the forward pass reads: under ZeRO-3 this rank's partition of each, and the whole of
     each resident one; gathering would disturb ZeRO-3's prefetch trace mid-run), how the step's
-    result was copied back into them, and whether this rank's model partition equals its fp32
-    master converted to the model's dtype (what DeepSpeed's full copy writes)."""
+    result was copied back into them (``copied_bytes``: what ``copy_`` wrote into the model's
+    partition during the step, measured), and whether this rank's model partition equals its
+    fp32 master converted to the model's dtype (what DeepSpeed's full copy writes)."""
     import deepspeed.comm as dist
 
     model_params = {}
@@ -269,6 +276,7 @@ def after_step(engine, optimizer) -> dict:
         "reason": copy_back.reason,
         "last_bytes": copy_back.last_bytes,
         "partition_bytes": copy_back.partition_bytes,
+        "copied_bytes": copied_bytes,
         "matches_master": ds_partitions.model_partition_matches_master(engine),
     }
     every_rank = [None] * dist.get_world_size()
