@@ -273,6 +273,7 @@ class FlatSegmentSource:
 
     def __init__(self) -> None:
         self.last_pieces: tuple[torch.Tensor, list[Piece]] | None = None
+        self._views: dict = {}  # the partition's and moments' splits (`flat_segments`)
 
     def pieces(self, optimizer: MoLFAdamW) -> list[Piece]:
         raise NotImplementedError
@@ -285,7 +286,8 @@ class FlatSegmentSource:
         state = optimizer.advance_state(flat)
         pieces = self.pieces(optimizer)
         self.last_pieces = (flat, pieces)
-        return flat_segments(group, flat, state, pieces), static_candidates(optimizer)
+        segments = flat_segments(group, flat, state, pieces, self._views)
+        return segments, static_candidates(optimizer)
 
 
 class HpMappingSegments(FlatSegmentSource):
@@ -352,9 +354,14 @@ def all_reduce_sum(group: torch.distributed.ProcessGroup | None):
     """``reduce_scores`` for the routed step: a SUM all-reduce over the data-parallel group.
 
     With NCCL a CPU tensor (offloaded partitions) cannot be reduced in place, so it travels to
-    the accelerator and back; with gloo it is reduced where it is.
+    the accelerator and back; with gloo it is reduced where it is. Over one rank the sum is the
+    table itself, so no collective runs (with NCCL and offload it would cost two copies between
+    host and device every step).
     """
     from deepspeed.accelerator import get_accelerator
+
+    if torch.distributed.get_world_size(group) == 1:
+        return lambda scores: None
 
     def reduce(scores: torch.Tensor) -> None:
         backend = torch.distributed.get_backend(group)
