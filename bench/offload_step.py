@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -340,8 +341,9 @@ def launch(args: argparse.Namespace, argv: list[str]) -> None:
     from molf_ds.train.distributed import free_port
 
     env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    if env["DS_ACCELERATOR"] == "cpu":  # CPU ranks on one host split its cores as threads
+    if shutil.which("nvidia-smi") is None:  # as scripts/env.sh: DeepSpeed's CPU accelerator
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    if env.get("DS_ACCELERATOR") == "cpu":  # CPU ranks on one host split its cores as threads
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.ranks)))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "records.jsonl"
