@@ -25,6 +25,16 @@ Everything else in molf_ds, and the test and benchmark workers, use DeepSpeed's 
   `finish_failed_save`.
 - Whether one of DeepSpeed's compiled ops builds here: the accelerator's op builders
   (``create_op_builder(name).load()``), see `op_build_problem`.
+- The selective copy-back under optimizer offload (`install_copy_back`, checked against
+  ``deepspeed.__version__ == "0.19.8"`` and the sha256 of each relied-on method's source,
+  `RELIED_ON_SOURCES`, else DeepSpeed's full copy runs):
+  ZeRO-1/2: ``cpu_offload``, ``single_partition_of_fp32_groups``,
+  ``param_buffer_of_bit16_for_cpu_offload_groups``, ``parallel_partitioned_bit16_groups``,
+  ``_hp_optimizer_states_linked``, ``zenflow``, ``torch_autocast_gradscaler``, and ``step``
+  (wrapped on the instance); ZeRO-3: ``offload_optimizer``, ``fp16_partitioned_groups_flat``,
+  ``fp32_partitioned_groups_flat``, ``swap_optimizer``, ``_unflatten_partitioned_parameters``
+  and ``_reassign_or_swap_out_partitioned_parameters`` (replaced on the instance); see
+  `model_partitions` too.
 """
 
 from __future__ import annotations
