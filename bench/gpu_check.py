@@ -25,6 +25,10 @@ than the GPU machine: its limits are 4x, its budget 1800 s. In order:
 - ``optimizer_step``: bench/optimizer_step.py on ~1.1B parameters, MoLFAdamW against torch's fused
   AdamW (targets: at most 1.5x when FFT wins, 1.0x when LoRA wins); ``kernel_launches`` from the
   same run: kernels and launch calls per step (torch.profiler) of MoLF and of fused AdamW.
+- ``offload_step`` (one line per case): bench/offload_step.py, MoLF's engine step under ZeRO-2
+  and ZeRO-3 offload (``offload_optimizer``, and with ``offload_param``), LoRA winning, with the
+  selective copy-back and with DeepSpeed's full copy, against FFT with DeepSpeed's CPU Adam, and
+  the bytes copied back into the model's parameters per step (host-to-device on a GPU).
 - ``train`` (one line per model): bench/train_loop.py, molf-train's loop on one GPU in bf16,
   tokens/s of ``mode=molf`` and ``mode=fft``: tiny-qwen2, then the random-qwen2.5 presets in
   increasing size while the previous pair took at most 2 minutes and the budget lasts.
@@ -272,6 +276,30 @@ def optimizer_step(checks: Checks) -> None:
     )
 
 
+def offload_step(checks: Checks) -> None:
+    """bench/offload_step.py on one GPU rank: MoLF's engine step under ZeRO-Offload (the selective
+    copy-back, and DeepSpeed's full copy) against FFT with DeepSpeed's CPU Adam; on a GPU the
+    copy-back is host-to-device traffic, where skipping what did not move saves the most."""
+    small = "--layers 2 --hidden 128 --mlp 352 --repeats 3 --burn-in 1"
+    large = "--layers 8 --hidden 2048 --mlp 5632 --repeats 6 --burn-in 2"
+    size = (small if checks.dry_run else large).split()
+    cases = "zero2:16:lora,zero3_all:16:lora"
+    done = checks.run([sys.executable, "-m", "bench.offload_step", *size, "--cases", cases], 180)
+    if done["rc"] != 0 or not done["lines"]:
+        return checks.failed("offload_step", done)
+    for result in done["lines"]:
+        result.pop("benchmark")
+        checks.emit(
+            {
+                "check": "offload_step",
+                # the targets are for this model size on a GPU; a dry run's tiny case only runs
+                "ok": True if checks.dry_run else result["meets_target"],
+                "seconds": done["seconds"],
+                **result,
+            }
+        )
+
+
 def train(checks: Checks, presets: list[str], steps: dict[str, int], micro: int) -> None:
     """fft and molf on each preset in turn; the next, larger one only if this pair fit in
     `PAIR_LIMIT_S` and the budget still holds a pair."""
@@ -377,6 +405,7 @@ def main() -> None:
     ds_ops(checks, ops, limit_s=180 * checks.slowness)
     zero(checks, out)
     optimizer_step(checks)
+    offload_step(checks)
     if dry_run:
         train(checks, ["tiny-qwen2"], {"tiny-qwen2": 4}, micro=2)
         molf_train(checks, out, steps=2, micro=2)

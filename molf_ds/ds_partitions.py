@@ -25,20 +25,35 @@ Everything else in molf_ds, and the test and benchmark workers, use DeepSpeed's 
   `finish_failed_save`.
 - Whether one of DeepSpeed's compiled ops builds here: the accelerator's op builders
   (``create_op_builder(name).load()``), see `op_build_problem`.
+- The selective copy-back under optimizer offload (`install_copy_back`, checked against
+  ``deepspeed.__version__ == "0.19.8"`` and the sha256 of each relied-on method's source,
+  `RELIED_ON_SOURCES`, else DeepSpeed's full copy runs):
+  ZeRO-1/2: ``cpu_offload``, ``single_partition_of_fp32_groups``,
+  ``param_buffer_of_bit16_for_cpu_offload_groups``, ``parallel_partitioned_bit16_groups``,
+  ``_hp_optimizer_states_linked``, ``zenflow``, ``torch_autocast_gradscaler``, and ``step``
+  (wrapped on the instance); ZeRO-3: ``offload_optimizer``, ``fp16_partitioned_groups_flat``,
+  ``fp32_partitioned_groups_flat``, ``swap_optimizer``, ``_unflatten_partitioned_parameters``
+  and ``_reassign_or_swap_out_partitioned_parameters`` (replaced on the instance); see
+  `model_partitions` too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import weakref
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from molf_ds.optimizer import MoLFAdamW, flat_segments
-from molf_ds.routed_step import Segment
+from molf_ds.plan import ParamRole
+from molf_ds.routed_step import UNROUTED, Segment
 
 
 def turn_off_cpu_shm_comm() -> None:
@@ -254,46 +269,69 @@ def static_candidates(optimizer: MoLFAdamW) -> list[list[bool]]:
     return [[numel > 0 for numel in row] for row in optimizer.plan.expert_numel]
 
 
-def hp_mapping_segments(
-    optimizer: MoLFAdamW, group: dict
-) -> tuple[list[Segment], list[list[bool]]]:
-    """ZeRO-1/2 and ``BF16_Optimizer``: one segment per model-parameter slice in this rank's flat
-    fp32 partition (``group["params"] == [flat]``, gradient in ``flat.grad``)."""
-    (flat,) = group["params"]
-    if flat.grad is None:
-        return [], static_candidates(optimizer)
-    state = optimizer.advance_state(flat)
-    pieces = []
-    for param, role in zip(optimizer.plan.params, optimizer.plan.roles, strict=True):
-        piece = hp_slice(param)
-        if piece is not None:  # else no slice of this parameter lives on this rank
-            pieces.append((role, *piece))
-    return flat_segments(group, flat, state, pieces), static_candidates(optimizer)
+Piece = tuple[ParamRole, int, int]
+"""``(role, start, numel)``: one model parameter's slice of a flat partition."""
 
 
-class Stage3Segments:
-    """ZeRO-3: one segment per model-parameter slice (`stage3_slice`) in this rank's fp32
-    sub-group partition.
+class FlatSegmentSource:
+    """A segment source over this rank's flat fp32 partition (``group["params"] == [flat]``,
+    gradient in ``flat.grad``): one segment per model-parameter slice (`pieces`).
+
+    It keeps the last step's ``(flat, pieces)`` in `last_pieces`, for the selective copy-back
+    (`CopyBack`), which must know where each segment lies in the partition.
+    """
+
+    def __init__(self) -> None:
+        self.last_pieces: tuple[torch.Tensor, list[Piece]] | None = None
+        self._views: dict = {}  # the partition's and moments' splits (`flat_segments`)
+
+    def pieces(self, optimizer: MoLFAdamW) -> list[Piece]:
+        raise NotImplementedError
+
+    def __call__(self, optimizer: MoLFAdamW, group: dict) -> tuple[list[Segment], list[list[bool]]]:
+        (flat,) = group["params"]
+        self.last_pieces = None
+        if flat.grad is None:
+            return [], static_candidates(optimizer)
+        state = optimizer.advance_state(flat)
+        pieces = self.pieces(optimizer)
+        self.last_pieces = (flat, pieces)
+        segments = flat_segments(group, flat, state, pieces, self._views)
+        return segments, static_candidates(optimizer)
+
+
+class HpMappingSegments(FlatSegmentSource):
+    """ZeRO-1/2 and ``BF16_Optimizer``: each parameter's slice is ``param._hp_mapping``
+    (`hp_slice`), read at every step (``load_checkpoint`` replaces it)."""
+
+    def pieces(self, optimizer: MoLFAdamW) -> list[Piece]:
+        pieces = []
+        for param, role in zip(optimizer.plan.params, optimizer.plan.roles, strict=True):
+            piece = hp_slice(param)
+            if piece is not None:  # else no slice of this parameter lives on this rank
+                pieces.append((role, *piece))
+        return pieces
+
+
+class Stage3Segments(FlatSegmentSource):
+    """ZeRO-3: each parameter's slice of this rank's fp32 sub-group partition (`stage3_slice`).
 
     ZeRO-3 calls ``step`` once per sub-group; `molf_ds.initialize` sizes ``sub_group_size`` so
     there is one, and `stage3_segments` refuses more, so routing sees whole modules.
     """
 
     def __init__(self, zero_optimizer: Any, dp_rank: int) -> None:
+        super().__init__()
         self.zero_optimizer = zero_optimizer
         self.dp_rank = dp_rank
 
-    def __call__(self, optimizer: MoLFAdamW, group: dict) -> tuple[list[Segment], list[list[bool]]]:
-        (flat,) = group["params"]
-        if flat.grad is None:
-            return [], static_candidates(optimizer)
-        state = optimizer.advance_state(flat)
+    def pieces(self, optimizer: MoLFAdamW) -> list[Piece]:
         pieces = []
         for param, role in zip(optimizer.plan.params, optimizer.plan.roles, strict=True):
             piece = stage3_slice(self.zero_optimizer, param, self.dp_rank)
             if piece is not None:
                 pieces.append((role, *piece))
-        return flat_segments(group, flat, state, pieces), static_candidates(optimizer)
+        return pieces
 
 
 def stage3_segments(engine: Any) -> Stage3Segments:
@@ -326,9 +364,14 @@ def all_reduce_sum(group: torch.distributed.ProcessGroup | None):
     """``reduce_scores`` for the routed step: a SUM all-reduce over the data-parallel group.
 
     With NCCL a CPU tensor (offloaded partitions) cannot be reduced in place, so it travels to
-    the accelerator and back; with gloo it is reduced where it is.
+    the accelerator and back; with gloo it is reduced where it is. Over one rank the sum is the
+    table itself, so no collective runs (with NCCL and offload it would cost two copies between
+    host and device every step).
     """
     from deepspeed.accelerator import get_accelerator
+
+    if torch.distributed.get_world_size(group) == 1:
+        return lambda scores: None
 
     def reduce(scores: torch.Tensor) -> None:
         backend = torch.distributed.get_backend(group)
@@ -340,6 +383,375 @@ def all_reduce_sum(group: torch.distributed.ProcessGroup | None):
             torch.distributed.all_reduce(scores, group=group)
 
     return reduce
+
+
+# ---------------------------------------------------------------------------------------------
+# Copying the step's result back into the model's parameters (optimizer offload)
+
+COPY_BACK_VERSION = "0.19.8"
+"""The DeepSpeed version the selective copy-back is written against; any other runs DeepSpeed's
+full copy."""
+
+COPY_BACK_ENV = "MOLF_DS_COPY_BACK"
+"""``MOLF_DS_COPY_BACK=full`` keeps DeepSpeed's full copy-back (the default is ``selective``)."""
+
+# sha256 of ``inspect.getsource`` of each DeepSpeed 0.19.8 method whose order of work the
+# selective copy-back relies on (see `CopyBack`). A DeepSpeed whose methods differ (another
+# version, a patched install) gets the full copy: the reasoning below holds for this code only.
+RELIED_ON_SOURCES = {
+    "engine.DeepSpeedEngine._take_model_step": (
+        "c4c6e01aa1fc4e7d83fd1076b4105ff104161d5c7d359bcfa2d1ecebdc34b1b8"
+    ),
+    "zero.stage_1_and_2.DeepSpeedZeroOptimizer.step": (
+        "9520884fd916d178728985781674b3c26241dde23e71043dc0beabe507b63b5c"
+    ),
+    "zero.stage_1_and_2.DeepSpeedZeroOptimizer._optimizer_step": (
+        "d7e21affbbf9b696584576042b21bc6147bc15e7ff0baa35b78140da4a484347"
+    ),
+    "zero.stage_1_and_2.DeepSpeedZeroOptimizer._lazy_init_hp_params_optimizer_state": (
+        "45e666d78112a891391f2a78c1f61f845b846d481cbe10deab6e8a644c625294"
+    ),
+    "zero.stage3.DeepSpeedZeroOptimizer_Stage3.step": (
+        "c751b3209f83d3b97f416a7bbdd9ca7e0eeafcb3a6072b5abd88440a683fdec9"
+    ),
+    "zero.stage3.DeepSpeedZeroOptimizer_Stage3._optimizer_step": (
+        "35f8511bba5ff760b250d0b0a7d062d28dda6adb699913a298de4b44dba17951"
+    ),
+    "zero.stage3.DeepSpeedZeroOptimizer_Stage3._reassign_or_swap_out_partitioned_parameters": (
+        "af7b449bee8786ec0b8b4c1e27c22bdca2b79186b3888a8c7a9df6bb9c2e8f35"
+    ),
+    "zero.stage3.DeepSpeedZeroOptimizer_Stage3._unflatten_partitioned_parameters": (
+        "00cc8a3f65af736fd5e513e270951e6913b4146b4bbdf3fa0b74610eeb349ee1"
+    ),
+}
+
+
+@dataclass
+class CopyBack:
+    """How the model's parameters receive the step's result under optimizer offload.
+
+    ``mode`` is ``"selective"`` (only what the routed step changed is copied: the winners'
+    segments, the unrouted parameters) or ``"full"`` (DeepSpeed copies the whole partition, as
+    it does for any optimizer; ``reason`` says why). ``partition_bytes`` is what the full copy
+    writes into the model's parameters each step (this rank's partition in the model's dtype);
+    ``last_bytes`` what the last step wrote (``partition_bytes`` under the full copy), and,
+    for the selective copy, ``total_bytes`` and ``steps`` the sums since `install_copy_back`.
+    """
+
+    mode: str
+    reason: str
+    partition_bytes: int
+    last_bytes: int = 0
+    total_bytes: int = 0
+    steps: int = 0
+    _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def count(self, written: int) -> None:
+        self.last_bytes = written
+        self.total_bytes += written
+        self.steps += 1
+
+    def uninstall(self) -> None:
+        """Put DeepSpeed's methods and the optimizer's hooks back as they were."""
+        while self._undo:
+            self._undo.pop()()
+
+
+_COPY_BACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> CopyBack
+
+
+def copy_back_of(optimizer: MoLFAdamW) -> CopyBack | None:
+    """The `CopyBack` `molf_ds.zero.connect` installed for ``optimizer`` (None before, or
+    without ZeRO)."""
+    return _COPY_BACKS.get(optimizer)
+
+
+def changed_spans(
+    pieces: Sequence[Piece], winners: Sequence[Sequence[bool]]
+) -> list[tuple[int, int]]:
+    """``(start, numel)`` runs of a flat partition that a routed step changed: the slices of
+    the winners and of unrouted parameters (losers keep their weights). Adjacent changed slices
+    merge into one run, across gaps (padding, which no step changes), so a module's LoRA
+    factors and the norms beside them are one copy."""
+    runs: list[tuple[int, int]] = []
+    start = end = -1
+    for role, begin, numel in sorted(pieces, key=lambda piece: piece[1]):
+        if role.module == UNROUTED or winners[role.module][role.expert]:
+            if start < 0:
+                start = begin
+            end = begin + numel
+        elif start >= 0:
+            runs.append((start, end - start))
+            start = -1
+    if start >= 0:
+        runs.append((start, end - start))
+    return runs
+
+
+def install_copy_back(engine: Any, optimizer: MoLFAdamW) -> CopyBack:
+    """Under optimizer offload, make ``engine``'s copy of each step's result into the model's
+    parameters copy only what the routed step changed; anywhere else, or when DeepSpeed is not
+    the code this was checked against, leave DeepSpeed's full copy (`CopyBack.reason` says why).
+
+    Called by `molf_ds.zero.connect` after the segment source is set; a previous installation
+    for ``optimizer`` is undone first (an engine rebuilt by a later ``Trainer.train()``).
+    """
+    previous = _COPY_BACKS.pop(optimizer, None)
+    if previous is not None:
+        previous.uninstall()
+    zero = engine.optimizer
+    stage = engine.zero_optimization_stage()
+    problem = _copy_back_problem(engine, optimizer, stage)
+    if stage == 3:
+        lp = zero.fp16_partitioned_groups_flat[0] if stage == 3 else None
+        partition_bytes = 0 if lp is None else lp.numel() * lp.element_size()
+    elif stage in (1, 2) and hasattr(zero, "parallel_partitioned_bit16_groups"):
+        target = zero.parallel_partitioned_bit16_groups[0][_dp_rank(zero)]
+        partition_bytes = target.numel() * target.element_size()
+    else:
+        partition_bytes = 0
+    copy_back = CopyBack("full" if problem else "selective", problem or "", partition_bytes)
+    if problem:  # DeepSpeed copies the whole partition every step
+        copy_back.last_bytes = partition_bytes
+    if not problem:
+        if stage == 3:
+            _install_stage3(copy_back, zero, optimizer)
+        else:
+            _install_stage1_2(copy_back, zero, optimizer)
+    _COPY_BACKS[optimizer] = copy_back
+    return copy_back
+
+
+def _dp_rank(zero: Any) -> int:
+    return torch.distributed.get_rank(group=zero.dp_process_group)
+
+
+def _copy_back_problem(engine: Any, optimizer: MoLFAdamW, stage: int) -> str | None:
+    """Why the selective copy-back cannot run on ``engine`` (None: it can). The start-up check:
+    the version, the wrapper's class and settings, and the source of every method it relies on."""
+    import deepspeed
+
+    if os.environ.get(COPY_BACK_ENV, "selective") == "full":
+        return f"{COPY_BACK_ENV}=full"
+    if stage not in (1, 2, 3):
+        return "no ZeRO partitions"
+    zero = engine.optimizer
+    if not getattr(zero, "offload_optimizer" if stage == 3 else "cpu_offload", False):
+        return "no optimizer offload"
+    if deepspeed.__version__ != COPY_BACK_VERSION:
+        return f"DeepSpeed {deepspeed.__version__}, not {COPY_BACK_VERSION}"
+    expected = "DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer"
+    if type(zero).__name__ != expected or client_optimizer(engine) is not optimizer:
+        return f"{type(zero).__name__} driving {type(client_optimizer(engine)).__name__}"
+    changed = [name for name, digest in _relied_on(stage).items() if _source_digest(name) != digest]
+    if changed:
+        return f"DeepSpeed's {', '.join(changed)} differ from {COPY_BACK_VERSION}'s"
+    if getattr(zero, "zenflow", False) or getattr(zero, "torch_autocast_gradscaler", None):
+        return "ZenFlow or torch autocast"
+    if stage == 3:
+        if zero.fp16_partitioned_groups_flat[0] is None:
+            return "parameters swapped to NVMe"
+        if getattr(zero, "swap_optimizer", False):
+            return "optimizer state swapped to NVMe"
+        return None
+    if len(zero.single_partition_of_fp32_groups) != 1:
+        return "more than one parameter group"
+    flat = zero.single_partition_of_fp32_groups[0]
+    buffer = zero.param_buffer_of_bit16_for_cpu_offload_groups[0]
+    target = zero.parallel_partitioned_bit16_groups[0][_dp_rank(zero)]
+    if not flat.numel() == buffer.numel() == target.numel():
+        return "the partition, its staging buffer and the model's partition differ in size"
+    return None
+
+
+def _relied_on(stage: int) -> dict[str, str]:
+    prefixes = ("engine.", "zero.stage3." if stage == 3 else "zero.stage_1_and_2.")
+    return {name: digest for name, digest in RELIED_ON_SOURCES.items() if name.startswith(prefixes)}
+
+
+def _source_digest(name: str) -> str:
+    """sha256 of the source of ``deepspeed.runtime.<name>`` (``module.Class.method``),
+    under its decorators (DeepSpeed's ``instrument_w_nvtx`` keeps the function in its closure,
+    without ``__wrapped__``)."""
+    import importlib
+    import inspect
+
+    module, cls, method = name.rsplit(".", 2)
+    try:
+        owner = getattr(importlib.import_module(f"deepspeed.runtime.{module}"), cls)
+        found = getattr(owner, method)
+        while True:
+            inner = [
+                cell.cell_contents
+                for cell in found.__closure__ or ()
+                if inspect.isfunction(cell.cell_contents) and cell.cell_contents.__name__ == method
+            ]
+            if not inner:
+                break
+            found = inner[0]
+        source = inspect.getsource(found)
+    except (ImportError, AttributeError, OSError, TypeError, ValueError):
+        return "unreadable"
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def model_partitions(engine: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's ``(model partition, fp32 master partition)`` pairs under ZeRO-1/2/3: the
+    slice of the model's own parameter storage (what the forward pass reads, in the model's
+    dtype) that each step's result is copied into, and the master it is copied from. ZeRO-3's
+    partitions swapped to NVMe are ``None``."""
+    zero = engine.optimizer
+    if engine.zero_optimization_stage() == 3:
+        return list(
+            zip(zero.fp16_partitioned_groups_flat, zero.fp32_partitioned_groups_flat, strict=True)
+        )
+    rank = _dp_rank(zero)
+    return [
+        (partitions[rank], flat)
+        for partitions, flat in zip(
+            zero.parallel_partitioned_bit16_groups,
+            zero.single_partition_of_fp32_groups,
+            strict=True,
+        )
+    ]
+
+
+def model_partition_matches_master(engine: Any) -> bool:
+    """Whether this rank's partition of the model's parameters holds exactly its fp32 master
+    partition in the model's dtype: what DeepSpeed's full copy-back leaves after a step (the
+    tests check the selective copy-back against it after every step)."""
+    return all(
+        lp is not None and torch.equal(lp.detach().cpu(), hp.detach().to(lp.dtype).cpu())
+        for lp, hp in model_partitions(engine)
+    )
+
+
+def _install_stage1_2(copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> None:
+    """ZeRO-1/2 with ``cpu_offload``. DeepSpeed 0.19.8's ``DeepSpeedZeroOptimizer.step`` runs,
+    for each param group ``i``, the client step (``_optimizer_step(i)``), then reads
+    ``fp32 = single_partition_of_fp32_groups[i]``, ``buffer =
+    param_buffer_of_bit16_for_cpu_offload_groups[i]`` and ``bit16_partitions =
+    parallel_partitioned_bit16_groups[i]`` and copies ``buffer.data.copy_(fp32.data)``, then
+    ``bit16_partitions[rank].data.copy_(buffer.data, non_blocking=True)`` (the host-to-device
+    copy into the model's weights); the all-gather that follows reads only
+    ``parallel_partitioned_bit16_groups``.
+
+    After the client step (its step post-hook) the changed slices are copied the same way, slice
+    by slice, and the first two list entries are pointed at the model's partition itself: both of
+    DeepSpeed's copies then copy a tensor onto itself, which torch's ``copy_`` returns from
+    without touching memory (the same storage, offset, shape, strides and dtype; DeepSpeed's
+    ZeRO-3 relies on the same when its fp16 and fp32 partitions are one tensor). The entries are
+    put back as soon as ``zero.step`` returns (or raises). The post-hook acts only inside
+    ``zero.step`` (armed by its wrapper), and not on the first step, where
+    ``_lazy_init_hp_params_optimizer_state`` reads the fp32 entry after the client step.
+    """
+    original_step = zero.step
+    armed, saved = [False], []
+    dp_rank = _dp_rank(zero)
+
+    def restore() -> None:
+        if saved:
+            flat, buffer = saved.pop()
+            zero.single_partition_of_fp32_groups[0] = flat
+            zero.param_buffer_of_bit16_for_cpu_offload_groups[0] = buffer
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        armed[0] = True
+        try:
+            return original_step(*args, **kwargs)
+        finally:
+            armed[0] = False
+            restore()
+
+    def after_client_step(client: Any, args: Any, kwargs: Any) -> None:
+        if not armed[0]:
+            return
+        source = optimizer.segment_source
+        last = getattr(source, "last_pieces", None)
+        flat = zero.single_partition_of_fp32_groups[0]
+        record = optimizer.last_routing
+        if last is None or last[0] is not flat or record is None:
+            copy_back.count(copy_back.partition_bytes)  # DeepSpeed's full copy runs
+            return
+        if not zero._hp_optimizer_states_linked:  # the first step: see the docstring
+            copy_back.count(copy_back.partition_bytes)
+            return
+        buffer = zero.param_buffer_of_bit16_for_cpu_offload_groups[0]
+        target = zero.parallel_partitioned_bit16_groups[0][dp_rank]
+        spans = changed_spans(last[1], record.winners.tolist())
+        written = _copy_spans(spans, flat, buffer, target)
+        saved.append((flat, buffer))
+        zero.single_partition_of_fp32_groups[0] = target
+        zero.param_buffer_of_bit16_for_cpu_offload_groups[0] = target
+        copy_back.count(written)
+
+    zero.step = step
+    handle = optimizer.register_step_post_hook(after_client_step)
+    copy_back._undo += [handle.remove, lambda: zero.__dict__.pop("step", None)]
+
+
+@torch.no_grad()
+def _copy_spans(
+    spans: Sequence[tuple[int, int]],
+    flat: torch.Tensor,
+    buffer: torch.Tensor | None,
+    target: torch.Tensor,
+) -> int:
+    """Copy ``flat``'s ``spans`` into ``target`` (the model's partition), as DeepSpeed copies
+    the whole partition: through ``buffer`` (pinned host memory in ``target``'s dtype) when
+    ``target`` is on an accelerator, so that the host-to-device copy is asynchronous; directly
+    when it is in host memory. Returns the bytes written into ``target``."""
+    staged = buffer is not None and target.device.type != "cpu"
+    for start, numel in spans:
+        piece = slice(start, start + numel)
+        if staged:
+            buffer[piece].copy_(flat[piece])
+            target[piece].copy_(buffer[piece], non_blocking=True)
+        else:
+            target[piece].copy_(flat[piece])
+    return sum(numel for _, numel in spans) * target.element_size()
+
+
+def _install_stage3(copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> None:
+    """ZeRO-3 with ``offload_optimizer`` (and ``offload_param``). DeepSpeed 0.19.8's
+    ``DeepSpeedZeroOptimizer_Stage3.step`` runs, per sub-group, the client step
+    (``_optimizer_step``), then ``_reassign_or_swap_out_partitioned_parameters(i)``: the whole
+    ``fp16_partitioned_groups_flat[i].data.copy_(fp32_partitioned_groups_flat[i].data)``, then
+    ``_unflatten_partitioned_parameters(i)`` (each partitioned parameter's data pointed back at
+    its view of that buffer). That method is replaced on this wrapper by one that copies only
+    the changed slices (noted by the client step's post-hook, and used once) and then
+    unflattens the same way; without a note (a checkpoint load, a step that did not route) it
+    calls DeepSpeed's own. The persistent parameters (LoRA factors) are all-gathered afterwards
+    from these partitions by ``_post_step``, as before.
+    """
+    original = zero._reassign_or_swap_out_partitioned_parameters
+    pending: list[tuple[torch.Tensor, list[tuple[int, int]]]] = []
+
+    def after_client_step(client: Any, args: Any, kwargs: Any) -> None:
+        pending.clear()
+        last = getattr(optimizer.segment_source, "last_pieces", None)
+        record = optimizer.last_routing
+        if last is not None and record is not None:
+            pending.append((last[0], changed_spans(last[1], record.winners.tolist())))
+
+    def reassign(sub_group_id: int) -> None:
+        note = pending.pop() if pending else None
+        hp = zero.fp32_partitioned_groups_flat[sub_group_id]
+        lp = zero.fp16_partitioned_groups_flat[sub_group_id]
+        if note is None or note[0] is not hp or lp is None:
+            if lp is not None:
+                copy_back.count(lp.numel() * lp.element_size())
+            original(sub_group_id)
+            return
+        copy_back.count(_copy_spans(note[1], hp, None, lp))
+        zero._unflatten_partitioned_parameters(sub_group_id)
+
+    zero._reassign_or_swap_out_partitioned_parameters = reassign
+    handle = optimizer.register_step_post_hook(after_client_step)
+    copy_back._undo += [
+        handle.remove,
+        lambda: zero.__dict__.pop("_reassign_or_swap_out_partitioned_parameters", None),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -221,22 +221,46 @@ def make_segment(
 
 
 def flat_segments(
-    group: dict, flat: torch.Tensor, state: dict, pieces: Sequence[tuple[ParamRole, int, int]]
+    group: dict,
+    flat: torch.Tensor,
+    state: dict,
+    pieces: Sequence[tuple[ParamRole, int, int]],
+    views: dict | None = None,
 ) -> list[Segment]:
     """The segments of ``pieces`` (``(role, start, numel)``, not overlapping) of a flat partition
     ``flat`` (gradient in ``flat.grad``, moments in ``state``), in the order given.
 
     Each of the four tensors is cut by one ``split`` (the gaps between pieces, padding or no
-    one's, are cut too and left): a few hundred ``narrow`` calls per step cost about 4x more."""
+    one's, are cut too and left): a few hundred ``narrow`` calls per step cost about 4x more.
+    ``views``, a dict the caller keeps from step to step, keeps the splits of the partition and
+    its moments, which live as long as the engine, while they and the cut stay the same (a few
+    hundred views cost most of a millisecond per step); the gradient, which ZeRO may allocate
+    anew every step, is cut every time."""
     sizes, slot_of = _split_sizes([(start, numel) for _, start, numel in pieces], flat.numel())
-    params, grads, exp_avgs, exp_avg_sqs = (
-        t.view(-1).split(sizes) for t in (flat, flat.grad, state["exp_avg"], state["exp_avg_sq"])
+    params, exp_avgs, exp_avg_sqs = (
+        _split(t, sizes, views, slot)
+        for slot, t in enumerate((flat, state["exp_avg"], state["exp_avg_sq"]))
     )
+    grads = flat.grad.view(-1).split(sizes)
     step = state["step"]
     return [
         _segment(group, role, params[k], grads[k], exp_avgs[k], exp_avg_sqs[k], step)
         for (role, _, _), k in zip(pieces, slot_of, strict=True)
     ]
+
+
+def _split(
+    tensor: torch.Tensor, sizes: list[int], views: dict | None, slot: int
+) -> Sequence[torch.Tensor]:
+    if views is None:
+        return tensor.view(-1).split(sizes)
+    # One entry per slot, so a replaced tensor (a loaded checkpoint's moments) is let go. A kept
+    # view holds its base alive, so no other tensor can have this one's id meanwhile.
+    key = (id(tensor), tensor.data_ptr(), tensor.numel(), tuple(sizes))
+    kept = views.get(slot)
+    if kept is None or kept[0] != key:
+        kept = views[slot] = (key, tensor.view(-1).split(sizes))
+    return kept[1]
 
 
 def _split_sizes(spans: Sequence[tuple[int, int]], total: int) -> tuple[list[int], list[int]]:

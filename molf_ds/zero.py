@@ -144,10 +144,18 @@ def connect(engine: Any, optimizer: MoLFAdamW) -> None:
     if stage == 3:
         optimizer.segment_source = ds_partitions.stage3_segments(engine)
     else:  # ZeRO-1/2, BF16_Optimizer
-        optimizer.segment_source = ds_partitions.hp_mapping_segments
+        optimizer.segment_source = ds_partitions.HpMappingSegments()
     optimizer.reduce_scores = ds_partitions.all_reduce_sum(
         ds_partitions.data_parallel_group(engine)
     )
+    # Under optimizer offload only what the step changed is copied back into the model's
+    # parameters; where the internals are not the ones checked, DeepSpeed's full copy runs.
+    copy_back = ds_partitions.install_copy_back(engine, optimizer)
+    quiet = ("no optimizer offload", f"{ds_partitions.COPY_BACK_ENV}=full")
+    if copy_back.mode == "full" and copy_back.reason not in quiet and is_main_rank():
+        logger.warning(
+            "molf_ds: DeepSpeed copies each whole updated partition back (%s)", copy_back.reason
+        )
 
 
 def prepare_ds_config(

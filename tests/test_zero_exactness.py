@@ -12,7 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from molf_ds.ds_partitions import changed_spans
 from molf_ds.memory import optimizer_state_bytes_per_rank
+from molf_ds.plan import ParamRole
+from molf_ds.routed_step import UNROUTED
 from tests import launch
 
 pytestmark = pytest.mark.slow  # real multi-rank DeepSpeed jobs
@@ -43,6 +46,10 @@ BASELINE_OPTIMIZERS = {
     "fft_z3_offload": "DeepSpeedCPUAdam",
     "lora_z2": "AdamW",
 }
+# Optimizer offload: the selective copy-back against the same cases with DeepSpeed's full copy
+# (`MOLF_DS_COPY_BACK=full`), and a DeepSpeed the start-up check does not know.
+OFFLOAD_CASES = ["z1_offload", "z2_offload", "z3_offload", "z3_offload_param"]
+COPY_BACK_CASES = [f"{case}_full" for case in OFFLOAD_CASES] + ["z2_offload_unknown_deepspeed"]
 DATA_WORLD = 6  # global micro-batch of 12 sequences: divides evenly over 1, 2 and 3 ranks
 ATOL = 1e-5
 BF16_ATOL = 3e-2  # a few bf16 ulps of O(1) weights, or one flipped near-tie update (lr=2e-2)
@@ -72,7 +79,7 @@ def runs(tmp_path_factory) -> dict:
             "--out",
             str(root / f"w{ranks}"),
             "--cases",
-            ",".join(FP32_CASES + BF16_CASES + list(BASELINE_OPTIMIZERS)),
+            ",".join(FP32_CASES + BF16_CASES + list(BASELINE_OPTIMIZERS) + COPY_BACK_CASES),
             *common,
             # the first run on a machine also compiles DeepSpeed's CPU Adam (about 2 minutes on
             # 2 cores) for the FFT baseline under offload
@@ -169,3 +176,74 @@ def test_zero3_lora_factors_stay_resident(runs: dict, case: str) -> None:
     residency = _load(runs["w2"], case)["residency"]
     assert residency and all(r["lora_resident"] for r in residency)
     assert any(r["base_released"] for r in residency)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("case", OFFLOAD_CASES)
+def test_offload_copy_back_writes_what_moved_and_bitwise_what_the_full_copy_writes(
+    runs: dict, case: str, ranks: int
+) -> None:
+    """After every optimizer step (gradient accumulation 2; winners change between steps), each
+    rank's model parameters equal bitwise those of the same run with DeepSpeed's full copy, and
+    its model partition equals its fp32 master in the model's dtype; the bytes ``copy_`` wrote
+    into the model's partition during the step (measured) are the bytes counted, and after the
+    first step fewer than the whole partitions, since a module whose LoRA expert won keeps its
+    FFT weights."""
+    selective = _load(runs[f"w{ranks}"], case)
+    full = _load(runs[f"w{ranks}"], f"{case}_full")
+    winners = torch.tensor(selective["winners"][0])
+    assert (winners[1:] != winners[:-1]).any(), "the winners must change between steps"
+    assert winners[:, :, 1].any(), "LoRA must win somewhere, or nothing is left uncopied"
+    assert len(selective["after_steps"]) == len(full["after_steps"]) == len(winners)
+    for step, (mine, theirs) in enumerate(
+        zip(selective["after_steps"], full["after_steps"], strict=True)
+    ):
+        assert [r["mode"] for r in mine["ranks"]] == ["selective"] * ranks, mine["ranks"]
+        assert [r["mode"] for r in theirs["ranks"]] == ["full"] * ranks
+        for rank, (got, expected) in enumerate(zip(mine["ranks"], theirs["ranks"], strict=True)):
+            assert got["matches_master"], (step, rank)
+            # measured (copy_ into the model's partition) = counted; DeepSpeed's full copy: all
+            assert got["copied_bytes"] == got["last_bytes"], (step, rank)
+            assert expected["copied_bytes"] == expected["partition_bytes"], (step, rank)
+            assert got["model_params"].keys() == expected["model_params"].keys()
+            for name, value in expected["model_params"].items():
+                assert torch.equal(got["model_params"][name], value), (step, rank, name)
+        written = sum(r["last_bytes"] for r in mine["ranks"])
+        whole = sum(r["partition_bytes"] for r in mine["ranks"])
+        assert written <= whole
+        if step > 0 and winners[step, :, 1].any():
+            assert written < whole, (step, written, whole)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_offload_copy_back_falls_back_to_the_full_copy_on_an_unknown_deepspeed(
+    runs: dict, ranks: int
+) -> None:
+    """A DeepSpeed whose relied-on source differs (one method's recorded digest changed in the
+    worker) gets DeepSpeed's full copy, says why, and still trains as one process does."""
+    got, reference = _load(runs[f"w{ranks}"], COPY_BACK_CASES[-1]), _load(runs["ref"], "z2_offload")
+    for step in got["after_steps"]:
+        for rank in step["ranks"]:
+            assert rank["mode"] == "full" and "DeepSpeedZeroOptimizer.step" in rank["reason"]
+            assert rank["copied_bytes"] == rank["last_bytes"] == rank["partition_bytes"]
+            assert rank["matches_master"]
+    for name, expected in reference["params"].items():
+        torch.testing.assert_close(got["params"][name], expected, rtol=0, atol=ATOL, msg=name)
+
+
+def test_changed_spans_are_the_winners_and_unrouted_slices_merged_across_gaps() -> None:
+    def role(module: int, expert: int) -> ParamRole:
+        return ParamRole(module=module, expert=expert, is_lora=expert > 0, decays=True)
+
+    winners = [[False, True], [True, False]]  # module 0: LoRA won; module 1: FFT won
+    pieces = [
+        (role(0, 0), 0, 10),  # lost
+        (role(0, 1), 10, 4),  # won, and the unrouted piece after a gap of padding joins it
+        (role(UNROUTED, 0), 16, 3),
+        (role(1, 1), 19, 5),  # lost
+        (role(1, 0), 24, 6),  # won, the last piece
+    ]
+    assert changed_spans(pieces, winners) == [(10, 9), (24, 6)]
+    assert changed_spans(list(reversed(pieces)), winners) == [(10, 9), (24, 6)]  # any order
+    assert changed_spans(pieces, [[True, False], [False, True]]) == [(0, 10), (16, 8)]
+    assert changed_spans([], winners) == []

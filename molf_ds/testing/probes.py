@@ -1,5 +1,6 @@
 """What one call costs beyond its time, measured on any device, the CPU included: the tensor
-storage it allocates for a while (`TransientMemory`) and the ops it dispatches (`DispatchedOps`).
+storage it allocates for a while (`TransientMemory`), the ops it dispatches (`DispatchedOps`)
+and the bytes it copies into given tensors (`CopiedBytes`).
 
 Both are torch dispatch modes: they see every aten op (a ``torch._foreach_*`` call is one op),
 so the memory and the launch count a step would have on an accelerator can be checked by tests
@@ -67,3 +68,37 @@ class DispatchedOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.by_name[str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
+
+
+class CopiedBytes(TorchDispatchMode):
+    """Bytes that ``copy_`` writes, while the mode is active, into the storage of any of
+    ``targets`` (e.g. the model's parameter partitions a ZeRO step copies its result into).
+
+    A copy of a tensor onto the very same data (storage, offset, shape, strides, dtype) is not
+    counted: torch's ``copy_`` returns from it without touching memory. ``copies`` counts the
+    copies that did write.
+    """
+
+    def __init__(self, targets: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.storages = {t.untyped_storage().data_ptr() for t in targets}
+        self.bytes = self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.copy_.default:
+            dst, src = args[0], args[1]
+            if dst.untyped_storage().data_ptr() in self.storages and not _same_data(dst, src):
+                self.bytes += dst.numel() * dst.element_size()
+                self.copies += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.device == b.device
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.storage_offset() == b.storage_offset()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+    )

@@ -23,6 +23,7 @@ from torch import nn
 import molf_ds
 from molf_ds import ds_partitions
 from molf_ds.runtime import run_then_exit
+from molf_ds.testing import CopiedBytes
 from molf_ds.zero import SHIPPED_CONFIGS, fill_auto
 
 CONFIG_DIR = SHIPPED_CONFIGS
@@ -82,6 +83,14 @@ CASES: dict[str, dict] = {
     },
     "lora_z2": {"zero": {"stage": 2}, "baseline": "lora"},
 }
+# The offload cases again with DeepSpeed's full copy-back (MOLF_DS_COPY_BACK=full): the
+# selective copy-back must leave the model's parameters bitwise where these leave them.
+OFFLOAD_CASES = ("z1_offload", "z2_offload", "z3_offload", "z3_offload_param")
+for _name in OFFLOAD_CASES:
+    CASES[f"{_name}_full"] = {**CASES[_name], "copy_back": "full"}
+# A DeepSpeed that is not the one the selective copy-back was checked against (here: one of
+# the methods it relies on reads differently): the start-up check must fall back to the full copy.
+CASES["z2_offload_unknown_deepspeed"] = {**CASES["z2_offload"], "unknown_deepspeed": True}
 
 
 class TinyDecoder(nn.Module):
@@ -200,8 +209,16 @@ def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
         engine, optimizer = method.build_engine(train_config, model, config, stage)
     else:
         model, optimizer = build(case)
+        os.environ[ds_partitions.COPY_BACK_ENV] = case.get("copy_back", "selective")
+        relied_on = dict(ds_partitions.RELIED_ON_SOURCES)
+        if case.get("unknown_deepspeed"):
+            name = next(n for n in relied_on if n.startswith("zero.stage_1_and_2"))
+            ds_partitions.RELIED_ON_SOURCES[name] = "0" * 64
         engine, _, _, _ = molf_ds.initialize(model=model, optimizer=optimizer, config=config)
-    winners, residency = [], []
+        ds_partitions.RELIED_ON_SOURCES.update(relied_on)
+    winners, residency, after_steps = [], [], []
+    # the offload cases: how each step's result reaches the model's parameters
+    tracked = name in OFFLOAD_CASES or "copy_back" in case or case.get("unknown_deepspeed", False)
     for step in range(steps):
         for micro in range(GRAD_ACCUM):
             inputs, targets = global_batch(step, micro, world_of_data)
@@ -210,10 +227,15 @@ def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
             loss = loss_fn(engine, inputs[mine].to(device), targets[mine].to(device))
             residency.append(zero3_residency(engine.module))
             engine.backward(loss)
-            engine.step()
+            # what the step copies into the model's parameter partitions, measured
+            partitions = ds_partitions.model_partitions(engine) if tracked else []
+            with CopiedBytes([lp for lp, _ in partitions]) as copied:
+                engine.step()
             residency.append(zero3_residency(engine.module))
         routing = getattr(optimizer, "last_routing", None)  # (MoLFAdamW's)
         winners.append(routing.winners.tolist() if routing is not None else [])
+        if tracked:
+            after_steps.append(after_step(engine, optimizer, copied.bytes))
     params = {name: full_param(param) for name, param in engine.module.named_parameters()}
     every_rank, every_state = [None] * world, [None] * world
     dist.all_gather_object(every_rank, winners)
@@ -228,7 +250,38 @@ def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
         "implementation": routing.implementation if routing is not None else None,
         "state_bytes": every_state,
         "trainable_numel": sum(getattr(p, "ds_numel", p.numel()) for p in trainable(model)),
+        "after_steps": after_steps,
     }
+
+
+def after_step(engine, optimizer, copied_bytes: int) -> dict:
+    """After an optimizer step, per rank: the model's own parameters as this rank holds them
+    (what the forward pass reads: under ZeRO-3 this rank's partition of each, and the whole of
+    each resident one; gathering would disturb ZeRO-3's prefetch trace mid-run), how the step's
+    result was copied back into them (``copied_bytes``: what ``copy_`` wrote into the model's
+    partition during the step, measured), and whether this rank's model partition equals its
+    fp32 master converted to the model's dtype (what DeepSpeed's full copy writes)."""
+    import deepspeed.comm as dist
+
+    model_params = {}
+    for n, p in engine.module.named_parameters():
+        if hasattr(p, "ds_tensor"):
+            model_params[f"{n}#partition"] = p.ds_tensor.detach().cpu().clone()
+        if ds_partitions.zero3_residency(p) in (None, "whole"):
+            model_params[n] = p.detach().cpu().clone()
+    copy_back = ds_partitions.copy_back_of(optimizer)
+    mine = {
+        "model_params": model_params,
+        "mode": copy_back.mode,
+        "reason": copy_back.reason,
+        "last_bytes": copy_back.last_bytes,
+        "partition_bytes": copy_back.partition_bytes,
+        "copied_bytes": copied_bytes,
+        "matches_master": ds_partitions.model_partition_matches_master(engine),
+    }
+    every_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, mine)
+    return {"ranks": every_rank}
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
