@@ -133,3 +133,49 @@ def connect(optimizer: MoLFAdamW) -> None:
     if is_sharded(params):
         optimizer.segment_source = shard_segments
         optimizer.reduce_scores = all_reduce_sum(shard_group(params))
+
+
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a Hugging Face model (its classes named in ``_no_split_modules``,
+    e.g. ``Qwen2DecoderLayer``), found through any wrapper (PEFT's ``PeftModel``), in order."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard_model(
+    model: torch.nn.Module,
+    *,
+    mesh: torch.distributed.device_mesh.DeviceMesh | None = None,
+    reshard_after_forward: bool = True,
+    mp_policy: torch.distributed.fsdp.MixedPrecisionPolicy | None = None,
+    offload_policy: torch.distributed.fsdp.OffloadPolicy | None = None,
+) -> torch.nn.Module:
+    """``fully_shard`` each decoder block of a Hugging Face model (`decoder_blocks`), then the
+    root (embeddings, final norm, head), as torchtitan and torchtune do: a block's weights are
+    gathered only around its own forward and backward. Call it after `molf_ds.wrap` (or PEFT),
+    and before building the optimizer. Returns ``model``, sharded in place.
+
+    Raises:
+        MoLFConfigError: the model names no block class (``_no_split_modules``): sharding only
+            the root would gather the whole model for every forward.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    blocks = decoder_blocks(model)
+    if not blocks:
+        raise MoLFConfigError(
+            f"{type(model).__name__} names no decoder block class (`_no_split_modules`): "
+            "call fully_shard on its blocks yourself, then on the root"
+        )
+    options = {
+        "mesh": mesh,
+        "reshard_after_forward": reshard_after_forward,
+        "mp_policy": mp_policy or MixedPrecisionPolicy(),
+        "offload_policy": offload_policy or OffloadPolicy(),
+    }
+    for block in blocks:
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    return model
