@@ -17,6 +17,7 @@ DeepSpeed is imported inside the functions that use it (see `molf_ds.train.metho
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,7 +187,9 @@ def _fsdp2_trained_state(cfg, engine, settings: Settings, tag_dir: Path) -> dict
         if key.startswith(prefix) and hasattr(meta, "size")
     }
     loaded = {"model": state}
-    dcp.load(loaded, checkpoint_id=str(tag_dir), no_dist=True)
+    with warnings.catch_warnings():  # says that it loads in one process, as asked (no_dist)
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(loaded, checkpoint_id=str(tag_dir), no_dist=True)
     return {k: v.float() for k, v in loaded["model"].items()}
 
 
