@@ -137,11 +137,12 @@ def connect(optimizer: MoLFAdamW) -> None:
 
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks of a Hugging Face model (its classes named in ``_no_split_modules``,
-    e.g. ``Qwen2DecoderLayer``), found through any wrapper (PEFT's ``PeftModel``), in order."""
+    e.g. ``Qwen2DecoderLayer``), found through any wrapper (PEFT's ``PeftModel``), in order;
+    also once sharded (``fully_shard`` makes a block an ``FSDPQwen2DecoderLayer``, a subclass)."""
     names: set[str] = set()
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
-    return [m for m in model.modules() if type(m).__name__ in names]
+    return [m for m in model.modules() if any(cls.__name__ in names for cls in type(m).__mro__)]
 
 
 def shard_model(
