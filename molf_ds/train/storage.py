@@ -164,8 +164,8 @@ def save_checkpoint(
 ) -> None:
     """Collective: save ``engine``'s checkpoint (DeepSpeed's, or DCP's under FSDP2) as
     ``ckpt_dir/step{step}``, published only once every rank's files are written; ``needed``
-    (bytes) goes into a full disk's message. Raises `EveryRankError` on every rank when any rank fails to write, the previous checkpoint
-    untouched and no leftover of this one."""
+    (bytes) goes into a full disk's message. Raises `EveryRankError` on every rank when any rank
+    fails to write, the previous checkpoint untouched and no leftover of this one."""
     tag = f"step{step}"
     staging = ckpt_dir / f"{tag}{STAGING_SUFFIX}"
     main = is_main_rank()
