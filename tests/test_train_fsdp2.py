@@ -135,3 +135,18 @@ def test_fsdp2_nonfinite_gradient_skips_the_step(recipe: Recipe) -> None:
     finally:
         handle.remove()
     assert seen_dtypes == {torch.bfloat16}
+
+
+def test_fsdp2_refuses_the_other_engines_checkpoint_in_one_line(recipe: Recipe, tmp_path) -> None:
+    """A run directory whose checkpoints DeepSpeed wrote (no engine_state.json beside its
+    files), resumed with engine=fsdp2, is one line naming both engines, said once, before any
+    file is read (DeepSpeed, given a DCP checkpoint, failed with a bare AssertionError)."""
+    from molf_ds.errors import EveryRankError
+
+    (tmp_path / "step1").mkdir()
+    (tmp_path / "step1" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (tmp_path / "latest").write_text("step1")
+    other = Recipe(recipe.config.model_copy(update={"resume": str(tmp_path)}))
+    message = "was written by engine=deepspeed, but this run has engine=fsdp2: resume with "
+    with pytest.raises(EveryRankError, match=message):
+        other._resume()

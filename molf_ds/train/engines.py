@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from molf_ds.errors import MoLFError
+from molf_ds.errors import EveryRankError, MoLFError
 from molf_ds.train import console
 from molf_ds.train.config import TrainConfig
 from molf_ds.train.distributed import cuda, is_main_rank, local_device
@@ -315,8 +315,8 @@ class FSDP2Engine:
         if tag is None:
             tag = (Path(load_dir) / "latest").read_text().strip()
         path = Path(load_dir) / tag
-        if not (path / ENGINE_STATE).is_file():
-            raise MoLFError(
+        if not (path / ENGINE_STATE).is_file():  # (a DeepSpeed checkpoint, say): the same
+            raise EveryRankError(  # files on every rank, so one line, said once
                 f"`resume` {path} is no engine=fsdp2 checkpoint ({ENGINE_STATE} missing)"
             )
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
@@ -334,6 +334,12 @@ class FSDP2Engine:
         self.global_steps = extra["global_steps"]
         self.skipped_steps = extra["skipped_steps"]
         return str(path), extra["client_state"]
+
+
+def checkpoint_engine(tag_dir: Path) -> str:
+    """The engine that wrote the checkpoint ``tag_dir``: ``fsdp2`` where its `ENGINE_STATE` is,
+    else ``deepspeed``."""
+    return "fsdp2" if (tag_dir / ENGINE_STATE).is_file() else "deepspeed"
 
 
 def _first_os_error(err: Exception) -> OSError | None:

@@ -54,7 +54,7 @@ from molf_ds.train.distributed import (
     share_cpu_cores,
     wait_group,
 )
-from molf_ds.train.engines import ENGINES, Settings
+from molf_ds.train.engines import ENGINES, Settings, checkpoint_engine
 from molf_ds.train.evaluate import evaluate_merged, heldout_note, heldout_problem
 from molf_ds.train.methods import METHODS
 from molf_ds.train.models import build_model, load_model, with_state
@@ -273,6 +273,13 @@ class Recipe:
                 return 0  # nothing to resume: start from step 0
         elif not (path / "latest").exists():
             raise MoLFError(f"`resume` {path} holds no checkpoint ('latest' missing)")
+        tag_dir = path / (tag or (path / "latest").read_text().strip())
+        written_by = checkpoint_engine(tag_dir)
+        if written_by != cfg.engine:  # the other engine's files: one line, not its traceback
+            raise EveryRankError(
+                f"checkpoint {tag_dir} was written by engine={written_by}, but this run has "
+                f"engine={cfg.engine}: resume with engine={written_by}, or start anew"
+            )
         _, client_state = self.engine.load_checkpoint(str(path), tag=tag)
         step = int(client_state["step"])
         if is_main_rank():
