@@ -172,3 +172,50 @@ def local_state_bytes(optimizer: MoLFAdamW) -> dict[str, int]:
                 kind = local.device.type
                 by_device[kind] = by_device.get(kind, 0) + local.numel() * local.element_size()
     return by_device
+
+
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a Hugging Face model (its classes named in ``_no_split_modules``,
+    e.g. ``Qwen2DecoderLayer``), found through any wrapper (PEFT's ``PeftModel``), in order;
+    also once sharded (``fully_shard`` makes a block an ``FSDPQwen2DecoderLayer``, a subclass)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if any(cls.__name__ in names for cls in type(m).__mro__)]
+
+
+def shard_model(
+    model: torch.nn.Module,
+    *,
+    mesh: torch.distributed.device_mesh.DeviceMesh | None = None,
+    reshard_after_forward: bool = True,
+    mp_policy: torch.distributed.fsdp.MixedPrecisionPolicy | None = None,
+    offload_policy: torch.distributed.fsdp.OffloadPolicy | None = None,
+) -> torch.nn.Module:
+    """``fully_shard`` each decoder block of a Hugging Face model (`decoder_blocks`), then the
+    root (embeddings, final norm, head), as torchtitan and torchtune do: a block's weights are
+    gathered only around its own forward and backward. Call it after `molf_ds.wrap` (or PEFT),
+    and before building the optimizer. Returns ``model``, sharded in place.
+
+    Raises:
+        MoLFConfigError: the model names no block class (``_no_split_modules``): sharding only
+            the root would gather the whole model for every forward.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    blocks = decoder_blocks(model)
+    if not blocks:
+        raise MoLFConfigError(
+            f"{type(model).__name__} names no decoder block class (`_no_split_modules`): "
+            "call fully_shard on its blocks yourself, then on the root"
+        )
+    options = {
+        "mesh": mesh,
+        "reshard_after_forward": reshard_after_forward,
+        "mp_policy": mp_policy or MixedPrecisionPolicy(),
+        "offload_policy": offload_policy or OffloadPolicy(),
+    }
+    for block in blocks:
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    return model

@@ -14,8 +14,8 @@ SEED = 0
 # first: otherwise the last file to start can be a long one, run alone on one worker while the
 # other sits idle. Only the order uses these numbers; a stale one costs time, never a result.
 FILE_SECONDS = {
-    "test_train.py": 270,
-    "test_slurm.py": 215,
+    "test_train.py": 325,
+    "test_slurm.py": 250,
     "test_study.py": 195,
     "test_dead_ranks.py": 160,
     "test_hf.py": 150,

@@ -157,7 +157,7 @@ def test_summary_names_method_speed_score_and_outputs(tmp_path) -> None:
         mode="molf",
         steps=600,
         world_size=2,
-        zero_stage=2,
+        engine="ZeRO-2",
         train_s=185.2,
         finish_s=41.0,
         total_s=3725.0,

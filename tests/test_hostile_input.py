@@ -83,7 +83,8 @@ VALUES = st.recursive(
 NAME_FIELDS = ("output_dir", "model", "data", "prompt_field", "completion_field", "ds_config")
 PATH_FIELDS = ("output_dir", "model", "data", "ds_config")  # and resume
 BOOL_FIELDS = ("overwrite", "use_rslora", "zero_init", "gradient_checkpointing")
-OPTIONAL_BOOL_FIELDS = ("bf16",)  # or null (bf16: chosen by the ranks' device)
+# or null (bf16: chosen by the ranks' device; the fsdp_* ones: FSDP2's defaults)
+OPTIONAL_BOOL_FIELDS = ("bf16", "fsdp_reshard_after_forward", "fsdp_offload")
 INT_MINIMUM = {
     "save_every": 0,
     "stop_after": 0,
@@ -115,6 +116,12 @@ CHOICES = {
         "flex_attention",
     ),
     "log_level": ("warning", "info", "debug"),
+    "engine": ("deepspeed", "fsdp2"),
+}
+# given under the other engine (at all, whatever the value), an option is refused
+ENGINE_ONLY = {
+    "deepspeed": ("ds_config", "zero_init"),
+    "fsdp2": ("fsdp_reshard_after_forward", "fsdp_offload"),
 }
 POSITIVE_FLOATS = ("lora_alpha", "collective_timeout_s", "finish_timeout_s")  # finite, > 0
 OTHER_FIELDS = ("resume", "seed", *POSITIVE_FLOATS, "eval_fraction", "lora_ranks")
@@ -217,6 +224,11 @@ def expected_valid(values: dict[str, Any]) -> bool:
     ranks = values.get("lora_ranks", [16])
     experts = (1 if _is_int(ranks) else len(ranks)) + (mode == "molf")
     routed = mode in ("molf", "molf-efficient")
+    engine = values.get("engine", "deepspeed")
+    if any(key in values for other in ENGINE_ONLY if other != engine for key in ENGINE_ONLY[other]):
+        return False
+    if engine == "fsdp2" and mode == "adalora":  # AdaLoRA reads whole gradients
+        return False
     return not routed or values.get("top_k", 1) <= experts
 
 

@@ -351,6 +351,53 @@ def test_train_ds_config_that_disagrees_with_the_job_is_one_line(tmp_path) -> No
     assert not out.exists()
 
 
+@pytest.mark.slow
+def test_train_fsdp2_stopped_and_resumed_ends_like_deepspeed(tmp_path, straight_run: Path) -> None:
+    """engine=fsdp2 through torchrun on 2 ranks, stopped after step 3 (a DCP checkpoint inside
+    the job's atomic scheme) and continued by resume=auto: every step routes as the DeepSpeed
+    ZeRO-2 run does, the losses and the final weights agree within fp32 summation order, and
+    it exports and evaluates as that run does, printing only molf-train's lines."""
+    out = tmp_path / "run"
+    args = [f"output_dir={out}", *SMALL, "engine=fsdp2"]
+    first = _train([*args, "stop_after=3"], launcher="torchrun.sh")
+    assert first.returncode == 0, first.stderr[-4000:]
+    step3 = out / "checkpoints" / "step3"
+    assert (step3 / ".metadata").is_file() and (
+        out / "checkpoints" / "latest"
+    ).read_text() == "step3"
+    assert not (out / "merged").exists()
+    second = _train([*args, "resume=auto"], launcher="torchrun.sh")
+    assert second.returncode == 0, second.stderr[-4000:]
+    log = first.stdout + first.stderr + second.stdout + second.stderr
+    assert "molf-train: resumed from" in second.stdout and EXIT_CRASH not in log
+    assert all(line.startswith("molf-train: ") for line in log.splitlines()), log
+    assert "molf-train: done: molf, 6 steps, 2 ranks, FSDP2: training " in second.stdout
+    routing = [
+        [
+            json.loads(line)["winners"]
+            for line in (run / "routing.jsonl").read_text().splitlines()[1:]
+        ]
+        for run in (out, straight_run)
+    ]
+    assert routing[0] == routing[1]
+    losses = [
+        [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for run in (out, straight_run)
+    ]
+    # (the record of step 4 covers steps 3-4 straight, step 4 alone after the resume at 3)
+    assert losses[0][::2] == pytest.approx(losses[1][::2], rel=1e-5)
+    # Adam's update divides by sqrt(v): an element with a tiny gradient amplifies the ranks'
+    # other summation order (measured 6e-5 of a tensor's largest weight); a resume that lost
+    # the moments or the schedule moves the weights by about the learning rate, far more
+    for name, expected in _weights(straight_run).items():
+        got = _weights(out)[name]
+        assert (got - expected).abs().max() <= 5e-4 * expected.abs().max(), name
+    outputs = json.loads((out / "outputs.json").read_text())
+    assert outputs["optimizer"] == "MoLFAdamW"
+    assert json.loads((out / "eval.json").read_text())["examples"] == 2
+    assert (out / "figures" / "loss.png").is_file()
+
+
 # Per mode: extra options, and the optimizer class that steps on CPU ranks. The baselines run
 # DeepSpeed's own Adam (an `optimizer` section): on CPU ranks without offload torch's AdamW
 # (DeepSpeed's `torch_adam`; FusedAdam is for GPUs). Under offload, DeepSpeedCPUAdam: checked by
@@ -364,17 +411,26 @@ MODES = {
         ["lora_ranks=[4,8]", "ds_config=zero3", "gradient_checkpointing=true"],
         "MoLFAdamW",
     ),
+    # FSDP2 (one rank: its parameters are DTensors all the same): torch's AdamW over the
+    # shards; PEFT's and MoLF's models exported from the DCP checkpoint
+    "fft-fsdp2": (["engine=fsdp2"], "AdamW"),
+    "lora-fsdp2": (["engine=fsdp2"], "AdamW"),
+    "molf-efficient-fsdp2": (
+        ["lora_ranks=[4,8]", "engine=fsdp2", "gradient_checkpointing=true"],
+        "MoLFAdamW",
+    ),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", list(MODES))
-def test_train_every_mode_runs_and_exports(tmp_path, mode: str) -> None:
+@pytest.mark.parametrize("case", list(MODES))
+def test_train_every_mode_runs_and_exports(tmp_path, case: str) -> None:
     from molf_ds.train.config import TrainConfig
     from molf_ds.train.schedule import config_lr_factor
 
     out = tmp_path / "run"
-    extra, optimizer = MODES[mode]
+    extra, optimizer = MODES[case]
+    mode = case.removesuffix("-fsdp2")
     args = [f"output_dir={out}", *SMALL, "max_steps=4", f"mode={mode}", *extra]
     result = _train(args)
     assert result.returncode == 0, result.stderr[-4000:]

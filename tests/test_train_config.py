@@ -189,11 +189,61 @@ def test_help_lists_every_option_with_default_and_meaning(capsys) -> None:
 def test_bf16_null_follows_the_ranks_device_or_the_ds_config(
     tmp_path, monkeypatch, option, in_ds_config, expected
 ) -> None:
-    from molf_ds.train.recipe import _bf16
+    from molf_ds.train.engines import ENGINES, _deepspeed_bf16
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # CPU ranks, whatever this machine has
     ds_path = tmp_path / "ds.json"
     ds_path.write_text(json.dumps({"bf16": {"enabled": in_ds_config}}))
     config = load_config(None, [f"bf16={json.dumps(option)}"])
     assert config.bf16 is option
-    assert _bf16(config, ds_path) is expected
+    assert _deepspeed_bf16(config, ds_path) is expected
+    # FSDP2 has no config of its own: null follows the device alone
+    fsdp2 = load_config(None, ["engine=fsdp2", f"bf16={json.dumps(option)}"])
+    assert ENGINES["fsdp2"].settings(fsdp2, 1, 2).bf16 is bool(option)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["engine=fsdp2", "ds_config=zero3"], "`ds_config` is an option of engine=deepspeed only"),
+        (["engine=fsdp2", "ds_config=zero2"], "`ds_config` is an option of engine=deepspeed"),
+        (["engine=fsdp2", "zero_init=false"], "`zero_init` is an option of engine=deepspeed"),
+        (["fsdp_offload=true"], "`fsdp_offload` is an option of engine=fsdp2 only"),
+        (
+            ["engine=deepspeed", "fsdp_reshard_after_forward=false"],
+            "`fsdp_reshard_after_forward` is an option of engine=fsdp2 only, but this run has "
+            "engine=deepspeed: remove it, or set engine=fsdp2",
+        ),
+        (["engine=fsdp2", "mode=adalora"], "mode=adalora reads every adapter's whole gradient"),
+        (["engine=torch"], "unknown `engine` 'torch': choose one of 'deepspeed' or 'fsdp2'"),
+    ],
+)
+def test_options_of_the_other_engine_are_one_line_errors(overrides, message, capsys) -> None:
+    """Refused before any rank starts, as molf-train's other option errors: exit 2, one line."""
+    with pytest.raises(SystemExit) as info:
+        parse_args(overrides)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("molf-train: error: ") and message in err, err
+
+
+def test_each_engine_takes_its_own_options_and_reads_back(tmp_path) -> None:
+    """bf16 and gradient_checkpointing belong to both engines; run_config.json leaves out the
+    other engine's options (their defaults), so that it reads back as the same config."""
+    fsdp2 = load_config(
+        None,
+        [
+            "engine=fsdp2",
+            "fsdp_offload=true",
+            "fsdp_reshard_after_forward=false",
+            "bf16=true",
+            "gradient_checkpointing=true",
+        ],
+    )
+    deepspeed = load_config(None, ["ds_config=zero3", "zero_init=false", "bf16=true"])
+    for config, absent in ((fsdp2, ("ds_config", "zero_init")), (deepspeed, ("fsdp_offload",))):
+        written = config.to_dict()
+        assert not set(absent) & set(written)
+        path = tmp_path / f"{config.engine}.json"
+        path.write_text(json.dumps(written))
+        assert load_config(str(path), []) == config

@@ -41,12 +41,22 @@ AttnImplementation = Literal[
     "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"
 ]
 LogLevel = Literal["warning", "info", "debug"]
+Engine = Literal["deepspeed", "fsdp2"]
+ENGINES: tuple[str, ...] = ("deepspeed", "fsdp2")
+# Options that mean something under one engine only: given under the other, they are refused
+# (a silently ignored `ds_config=zero3` would train unsharded, and the other way round).
+ENGINE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "deepspeed": ("ds_config", "zero_init"),
+    "fsdp2": ("fsdp_reshard_after_forward", "fsdp_offload"),
+}
 MODES: tuple[str, ...] = typing.get_args(Mode)
 TASKS: tuple[str, ...] = typing.get_args(TaskName)
 SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
 ROUTED_MODES = ("molf", "molf-efficient")
 
-DESCRIPTION = "Fine-tune a causal LM by FFT, LoRA, AdaLoRA, MoLF or MoLF-Efficient on DeepSpeed."
+DESCRIPTION = (
+    "Fine-tune a causal LM by FFT, LoRA, AdaLoRA, MoLF or MoLF-Efficient on DeepSpeed or FSDP2."
+)
 USAGE = "molf-train [--config FILE] [key=value ...]"
 # torch.manual_seed's range (a signed or unsigned 64-bit integer); beyond it torch raises.
 SEED_RANGE = (-(2**63), 2**64 - 1)
@@ -143,6 +153,11 @@ class TrainConfig(BaseModel):
     )
     seed: int = Field(0, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="model init, data order")
     # system
+    engine: Engine = Field(
+        "deepspeed",
+        description="deepspeed (ZeRO, `ds_config`) or fsdp2 (PyTorch's fully_shard, checkpoints "
+        "by torch.distributed.checkpoint)",
+    )
     ds_config: str = Field(
         "zero2", description="a ds_configs/ name (zero0..zero3_offload_all) or path"
     )
@@ -155,6 +170,16 @@ class TrainConfig(BaseModel):
         True,
         description="under ZeRO-3, build the model partitioned (deepspeed.zero.Init), so no rank "
         "ever holds it whole",
+    )
+    fsdp_reshard_after_forward: bool | None = Field(
+        None,
+        description="engine=fsdp2: free each block's gathered weights after its forward "
+        "(null: true; false keeps them until the backward, more memory, one all-gather less)",
+    )
+    fsdp_offload: bool | None = Field(
+        None,
+        description="engine=fsdp2: keep the shards, gradients and optimizer step on the CPU "
+        "(CPUOffloadPolicy; null: false)",
     )
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward (non-reentrant; use_cache off)"
@@ -231,9 +256,38 @@ class TrainConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _options_of_the_engine(self) -> TrainConfig:
+        """An option of the other engine is refused, not ignored (given at all, whatever its
+        value: ``ds_config=zero2 engine=fsdp2`` asks for something the run would not do)."""
+        for engine, options in ENGINE_OPTIONS.items():
+            if engine == self.engine:
+                continue
+            for option in options:
+                if option in self.model_fields_set:
+                    raise ValueError(
+                        f"`{option}` is an option of engine={engine} only, but this run has "
+                        f"engine={self.engine}: remove it, or set engine={engine}"
+                    )
+        return self
+
+    @model_validator(mode="after")
+    def _adalora_needs_whole_gradients(self) -> TrainConfig:
+        """AdaLoRA re-allocates ranks from every adapter's whole gradient (PEFT reads them as
+        plain tensors); FSDP2 holds only shards, always (as ZeRO does, refused for its stages at
+        set-up)."""
+        if self.mode == "adalora" and self.engine == "fsdp2":
+            raise ValueError(
+                "mode=adalora reads every adapter's whole gradient, which engine=fsdp2 shards: "
+                "use engine=deepspeed with ds_config=zero0"
+            )
+        return self
+
     def to_dict(self) -> dict:
-        """The options as plain JSON values (``run_config.json``, checkpoints)."""
-        return self.model_dump(mode="json")
+        """The options as plain JSON values (``run_config.json``, checkpoints); the other
+        engine's options are left out, so that the file reads back as this config."""
+        other = [o for e, opts in ENGINE_OPTIONS.items() if e != self.engine for o in opts]
+        return self.model_dump(mode="json", exclude=set(other))
 
 
 def _check_path_length(key: str, value: str) -> None:

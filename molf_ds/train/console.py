@@ -235,7 +235,7 @@ def summary(
     mode: str,
     steps: int,
     world_size: int,
-    zero_stage: int,
+    engine: str,
     train_s: float,
     finish_s: float,
     total_s: float,
@@ -250,7 +250,7 @@ def summary(
     ranks = f"{world_size} rank{'s' if world_size > 1 else ''}"
     speed = f", {tokens_per_s:,.0f} tokens/s" if tokens_per_s is not None else ""
     return [
-        f"{PREFIX}done: {mode}, {steps} steps, {ranks}, ZeRO-{zero_stage}: training "
+        f"{PREFIX}done: {mode}, {steps} steps, {ranks}, {engine}: training "
         f"{_duration(train_s)}{speed}, exports and eval {_duration(finish_s)}, "
         f"total {_duration(total_s)}",
         f"{PREFIX}eval: {eval_text(evaluation)}",

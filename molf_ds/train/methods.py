@@ -1,6 +1,7 @@
 """What differs between molf-train's modes, in one table: `METHODS` maps each ``mode`` to a
-`Method` (how its model is built, its optimizer and DeepSpeed engine, a hook after each
-micro-step's backward, whether it routes, and its exports); the recipe never reads ``mode``.
+`Method` (how its model is built, its optimizer and DeepSpeed engine, its torch optimizer for
+FSDP2, a hook after each micro-step's backward, whether it routes, and its exports); the recipe
+never reads ``mode``.
 Also `baseline_optimizer_section`, the DeepSpeed ``optimizer`` section of the baselines.
 
 DeepSpeed, PEFT and transformers are imported inside the functions that use them: molf-train's
@@ -17,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 import molf_ds
@@ -40,6 +42,8 @@ class Method:
     build_model: Callable[[TrainConfig, Any], Any]
     # (config, model, DeepSpeed config, ZeRO stage) -> (engine, optimizer)
     build_engine: Callable[[TrainConfig, Any, dict, int], tuple[Any, Any]]
+    # (config, model sharded by fully_shard) -> the torch optimizer engine=fsdp2 steps
+    build_optimizer: Callable[[TrainConfig, Any], Any]
     # (config, tokenizer, fresh base model, load_trained, output_dir) -> outputs; load_trained()
     # builds this mode's model on the base and loads the final weights into it.
     export: Callable[[TrainConfig, Any, Any, Callable[[], Any], Path], dict]
@@ -112,9 +116,10 @@ def _adalora_model(cfg: TrainConfig, model):
     return get_peft_model(model, peft_config)
 
 
-def _molf_engine(cfg: TrainConfig, model, ds_config: dict, zero_stage: int):
-    """`MoLFAdamW` (LoRA lr and weight decay of their own; routing) under `molf_ds.initialize`."""
-    optimizer = molf_ds.MoLFAdamW(
+def _molf_optimizer(cfg: TrainConfig, model) -> molf_ds.MoLFAdamW:
+    """`MoLFAdamW` (LoRA lr and weight decay of their own; routing); over FSDP2's DTensors it
+    steps the local shards itself."""
+    return molf_ds.MoLFAdamW(
         model,
         lr=cfg.lr,
         lora_lr=cfg.lora_lr,
@@ -123,6 +128,11 @@ def _molf_engine(cfg: TrainConfig, model, ds_config: dict, zero_stage: int):
         top_k=cfg.top_k,
         score=cfg.score,
     )
+
+
+def _molf_engine(cfg: TrainConfig, model, ds_config: dict, zero_stage: int):
+    """`MoLFAdamW` under `molf_ds.initialize`."""
+    optimizer = _molf_optimizer(cfg, model)
     engine, _, _, _ = molf_ds.initialize(
         model=model,
         optimizer=optimizer,
@@ -187,18 +197,39 @@ def baseline_optimizer_section(ds_config: dict, *, lr: float, weight_decay: floa
     return {"type": "AdamW", "params": {**params, "torch_adam": True, **fused}}
 
 
+def _adamw_optimizer(cfg: TrainConfig, model, *, lr: float, weight_decay: float):
+    """torch's AdamW over the trainable parameters (engine=fsdp2: their shards), with the
+    betas, eps and matrix-only weight decay of `baseline_optimizer_section`."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        weight_decay_groups(trainable, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8
+    )
+
+
+def _lora_rates(cfg: TrainConfig) -> dict[str, float]:
+    """LoRA's own rate and decay where given (``lora_lr``, ``lora_weight_decay``), as MoLF's
+    LoRA experts take them."""
+    lr = cfg.lr if cfg.lora_lr is None else cfg.lora_lr
+    decay = cfg.weight_decay if cfg.lora_weight_decay is None else cfg.lora_weight_decay
+    return {"lr": lr, "weight_decay": decay}
+
+
 def _fft_engine(cfg: TrainConfig, model, ds_config: dict, zero_stage: int):
     return _adamw_engine(
         cfg, model, ds_config, zero_stage, lr=cfg.lr, weight_decay=cfg.weight_decay
     )
 
 
+def _fft_optimizer(cfg: TrainConfig, model):
+    return _adamw_optimizer(cfg, model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def _lora_engine(cfg: TrainConfig, model, ds_config: dict, zero_stage: int):
-    """LoRA's own rate and decay where given (``lora_lr``, ``lora_weight_decay``), as MoLF's
-    LoRA experts take them."""
-    lr = cfg.lr if cfg.lora_lr is None else cfg.lora_lr
-    decay = cfg.weight_decay if cfg.lora_weight_decay is None else cfg.lora_weight_decay
-    return _adamw_engine(cfg, model, ds_config, zero_stage, lr=lr, weight_decay=decay)
+    return _adamw_engine(cfg, model, ds_config, zero_stage, **_lora_rates(cfg))
+
+
+def _lora_optimizer(cfg: TrainConfig, model):
+    return _adamw_optimizer(cfg, model, **_lora_rates(cfg))
 
 
 def _adalora_engine(cfg: TrainConfig, model, ds_config: dict, zero_stage: int):
@@ -245,23 +276,36 @@ def _export_molf_adapter(cfg: TrainConfig, tokenizer, base, load_trained, out: P
 
 
 METHODS: dict[str, Method] = {
-    "fft": Method(build_model=_as_loaded, build_engine=_fft_engine, export=_export_hf),
-    "lora": Method(build_model=_lora_model, build_engine=_lora_engine, export=_export_peft_merged),
+    "fft": Method(
+        build_model=_as_loaded,
+        build_engine=_fft_engine,
+        build_optimizer=_fft_optimizer,
+        export=_export_hf,
+    ),
+    "lora": Method(
+        build_model=_lora_model,
+        build_engine=_lora_engine,
+        build_optimizer=_lora_optimizer,
+        export=_export_peft_merged,
+    ),
     "adalora": Method(
         build_model=_adalora_model,
         build_engine=_adalora_engine,
+        build_optimizer=_lora_optimizer,
         export=_export_peft_merged,
         after_backward=_adalora_reallocate,
     ),
     "molf": Method(
         build_model=partial(_molf_model, train_base=True),
         build_engine=_molf_engine,
+        build_optimizer=_molf_optimizer,
         export=_export_molf_merged,
         routed=True,
     ),
     "molf-efficient": Method(
         build_model=partial(_molf_model, train_base=False),
         build_engine=_molf_engine,
+        build_optimizer=_molf_optimizer,
         export=_export_molf_adapter,
         routed=True,
         export_copies=2,

@@ -1,4 +1,5 @@
-"""molf-train: fine-tune a causal LM by FFT, LoRA, AdaLoRA, MoLF or MoLF-Efficient on DeepSpeed.
+"""molf-train: fine-tune a causal LM by FFT, LoRA, AdaLoRA, MoLF or MoLF-Efficient on DeepSpeed
+or FSDP2.
 
 Copy-paste launches (each starts the same job; add ``--config run.yaml`` and ``key=value``s):
 
@@ -6,6 +7,7 @@ Copy-paste launches (each starts the same job; add ``--config run.yaml`` and ``k
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module molf_ds.train   # 2 CPU ranks
     deepspeed --num_gpus 8 --module molf_ds.train ds_config=zero3 mode=molf model=Qwen/Qwen2.5-3B
     torchrun --nproc_per_node 2 -m molf_ds.train                # torchrun
+    torchrun --nproc_per_node 8 -m molf_ds.train engine=fsdp2   # PyTorch's FSDP2
     mpirun -n 2 python -m molf_ds.train                         # MPI (ranks from mpi4py)
     sbatch slurm/train.sbatch                                   # Slurm
 
@@ -14,8 +16,9 @@ metrics.jsonl, tensorboard/, routing.jsonl (MoLF modes), figures (molf-plot), ch
 merged/ (a plain Hugging Face model), adapter/ (PEFT LoRA, MoLF-Efficient), eval.json.
 
 This module holds the `Recipe` (set-up → loop → finish, the same for every mode) and `main`.
-What differs by mode is the table `methods.METHODS`; the models are `models`, the ranks and
-their agreement `distributed`, the learning-rate schedule `schedule`.
+What differs by mode is the table `methods.METHODS`, by engine (DeepSpeed, FSDP2) the table
+`engines.ENGINES`; the models are `models`, the ranks and their agreement `distributed`, the
+learning-rate schedule `schedule`.
 """
 
 from __future__ import annotations
@@ -45,18 +48,18 @@ from molf_ds.train.distributed import (
     agree,
     agree_flags,
     barrier,
-    cuda,
     ensure_launch_env,
     is_main_rank,
     mean_over_ranks,
     share_cpu_cores,
     wait_group,
 )
+from molf_ds.train.engines import ENGINES, Settings, checkpoint_engine
 from molf_ds.train.evaluate import evaluate_merged, heldout_note, heldout_problem
 from molf_ds.train.methods import METHODS
 from molf_ds.train.models import build_model, load_model, with_state
 from molf_ds.train.telemetry import MetricsWriter, RoutingLog
-from molf_ds.zero import ds_config_path, fill_auto, init_distributed
+from molf_ds.zero import init_distributed
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,9 @@ class Derived:
     rank: int
     world_size: int
     gradient_accumulation_steps: int
-    zero_stage: int  # from the DeepSpeed config
+    zero_stage: int  # from the DeepSpeed config (0 under FSDP2)
     bf16: bool  # `bf16`, or when null: whether the ranks are GPUs
+    engine_label: str  # what shards the run, for the summary: "ZeRO-2", "FSDP2"
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,7 @@ class Recipe:
         self.config = config
         self.started = time.perf_counter()  # the summary's total time
         self.method = METHODS[config.mode]
+        self.engine_kind = ENGINES[config.engine]
         self.output_dir = Path(config.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
         # every rank's host and PID, filled by setup once the ranks are up; a failure before
@@ -138,17 +143,18 @@ class Recipe:
         # every rank, at once: the group the end of the run waits on for rank 0's exports
         self.finish_group = wait_group(cfg.finish_timeout_s)
         agree(storage.writable_problem(self.output_dir))
-        self.derived, ds_config = self._setup_derived(
+        self.derived, self.settings = self._setup_derived(
             int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         )
-        self.tokenizer, self.model = build_model(cfg, ds_config, self.method.build_model)
+        self.tokenizer, self.model = build_model(
+            cfg, self.settings.ds_config, self.method.build_model
+        )
         self.checkpoint_bytes, self.exports_bytes = self._check_space(self.model)
         self.train_examples, self.eval_records, self.eval_task = self._setup_data(self.tokenizer)
-        self.engine, self.optimizer = self.method.build_engine(
-            cfg, self.model, ds_config, self.derived.zero_stage
-        )
-        # True where DeepSpeed does not skip non-finite steps itself (fp32 without ZeRO)
-        self.checks_gradients = not ds_partitions.deepspeed_skips_nonfinite_steps(self.engine)
+        self.engine, self.optimizer = self._setup_engine()
+        # where the engine does not skip non-finite steps itself (DeepSpeed's fp32 without ZeRO,
+        # FSDP2): how the recipe makes the next step skip, after checking the gradients
+        self.skip_step = self.engine_kind.step_skipper(self.engine)
         # after the engine: it sets this rank's device, which NCCL's object all-gather uses
         self.peer_processes.extend(peers.gather_peers())
         self.start_step = self._resume()
@@ -181,9 +187,9 @@ class Recipe:
         agree(storage.space_problem(self.output_dir, checkpoint, exports, reclaimable))
         return checkpoint, exports
 
-    def _setup_derived(self, rank: int, world_size: int) -> tuple[Derived, dict]:
-        """The derived values and the filled DeepSpeed config. A global ``batch_size`` fixes
-        the accumulation steps: it must divide evenly."""
+    def _setup_derived(self, rank: int, world_size: int) -> tuple[Derived, Settings]:
+        """The derived values and the engine's settings (the filled DeepSpeed config). A global
+        ``batch_size`` fixes the accumulation steps: it must divide evenly."""
         cfg = self.config
         per_step = cfg.micro_batch_size * world_size
         accumulation = cfg.gradient_accumulation_steps
@@ -194,24 +200,22 @@ class Recipe:
                     f"= {cfg.micro_batch_size} x {world_size}: change one of them"
                 )
             accumulation = cfg.batch_size // per_step
-        ds_path = ds_config_path(cfg.ds_config)
-        bf16 = _bf16(cfg, ds_path)
-        ds_config = fill_auto(
-            ds_path,
-            micro_batch_size=cfg.micro_batch_size,
-            gradient_accumulation_steps=accumulation,
-            world_size=world_size,
-            gradient_clipping=cfg.gradient_clipping,
-            bf16=bf16,
+        settings = self.engine_kind.settings(cfg, accumulation, world_size)
+        derived = Derived(
+            rank, world_size, accumulation, settings.zero_stage, settings.bf16, settings.label
         )
-        if "optimizer" in ds_config:
-            raise MoLFError(
-                f"`ds_config` {cfg.ds_config!r} has an `optimizer` section, but molf-train builds "
-                "the optimizer from its options (lr, weight_decay, ...): remove the section"
-            )
-        ds_config["steps_per_print"] = 10**9
-        stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-        return Derived(rank, world_size, accumulation, stage, bf16), ds_config
+        return derived, settings
+
+    def _setup_engine(self) -> tuple[Any, Any]:
+        """``(engine, optimizer)``: the mode's optimizer on the configured engine (DeepSpeed's,
+        or `engines.FSDP2Engine` over the model sharded by ``fully_shard``)."""
+        return self.engine_kind.build(
+            self.config,
+            self.method,
+            self.model,
+            self.settings,
+            self.derived.gradient_accumulation_steps,
+        )
 
     def _setup_data(self, tokenizer) -> tuple[list, list, Any]:
         """``(training examples, held-out records, the task scoring them)``: records of
@@ -268,7 +272,14 @@ class Recipe:
             if tag is None:
                 return 0  # nothing to resume: start from step 0
         elif not (path / "latest").exists():
-            raise MoLFError(f"`resume` {path} holds no DeepSpeed checkpoint ('latest' missing)")
+            raise MoLFError(f"`resume` {path} holds no checkpoint ('latest' missing)")
+        tag_dir = path / (tag or (path / "latest").read_text().strip())
+        written_by = checkpoint_engine(tag_dir)
+        if written_by != cfg.engine:  # the other engine's files: one line, not its traceback
+            raise EveryRankError(
+                f"checkpoint {tag_dir} was written by engine={written_by}, but this run has "
+                f"engine={cfg.engine}: resume with engine={written_by}, or start anew"
+            )
         _, client_state = self.engine.load_checkpoint(str(path), tag=tag)
         step = int(client_state["step"])
         if is_main_rank():
@@ -424,14 +435,16 @@ class Recipe:
         """``(stop, skip)``, the same on every rank, from one all-reduce (MAX) per step.
 
         ``stop``: any rank got a stop signal (it reaches ranks at different moments, but all
-        must checkpoint the same step and leave together). ``skip``: without a DeepSpeed wrapper
-        (fp32, no ZeRO) nothing checks the gradients, so each rank checks its averaged ones and
-        the step is skipped everywhere if any rank saw a NaN or inf; else DeepSpeed decides.
+        must checkpoint the same step and leave together). ``skip``: where the engine does not
+        check the gradients (DeepSpeed without a wrapper: fp32, no ZeRO; FSDP2), each rank
+        checks its averaged ones (its shards) and the step is skipped everywhere if any rank saw
+        a NaN or inf; else DeepSpeed decides.
         """
-        bad_gradient = self.checks_gradients and not _gradients_finite(self.engine.module)
+        checks = self.skip_step is not None
+        bad_gradient = checks and not _gradients_finite(self.engine.module)
         stop, skip = agree_flags([stop_requested(), bad_gradient], self.engine.device)
-        if self.checks_gradients:
-            ds_partitions.skip_unwrapped_step(self.engine, skip)
+        if self.skip_step is not None:
+            self.skip_step(skip)
         return stop, skip
 
     def _diverged_message(self, step: int, in_a_row: int) -> str:
@@ -546,7 +559,7 @@ class Recipe:
             mode=self.config.mode,
             steps=result.final_step,
             world_size=self.derived.world_size,
-            zero_stage=self.derived.zero_stage,
+            engine=self.derived.engine_label,
             train_s=result.train_s,
             finish_s=finish_s,
             total_s=time.perf_counter() - self.started,
@@ -558,20 +571,12 @@ class Recipe:
 
     def _export(self, final_step: int) -> dict:
         """Rebuild the trained model on the CPU from the final checkpoint (DeepSpeed's
-        zero_to_fp32 for ZeRO-1/2/3; without ZeRO, rank 0's weights) and write the exports."""
-        # deferred: DeepSpeed loads after console.quiet_dependencies (in setup)
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+        zero_to_fp32 for ZeRO-1/2/3, without ZeRO rank 0's weights; FSDP2: the DCP checkpoint
+        read whole) and write the exports."""
         cfg = self.config
-        if self.derived.zero_stage == 0:  # no partitions: rank 0 holds every weight
-            state = {
-                k: v.detach().float().cpu() for k, v in self.engine.module.state_dict().items()
-            }
-        else:
-            with console.chatter_hidden(cfg.log_level):  # its prints and bar, step by step
-                state = get_fp32_state_dict_from_zero_checkpoint(
-                    str(self.ckpt_dir), tag=f"step{final_step}"
-                )
+        state = self.engine_kind.trained_state(
+            cfg, self.engine, self.settings, self.ckpt_dir / f"step{final_step}"
+        )
         tokenizer, base = load_model(
             cfg.model, seed=cfg.seed, attn_implementation=cfg.attn_implementation
         )
@@ -662,20 +667,16 @@ def _nan_gradient_if_nonfinite(loss: torch.Tensor) -> torch.Tensor:
 
 
 def _gradients_finite(model: torch.nn.Module) -> bool:
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    """Whether this rank's gradients are finite: FSDP2's DTensor gradients by their local
+    shards (the caller's agreement combines the ranks' answers, with no collective here)."""
+    grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
+    grads = [g for g in grads if g.numel()]
     return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
 
-def _bf16(cfg: TrainConfig, ds_path: Path) -> bool:
-    """``bf16``; when null, the DeepSpeed config's own ``bf16.enabled`` where it sets one, else
-    whether the ranks are GPUs."""
-    if cfg.bf16 is not None:
-        return cfg.bf16
-    try:
-        fixed = json.loads(ds_path.read_text()).get("bf16", {}).get("enabled", "auto")
-    except (OSError, ValueError, AttributeError):  # fill_auto reports a broken file
-        fixed = "auto"
-    return cuda() if fixed == "auto" else bool(fixed)
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(tensor, "to_local", None)  # a DTensor
+    return to_local() if to_local is not None else tensor
 
 
 def _write_json(path: Path, value: Any) -> None:

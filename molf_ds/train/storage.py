@@ -7,7 +7,9 @@ agreement across ranks), rank 0 fsyncs them, renames the directory to ``stepN`` 
 and then replaces ``latest`` atomically (temporary file, fsync, ``os.replace``). A job killed at
 any moment leaves at most a ``*.partial`` leftover, which ``resume=auto`` never reads (it takes the
 newest ``stepN``) and the next save removes. The files inside are DeepSpeed's own, so
-``engine.load_checkpoint``, ``zero_to_fp32`` and ``ds_to_universal`` read them as before.
+``engine.load_checkpoint``, ``zero_to_fp32`` and ``ds_to_universal`` read them as before; under
+``engine=fsdp2`` they are ``torch.distributed.checkpoint``'s (`engines.FSDP2Engine`), published
+the same way.
 
 DeepSpeed 0.19.8's ``save_checkpoint`` alone is not atomic: rank 0 writes ``latest`` in place
 (truncate, then write) right after its own files, before the barrier that waits for the other
@@ -160,10 +162,10 @@ def newest_checkpoint(ckpt_dir: Path) -> str | None:
 def save_checkpoint(
     engine: Any, ckpt_dir: Path, step: int, client_state: dict, needed: int
 ) -> None:
-    """Collective: save ``engine``'s DeepSpeed checkpoint as ``ckpt_dir/step{step}``, published
-    only once every rank's files are written; ``needed`` (bytes) goes into a full disk's message.
-    Raises `EveryRankError` on every rank when any rank fails to write, the previous checkpoint
-    untouched and no leftover of this one."""
+    """Collective: save ``engine``'s checkpoint (DeepSpeed's, or DCP's under FSDP2) as
+    ``ckpt_dir/step{step}``, published only once every rank's files are written; ``needed``
+    (bytes) goes into a full disk's message. Raises `EveryRankError` on every rank when any rank
+    fails to write, the previous checkpoint untouched and no leftover of this one."""
     tag = f"step{step}"
     staging = ckpt_dir / f"{tag}{STAGING_SUFFIX}"
     main = is_main_rank()
