@@ -6,6 +6,9 @@ A run (one plain process without DeepSpeed, or ranks started by the deepspeed la
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/workers/hf_trainer.py train \
         --base BASE_DIR --out OUT --deepspeed ds_configs/zero3.json [--steps 4] [--micro 2] \
         [--save-steps 2] [--resume OUT/checkpoint-2] [--efficient] [--trl]
+Under FSDP2 (``fsdp=True, fsdp_config={"fsdp_version": 2}``; ranks started by torchrun; on CPU
+ranks accelerate's FSDP path is switched on by hand, see accelerate_fsdp_cpu.py):
+    torchrun --nproc_per_node 2 tests/workers/hf_trainer.py train --base B --out OUT --fsdp
 
 The model is loaded with ``from_pretrained`` after the `TrainingArguments` exist, so under
 ZeRO-3 it is built partitioned (``zero.Init``). Every sequence has the same length and no padding,
@@ -34,6 +37,12 @@ from molf_ds.runtime import run_then_exit  # noqa: E402
 
 VOCAB, SEQ, EXAMPLES = 320, 16, 32
 LR, WD = 2e-3, 0.01  # MoLF's options (ranks, lora_lr, top_k) are the example's
+# The Trainer's FSDP2: each decoder layer, then the root (and accelerate's own units for the
+# embeddings and the final norm + head), fully_shard-ed.
+FSDP2 = {
+    "fsdp": True,
+    "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]},
+}
 
 
 def save_base(directory: str) -> None:
@@ -97,6 +106,7 @@ def train(a: argparse.Namespace) -> None:
         "save_steps": a.save_steps or 500,
         "report_to": ["tensorboard"],
         "deepspeed": a.deepspeed,
+        **(FSDP2 if a.fsdp else {}),
         "seed": 0,
         "disable_tqdm": True,
         "use_cpu": True,  # CPU ranks: accelerate then counts the ranks (gloo)
@@ -117,6 +127,14 @@ def train(a: argparse.Namespace) -> None:
     zero_init = all(ds_partitions.zero3_residency(p) == "released" for p in model.parameters())
     tokenizer = AutoTokenizer.from_pretrained(a.base)
     trainer = molf_trainer(model, args, data, tokenizer, trl=a.trl, efficient=a.efficient)
+    if a.fsdp:
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        from tests.workers.accelerate_fsdp_cpu import fsdp_on_cpu_ranks
+
+        plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+        fsdp_on_cpu_ranks(trainer.accelerator, plugin)
+        trainer.is_fsdp_enabled = True  # what the Trainer reads off the state it created
     trainer.train(resume_from_checkpoint=a.resume)
     trainer.save_model(str(Path(a.out) / "final"))
     result = {
@@ -139,11 +157,14 @@ def train(a: argparse.Namespace) -> None:
 
 
 def gathered_params(model: torch.nn.Module, *, keep: bool) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
     params = {}
     for name, param in model.named_parameters():
         with ds_partitions.gathered([param]):
+            whole = param.full_tensor() if isinstance(param, DTensor) else param  # FSDP2
             if keep:
-                params[name] = param.detach().cpu().clone()
+                params[name] = whole.detach().cpu().clone()
     return params
 
 
@@ -167,6 +188,7 @@ def main() -> None:
     parser.add_argument("--resume")
     parser.add_argument("--efficient", action="store_true")
     parser.add_argument("--trl", action="store_true")
+    parser.add_argument("--fsdp", action="store_true", help="the Trainer's FSDP2")
     parser.add_argument("--local_rank", type=int)  # the deepspeed launcher's
     a = parser.parse_args()
     if a.command == "base":
