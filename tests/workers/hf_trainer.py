@@ -8,7 +8,10 @@ A run (one plain process without DeepSpeed, or ranks started by the deepspeed la
         [--save-steps 2] [--resume OUT/checkpoint-2] [--efficient] [--trl]
 Under FSDP2 (``fsdp=True, fsdp_config={"fsdp_version": 2}``; ranks started by torchrun; on CPU
 ranks accelerate's FSDP path is switched on by hand, see accelerate_fsdp_cpu.py):
-    torchrun --nproc_per_node 2 tests/workers/hf_trainer.py train --base B --out OUT --fsdp
+    torchrun --nproc_per_node 2 tests/workers/hf_trainer.py train --base B --out OUT --fsdp \
+        [--save-steps 2 --and-resume OUT2]
+``--and-resume OUT2`` then resumes a second Trainer, in the same processes, from
+``OUT/checkpoint-<save-steps>`` into OUT2 (a launch fewer than a second job).
 
 The model is loaded with ``from_pretrained`` after the `TrainingArguments` exist, so under
 ZeRO-3 it is built partitioned (``zero.Init``). Every sequence has the same length and no padding,
@@ -41,7 +44,11 @@ LR, WD = 2e-3, 0.01  # MoLF's options (ranks, lora_lr, top_k) are the example's
 # embeddings and the final norm + head), fully_shard-ed.
 FSDP2 = {
     "fsdp": True,
-    "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]},
+    "fsdp_config": {
+        "fsdp_version": 2,
+        "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"],
+        "state_dict_type": "SHARDED_STATE_DICT",  # checkpoints through torch.distributed.checkpoint
+    },
 }
 
 
@@ -189,14 +196,23 @@ def main() -> None:
     parser.add_argument("--efficient", action="store_true")
     parser.add_argument("--trl", action="store_true")
     parser.add_argument("--fsdp", action="store_true", help="the Trainer's FSDP2")
+    parser.add_argument("--and-resume", help="then, in the same processes, resume into this")
     parser.add_argument("--local_rank", type=int)  # the deepspeed launcher's
     a = parser.parse_args()
     if a.command == "base":
         save_base(a.directory)
-    elif "WORLD_SIZE" in os.environ:
-        run_then_exit(lambda: train(a))
-    else:
+        return
+
+    def runs() -> None:
         train(a)
+        if a.and_resume:  # a new Trainer (new model, new TrainingArguments) from checkpoint-N
+            checkpoint = str(Path(a.out) / f"checkpoint-{a.save_steps}")
+            train(argparse.Namespace(**{**vars(a), "out": a.and_resume, "resume": checkpoint}))
+
+    if "WORLD_SIZE" in os.environ:
+        run_then_exit(runs)
+    else:
+        runs()
 
 
 if __name__ == "__main__":
