@@ -62,7 +62,8 @@ def collate(tokenizer, max_length: int):
     return batch
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> torch.nn.Module:
+    """Trains, writes the merged model; returns the model as accelerate prepared it."""
     args = parse_args(argv)
     molf_ds.init_distributed()  # before Accelerator: gloo on CPU ranks, DeepSpeed's comm
     if args.cpu:
@@ -115,13 +116,14 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"step {step} loss {loss.item():.4f} lr {lr:.3g} fft_share {share:.3f}")
             if step == args.steps:
                 break
-    # Every rank takes part (ZeRO-3 gathers module by module); the main process writes.
+    # Every rank takes part (ZeRO-3 and FSDP2 gather module by module); the main process writes.
     save_merged(
         accelerator.unwrap_model(engine),
         args.out,
         write=accelerator.is_main_process,
         tokenizer=tokenizer,
     )
+    return engine
 
 
 if __name__ == "__main__":

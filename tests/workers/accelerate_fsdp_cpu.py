@@ -48,7 +48,12 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
     import accelerate_molf
 
-    accelerate_molf.main()
+    model = accelerate_molf.main()
+    from torch.distributed.tensor import DTensor
+
+    # What the test reads to know FSDP2 trained, not DDP (whose results would be the same).
+    sharded = sum(isinstance(p, DTensor) for p in model.parameters())
+    print(f"DTensor parameters: {sharded} of {len(list(model.parameters()))}", flush=True)
 
 
 if __name__ == "__main__":
