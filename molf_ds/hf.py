@@ -96,13 +96,15 @@ class MoLFMixin:
         molf_options: MoLFOptions | None = None,
         **kwargs: Any,
     ) -> None:
+        # Before the Trainer builds accelerate's plugin (which fails on its own terms for FSDP1)
+        training_args = kwargs["args"] if "args" in kwargs else (args[1:2] or [None])[0]
+        _refuse_fsdp1(getattr(training_args, "fsdp_plugin_args", None))
         super().__init__(*args, **kwargs)
         self.molf_options = molf_options or MoLFOptions()
         self._molf_optimizer: MoLFAdamW | None = None
         self._molf_connected_to: Any = None
         self._routing_wins: torch.Tensor | None = None
         self._routing_steps = 0
-        _refuse_fsdp1(self.args.fsdp_plugin_args)
         _wrap_once(self.model, molf_config, seed=self.args.seed)
         self.add_callback(_RoutingAccumulator(self))
         if self.is_deepspeed_enabled:

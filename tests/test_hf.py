@@ -26,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from molf_ds.config import MoLFConfig
 from tests import launch
 
 pytestmark = pytest.mark.slow  # real multi-rank jobs
@@ -290,3 +291,19 @@ def test_trainer_example_resumes_without_deepspeed(root):
     resumed = load_file(str(root / "ex_resumed" / "final" / "model.safetensors"))
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+
+
+def test_trainer_refuses_fsdp1_in_one_line(root, tmp_path):
+    """FSDP1 flattens a block's parameters into one FlatParameter cut across modules and
+    experts: the mixin refuses it before anything is built (on any device)."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from molf_ds.errors import MoLFConfigError
+    from molf_ds.hf import MoLFTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                             fsdp=True, fsdp_config={"fsdp_version": 1})  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(str(root / "base"))
+    with pytest.raises(MoLFConfigError, match="^MoLF runs under FSDP2 only: set fsdp_config=") as e:
+        MoLFTrainer(model=model, args=args, molf_config=MoLFConfig(lora_ranks=(4,)))
+    assert "\n" not in str(e.value)
