@@ -24,6 +24,7 @@ writes the merged model (and, with ``--efficient``, the adapter).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -111,19 +112,22 @@ def train(a: argparse.Namespace) -> None:
         "logging_steps": 1,
         "save_strategy": "steps" if a.save_steps else "no",
         "save_steps": a.save_steps or 500,
-        "report_to": ["tensorboard"],
+        # (the GPU check's machine may lack tensorboard)
+        "report_to": ["tensorboard"] if importlib.util.find_spec("tensorboard") else [],
         "deepspeed": a.deepspeed,
         **(FSDP2 if a.fsdp else {}),
         "seed": 0,
         "disable_tqdm": True,
-        "use_cpu": True,  # CPU ranks: accelerate then counts the ranks (gloo)
+        # CPU ranks: accelerate then counts the ranks (gloo); the GPU check runs --fsdp on a GPU
+        "use_cpu": not torch.cuda.is_available(),
+        "bf16": a.bf16,  # under FSDP2: MixedPrecisionPolicy(param_dtype=bf16), fp32 shards
     }
     if a.trl:
         from datasets import Dataset
         from trl import SFTConfig
 
-        # SFTConfig defaults to bf16; these runs compare fp32 parameters.
-        args = SFTConfig(**common, max_length=None, packing=False, bf16=False)
+        # SFTConfig defaults to bf16; these runs compare fp32 parameters (`common` sets it).
+        args = SFTConfig(**common, max_length=None, packing=False)
         data = Dataset.from_dict({"input_ids": token_rows()})
     else:
         from transformers import TrainingArguments
@@ -134,7 +138,8 @@ def train(a: argparse.Namespace) -> None:
     zero_init = all(ds_partitions.zero3_residency(p) == "released" for p in model.parameters())
     tokenizer = AutoTokenizer.from_pretrained(a.base)
     trainer = molf_trainer(model, args, data, tokenizer, trl=a.trl, efficient=a.efficient)
-    if a.fsdp:
+    switched_on_by_hand = a.fsdp and not trainer.is_fsdp_enabled
+    if switched_on_by_hand:  # CPU ranks (on a GPU accelerate does it)
         from accelerate.utils import FullyShardedDataParallelPlugin
 
         from tests.workers.accelerate_fsdp_cpu import fsdp_on_cpu_ranks
@@ -150,6 +155,8 @@ def train(a: argparse.Namespace) -> None:
         "logits": probe_logits(trainer),
         "log_history": trainer.state.log_history,
         "world_size": args.world_size,
+        "accelerate_fsdp2": trainer.accelerator.is_fsdp2,
+        "fsdp_switched_on_by_hand": switched_on_by_hand,
         "zero_init": zero_init,  # built partitioned by from_pretrained (ZeRO-3's zero.Init)
         "lora_residency": sorted(
             {
@@ -179,7 +186,7 @@ def gathered_params(model: torch.nn.Module, *, keep: bool) -> dict[str, torch.Te
 def probe_logits(trainer) -> torch.Tensor:
     model = trainer.model_wrapped  # the engine under DeepSpeed: ZeRO-3 gathers in forward
     model.eval()
-    return model(input_ids=probe_inputs()).logits.detach().cpu()
+    return model(input_ids=probe_inputs().to(trainer.args.device)).logits.detach().float().cpu()
 
 
 def main() -> None:
@@ -196,6 +203,7 @@ def main() -> None:
     parser.add_argument("--efficient", action="store_true")
     parser.add_argument("--trl", action="store_true")
     parser.add_argument("--fsdp", action="store_true", help="the Trainer's FSDP2")
+    parser.add_argument("--bf16", action="store_true", help="(the GPU check)")
     parser.add_argument("--and-resume", help="then, in the same processes, resume into this")
     parser.add_argument("--local_rank", type=int)  # the deepspeed launcher's
     a = parser.parse_args()
