@@ -112,7 +112,7 @@ class Checks:
         return {
             "rc": rc,
             "seconds": round(time.monotonic() - started, 1),
-            "lines": [json.loads(x) for x in out.splitlines() if x.startswith("{")],
+            "lines": json_lines(out),
             "tail": " | ".join(err.strip().splitlines()[-3:])[-600:],
         }
 
@@ -130,6 +130,16 @@ class Checks:
 
     def skipped(self, check: str, why: str, **extra) -> None:
         self.emit({"check": check, "ok": None, "skipped": why, **extra})
+
+
+def json_lines(text: str) -> list[dict]:
+    """The JSON objects among ``text``'s lines (a Trainer prints its logs as Python dicts)."""
+    found = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                found.append(json.loads(line))
+    return found
 
 
 def environment(setup_s: float | None) -> dict:
