@@ -479,6 +479,7 @@ def fsdp2_trainer(checks: Checks, out: Path) -> None:
         "resumed_max_param_difference": max_difference(again, run),
         "bf16_max_param_difference": max_difference(bf16, plain),
         "bf16_float32_params": all(p.dtype == torch.float32 for p in bf16["params"].values()),
+        "bf16_param_dtype": bf16["fsdp_param_dtype"],  # MixedPrecisionPolicy's compute dtype
         "bf16_losses": [e["loss"] for e in bf16["log_history"] if "loss" in e],
     }
     line["ok"] = (
@@ -489,6 +490,7 @@ def fsdp2_trainer(checks: Checks, out: Path) -> None:
         and line["resumed_max_param_difference"] <= TRAINER_ATOL
         and line["bf16_max_param_difference"] <= TRAINER_BF16_ATOL
         and line["bf16_float32_params"]
+        and line["bf16_param_dtype"] == "torch.bfloat16"
     )
     checks.emit(line)
 

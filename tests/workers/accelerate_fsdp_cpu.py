@@ -1,10 +1,11 @@
-"""accelerate's FSDP2 path on CPU ranks (gloo), for the tests.
+"""accelerate's FSDP2 path on CPU ranks (gloo), for the tests and the GPU check's dry run.
 
 accelerate 1.15 turns its FSDP plugin on only for accelerator ranks: `AcceleratorState` sets
 ``distributed_type = FSDP`` inside its MULTI_GPU/MULTI_XPU/... branch, and on CPU ranks
 (MULTI_CPU) it keeps DDP and drops the plugin without a word (without ``cpu=True`` each rank even
 trains alone). FSDP2 itself runs on CPU ranks over gloo, so the tests set the two state fields
-accelerate's ``prepare`` reads -- and nothing else -- and the real ``_prepare_fsdp2`` runs: the
+accelerate's ``prepare`` reads (and the plugin's mixed precision, as accelerate would) -- nothing
+else -- and the real ``_prepare_fsdp2`` runs: the
 optimizer's parameters swapped for placeholders, ``fully_shard`` by the plugin's wrap policy,
 the DTensors mapped back into the optimizer's group. The GPU check runs it unforced.
 
@@ -29,6 +30,8 @@ def fsdp_on_cpu_ranks(accelerator: Any, plugin: Any) -> None:
     state = accelerator.state
     if state.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.FSDP):
         raise RuntimeError(f"expected CPU ranks (MULTI_CPU), got {state.distributed_type}")
+    if state.mixed_precision != "no":  # as AcceleratorState's FSDP branch does
+        plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin = plugin
     # Both shared states: a later `Accelerator()` copies PartialState's over AcceleratorState's.
     state.distributed_type = PartialState().distributed_type = DistributedType.FSDP

@@ -156,6 +156,7 @@ def train(a: argparse.Namespace) -> None:
         "log_history": trainer.state.log_history,
         "world_size": args.world_size,
         "accelerate_fsdp2": trainer.accelerator.is_fsdp2,
+        "fsdp_param_dtype": str(getattr(fsdp_policy(trainer), "param_dtype", None)),
         "fsdp_switched_on_by_hand": switched_on_by_hand,
         "zero_init": zero_init,  # built partitioned by from_pretrained (ZeRO-3's zero.Init)
         "lora_residency": sorted(
@@ -168,6 +169,12 @@ def train(a: argparse.Namespace) -> None:
     }
     if args.should_save:
         torch.save(result, Path(a.out) / "result.pt")
+
+
+def fsdp_policy(trainer):
+    """The MixedPrecisionPolicy accelerate shards with (None without FSDP)."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    return plugin.mixed_precision_policy if plugin is not None else None
 
 
 def gathered_params(model: torch.nn.Module, *, keep: bool) -> dict[str, torch.Tensor]:
