@@ -10,7 +10,8 @@ projections), one after another in the same processes:
 
 - ``fft:fsdp2``: each decoder layer and the root ``fully_shard``-ed, torch's AdamW built after;
 - ``molf:fsdp2``: the same sharding, `MoLFAdamW` built after (the CPU kernel on the local shards);
-- ``molf:3``: MoLF under ZeRO-3 (`molf_ds.initialize`, ds_configs/zero3.json).
+- ``molf:3``: MoLF under ZeRO-3 (`molf_ds.initialize`, ds_configs/zero3.json);
+- ``fft:3``: FFT under ZeRO-3 (torch's AdamW as DeepSpeed's client optimizer), for scale.
 
 Each loop is forward, backward, ``clip_grad_norm_(1.0)`` (DeepSpeed: its ``gradient_clipping``),
 step; tokens/s is the tokens of one global step over rank 0's median step time. After MoLF's FSDP2
@@ -27,7 +28,7 @@ import os
 
 from bench.zero_scale import MODEL_ARGS, launch
 
-RUNS = ["fft:fsdp2", "molf:fsdp2", "molf:3"]
+RUNS = ["fft:fsdp2", "molf:fsdp2", "molf:3", "fft:3"]
 
 
 def tokens_per_s(record: dict) -> float:
@@ -63,8 +64,10 @@ def main() -> None:
                     "fft_fsdp2": tokens["fft:fsdp2"],
                     "molf_fsdp2": tokens["molf:fsdp2"],
                     "molf_zero3": tokens["molf:3"],
+                    "fft_zero3": tokens["fft:3"],
                 },
                 "molf_over_fft_fsdp2": round(tokens["molf:fsdp2"] / tokens["fft:fsdp2"], 3),
+                "molf_over_fft_zero3": round(tokens["molf:3"] / tokens["fft:3"], 3),
                 "molf_fsdp2_over_zero3": round(tokens["molf:fsdp2"] / tokens["molf:3"], 3),
                 "median_optimizer_step_s": {
                     "fft_fsdp2": results["fft:fsdp2"]["ranks"][0]["median_engine_step_s"],
