@@ -14,7 +14,8 @@ projections), one after another in the same processes:
 - ``fft:3``: FFT under ZeRO-3 (torch's AdamW as DeepSpeed's client optimizer), for scale.
 
 Each loop is forward, backward, ``clip_grad_norm_(1.0)`` (DeepSpeed: its ``gradient_clipping``),
-step; tokens/s is the tokens of one global step over rank 0's median step time. After MoLF's FSDP2
+step; tokens/s is the tokens of one global step over rank 0's median step time. The four runs go
+twice, one pass after the other, and each run keeps its faster pass. After MoLF's FSDP2
 run, its step and torch's AdamW step (torch's defaults, a user's) are timed again over the same
 DTensor parameters and gradients. The line carries the machine's load average (`os.getloadavg`):
 on a shared machine the figures move with it.
@@ -31,9 +32,20 @@ from bench.zero_scale import MODEL_ARGS, launch
 RUNS = ["fft:fsdp2", "molf:fsdp2", "molf:3", "fft:3"]
 
 
+AGAIN = ":again"  # the second pass's runs (zero_worker.py ignores the suffix)
+
+
 def tokens_per_s(record: dict) -> float:
     rank0 = record["ranks"][0]
     return rank0["tokens_per_step"] / rank0["median_train_step_s"]
+
+
+def faster(results: dict, run: str) -> dict:
+    """Of a run's two passes, the one with the shorter median step: on a shared machine a burst
+    of someone else's load slows one pass, rarely both."""
+    first, second = results[run], results[run + AGAIN]
+    key = lambda r: r["ranks"][0]["median_train_step_s"]  # noqa: E731
+    return min(first, second, key=key)
 
 
 def extra_collectives(results: dict) -> dict:
@@ -49,7 +61,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
     load_before = os.getloadavg()
-    results = launch(2, RUNS, args.steps)
+    passes = launch(2, RUNS + [run + AGAIN for run in RUNS], args.steps)
+    results = {run: faster(passes, run) for run in RUNS}
     tokens = {run: round(tokens_per_s(results[run]), 1) for run in RUNS}
     molf = results["molf:fsdp2"]["ranks"][0]
     step = molf["step_vs_torch_adamw"]
