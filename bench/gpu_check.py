@@ -34,6 +34,17 @@ than the GPU machine: its limits are 4x, its budget 1800 s. In order:
   increasing size while the previous pair took at most 2 minutes and the budget lasts.
 - ``molf_train``: one whole ``python -m molf_ds.train`` run (tiny-qwen2, defaults: bf16, ZeRO-2,
   checkpoint, merged export, evaluation) on the GPU.
+- ``fsdp2``: tests/workers/fsdp2_train.py on one GPU rank under ``fully_shard`` over NCCL (MoLF,
+  top-2 PFN, MoLF-Efficient, the multi-tensor path, ``CPUOffloadPolicy`` with the score
+  all-reduce's trip through the GPU) against one plain CPU process (within 1e-5 of each
+  tensor's largest value, the same winners); bf16 ``MixedPrecisionPolicy`` against one CPU rank
+  under the same policy (the tests' bf16 criteria).
+- ``fsdp2_trainer``: tests/workers/hf_trainer.py with the Trainer's FSDP2 on one GPU rank, by
+  accelerate's own FSDP path (on CPU ranks accelerate drops FSDP; the tests switch it on by
+  hand): against one plain CPU Trainer (within 1e-5, the same routing logs), a DCP checkpoint
+  resumed by a new Trainer, and a bf16 run (fp32 shards, within 5e-2).
+
+``--only fsdp2`` runs the environment line and the two FSDP2 checks alone (about 2 minutes).
 """
 
 from __future__ import annotations
@@ -105,7 +116,7 @@ class Checks:
         return {
             "rc": rc,
             "seconds": round(time.monotonic() - started, 1),
-            "lines": [json.loads(x) for x in out.splitlines() if x.startswith("{")],
+            "lines": json_lines(out),
             "tail": " | ".join(err.strip().splitlines()[-3:])[-600:],
         }
 
@@ -123,6 +134,16 @@ class Checks:
 
     def skipped(self, check: str, why: str, **extra) -> None:
         self.emit({"check": check, "ok": None, "skipped": why, **extra})
+
+
+def json_lines(text: str) -> list[dict]:
+    """The JSON objects among ``text``'s lines (a Trainer prints its logs as Python dicts)."""
+    found = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                found.append(json.loads(line))
+    return found
 
 
 def environment(setup_s: float | None) -> dict:
@@ -376,11 +397,138 @@ def molf_train(checks: Checks, out: Path, steps: int, micro: int) -> None:
     )
 
 
+FSDP2_CASES = "molf,pfn_top2,efficient,foreach,offload"
+FSDP2_RTOL = 1e-5  # of each tensor's largest value: GPU and CPU sum in other orders
+BF16_AGREE, BF16_ATOL = 0.75, 3e-2  # tests/test_fsdp2.py's bf16 criteria
+TRAINER_ATOL, TRAINER_BF16_ATOL = 1e-5, 5e-2
+
+
+def torchrun(ranks: int = 1) -> list[str]:
+    from molf_ds.train.distributed import free_port
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+            "--master_port", str(free_port())]  # fmt: skip
+
+
+def fsdp2(checks: Checks, out: Path) -> None:
+    """fsdp2_train.py on one rank of ``checks.device`` (NCCL on a GPU) against one plain CPU
+    process; its bf16 case against one CPU rank (gloo) under the same policy."""
+    worker = str(REPO / "tests" / "workers" / "fsdp2_train.py")
+    cpu = {"CUDA_VISIBLE_DEVICES": ""}
+    steps = [
+        ("reference", [sys.executable, worker, "--reference", "--out", str(out / "fsdp2_ref"),
+                       "--cases", FSDP2_CASES], 60, cpu),
+        ("bf16_reference", [*torchrun(), worker, "--out", str(out / "fsdp2_ref_bf16"),
+                            "--cases", "bf16"], 60, cpu),
+        ("device", [*torchrun(), worker, "--device", checks.device, "--out", str(out / "fsdp2"),
+                    "--cases", f"{FSDP2_CASES},bf16"], 120, {}),
+    ]  # fmt: skip
+    seconds = 0.0
+    for step, command, limit, env in steps:
+        done = checks.run(command, limit, **env)
+        seconds += done["seconds"]
+        if done["rc"] != 0:
+            return checks.failed("fsdp2", done, step=step)
+    reports = {}
+    for reference, cases in (("fsdp2_ref", FSDP2_CASES), ("fsdp2_ref_bf16", "bf16")):
+        compared = checks.run([sys.executable, worker, "--compare", str(out / reference),
+                               "--out", str(out / "fsdp2"), "--cases", cases,
+                               "--rtol", str(FSDP2_RTOL)], 30)  # fmt: skip
+        if compared["rc"] != 0 or not compared["lines"]:
+            return checks.failed("fsdp2", compared, step="compare")
+        reports.update(compared["lines"][0])
+    bf16 = reports["bf16"]
+    bf16["ok"] = (
+        bf16["winner_agreement"] >= BF16_AGREE
+        and bf16["max_param_abs_difference"] <= BF16_ATOL
+        and bf16["float32_params"]
+    )
+    checks.emit(
+        {
+            "check": "fsdp2",
+            "ok": all(r["ok"] for r in reports.values()),
+            "device": checks.device,
+            "backend": "nccl" if checks.device == "cuda" else "gloo",
+            "seconds": round(seconds, 1),
+            "cases": reports,
+        }
+    )
+
+
+def fsdp2_trainer(checks: Checks, out: Path) -> None:
+    """The Trainer's FSDP2 on one rank of ``checks.device`` against one plain CPU Trainer."""
+    worker = str(REPO / "tests" / "workers" / "hf_trainer.py")
+    cpu = {"CUDA_VISIBLE_DEVICES": ""}
+    base = ["--base", str(out / "hf_base"), "--micro", "4"]
+    resumed = out / "hf_fsdp2_resumed"
+    steps = [
+        ("base", [sys.executable, worker, "base", str(out / "hf_base")], 60, cpu),
+        ("plain", [sys.executable, worker, "train", *base, "--out", str(out / "hf_plain")],
+         90, cpu),
+        ("fsdp2", [*torchrun(), worker, "train", *base, "--fsdp", "--out", str(out / "hf_fsdp2"),
+                   "--save-steps", "2", "--and-resume", str(resumed)], 150, {}),
+        ("fsdp2_bf16", [*torchrun(), worker, "train", *base, "--fsdp", "--bf16",
+                        "--out", str(out / "hf_fsdp2_bf16")], 90, {}),
+    ]  # fmt: skip
+    seconds = 0.0
+    for step, command, limit, env in steps:
+        done = checks.run(command, limit, **env)
+        seconds += done["seconds"]
+        if done["rc"] != 0:
+            return checks.failed("fsdp2_trainer", done, step=step)
+    import torch
+
+    def load(name: str | Path) -> dict:
+        return torch.load(out / name / "result.pt", weights_only=False)
+
+    def max_difference(run: dict, reference: dict) -> float:
+        return max(
+            (run["params"][n].float() - p).abs().max().item()
+            for n, p in reference["params"].items()
+        )
+
+    def routing(run: dict) -> list:
+        return [
+            {k: v for k, v in e.items() if k.startswith("molf/")}
+            for e in run["log_history"]
+            if "loss" in e
+        ]
+
+    plain, run, again, bf16 = (load(n) for n in ("hf_plain", "hf_fsdp2", resumed, "hf_fsdp2_bf16"))
+    line = {
+        "check": "fsdp2_trainer",
+        "device": checks.device,
+        "seconds": round(seconds, 1),
+        # on a GPU, accelerate's own FSDP2 path (not the CPU tests' switch)
+        "accelerate_fsdp2": run["accelerate_fsdp2"],
+        "switched_on_by_hand": run["fsdp_switched_on_by_hand"],
+        "max_param_difference": max_difference(run, plain),
+        "same_routing": routing(run) == routing(plain),
+        "resumed_max_param_difference": max_difference(again, run),
+        "bf16_max_param_difference": max_difference(bf16, plain),
+        "bf16_float32_params": all(p.dtype == torch.float32 for p in bf16["params"].values()),
+        "bf16_param_dtype": bf16["fsdp_param_dtype"],  # MixedPrecisionPolicy's compute dtype
+        "bf16_losses": [e["loss"] for e in bf16["log_history"] if "loss" in e],
+    }
+    line["ok"] = (
+        run["accelerate_fsdp2"]
+        and run["fsdp_switched_on_by_hand"] == (checks.device == "cpu")
+        and line["max_param_difference"] <= TRAINER_ATOL
+        and line["same_routing"]
+        and line["resumed_max_param_difference"] <= TRAINER_ATOL
+        and line["bf16_max_param_difference"] <= TRAINER_BF16_ATOL
+        and line["bf16_float32_params"]
+        and line["bf16_param_dtype"] == "torch.bfloat16"
+    )
+    checks.emit(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="on the CPU, small sizes")
     parser.add_argument("--budget-s", type=float, help="default: 450 (GPU), 1800 (dry run)")
     parser.add_argument("--setup-s", type=float, help="(gpu_check.sh) the wheels' install time")
+    parser.add_argument("--only", choices=["fsdp2"], help="the environment line and these checks")
     args = parser.parse_args()
     device = "cpu" if args.dry_run or os.environ.get("DEVICE") == "cpu" else "cuda"
     dry_run = device == "cpu"
@@ -393,6 +541,10 @@ def main() -> None:
         checks.emit({"check": "summary", "ok": False, "error": "no CUDA GPU: use --dry-run"})
         sys.exit(1)
     out = Path(tempfile.mkdtemp(prefix="molf-gpu-check-"))
+    if args.only == "fsdp2":
+        fsdp2(checks, out)
+        fsdp2_trainer(checks, out)
+        return finish(checks, out, device, started)
     ops = subprocess.Popen(  # compiles on the CPU cores while exactness runs on the GPU
         [sys.executable, "-c", DS_OP_SCRIPT],
         cwd=REPO,
@@ -413,9 +565,17 @@ def main() -> None:
         steps = {"tiny-qwen2": 40, "random-qwen2.5-0.5b": 30, "random-qwen2.5-3b": 20}
         train(checks, GPU_PRESETS[:1], steps, micro=8)
         molf_train(checks, out, steps=10, micro=8)
+    fsdp2(checks, out)
+    fsdp2_trainer(checks, out)
+    if not dry_run:
         train(checks, GPU_PRESETS[1:], steps, micro=8)
     if ops.returncode is None:  # (never killed, see ds_op above)
         ds_ops(checks, ops, limit_s=checks.remaining())
+    finish(checks, out, device, started)
+
+
+def finish(checks: Checks, out: Path, device: str, started: float) -> None:
+    """The summary line; exits 0 when every check passed."""
     shutil.rmtree(out, ignore_errors=True)
     checks.emit(
         {

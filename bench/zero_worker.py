@@ -1,9 +1,11 @@
-"""One rank of the ZeRO benchmark (started by bench/zero_scale.py through the deepspeed launcher).
+"""One rank of the ZeRO and FSDP2 benchmarks (started by bench/zero_scale.py and
+bench/fsdp2_throughput.py through the deepspeed launcher).
 
-For each requested run (``method:stage[:offload]``) it builds the same Qwen2-like model, trains a
-few steps under DeepSpeed, and rank 0 writes one JSON record per run with every rank's
-measurements: optimizer-state bytes (fp32 master + moments) and where they live, the FFT experts'
-share, collectives per training step, and step times.
+For each requested run (``method:stage[:offload]``, or ``method:fsdp2`` for PyTorch FSDP2) it
+builds the same Qwen2-like model, trains a few steps under DeepSpeed (or ``fully_shard``), and
+rank 0 writes one JSON record per run with every rank's measurements: optimizer-state bytes (fp32
+master + moments) and where they live, the FFT experts' share, collectives per training step,
+step times, and under FSDP2 the routed step against torch's AdamW on the same shards.
 """
 
 from __future__ import annotations
@@ -98,10 +100,90 @@ def segment_source_time(optimizer: molf_ds.MoLFAdamW) -> dict:
     return {"segments": len(source()[0]), "segment_source_s": best}
 
 
+def shard(model) -> None:
+    """FSDP2 as a user shards a Hugging Face model: each decoder layer, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def adamw_step_time(optimizer, model) -> dict:
+    """The optimizer's step against torch's AdamW (its defaults, as a user builds it, and
+    ``foreach=True``) over the same parameters and the same gradients (those of the last
+    training step), best of 5 x 3 steps each: what routing costs on top of AdamW's own step on
+    these tensors."""
+
+    def best(opt) -> float:
+        return min(timeit.repeat(opt.step, number=3, repeat=5)) / 3
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    adamw = torch.optim.AdamW(params, lr=1e-4)
+    foreach = torch.optim.AdamW(params, lr=1e-4, foreach=True)  # the multi-tensor path
+    for opt in (adamw, foreach):
+        opt.step()  # their state exists before the timing, as the routed step's does
+    routed, plain, multi = best(optimizer), best(adamw), best(foreach)
+    return {
+        "step_s": routed,
+        "torch_adamw_step_s": plain,
+        "torch_adamw_foreach_step_s": multi,
+        "over_torch_adamw": routed / plain,
+        "over_torch_adamw_foreach": routed / multi,
+    }
+
+
+def run_fsdp2(args, method: str) -> dict:
+    """``method`` (fft: torch's AdamW; molf: MoLFAdamW) on the model sharded by FSDP2, the
+    optimizer built after sharding; the loop a user writes, clipping included."""
+    model, _ = build_model(args, method)
+    shard(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if method == "fft":
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+    else:
+        optimizer = molf_ds.MoLFAdamW(model, lr=1e-4, lora_lr=1e-3)
+    generator = torch.Generator().manual_seed(tdist.get_rank())
+    times, step_times = [], []
+    counter = CollectiveCounter()
+    for step in range(args.warmup + args.steps):
+        tokens = torch.randint(0, args.vocab, (args.micro, args.seq + 1), generator=generator)
+        counting = counter if step == args.warmup else contextlib.nullcontext()
+        with counting:
+            start = time.perf_counter()
+            model(input_ids=tokens[:, :-1], labels=tokens[:, 1:]).loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            before_step = time.perf_counter()
+            optimizer.step()
+            end = time.perf_counter()
+        if step < args.warmup + args.steps - 1:  # the last gradients stay for the step timing
+            optimizer.zero_grad()
+        if step >= args.warmup:
+            times.append(end - start)
+            step_times.append(end - before_step)
+    record = {
+        "trainable_params": sum(p.numel() for p in params),
+        "collectives_per_step": dict(counter.calls),
+        "median_train_step_s": statistics.median(times),
+        "median_engine_step_s": statistics.median(step_times),
+        "tokens_per_step": args.micro * args.seq * tdist.get_world_size(),
+    }
+    if method == "molf":
+        record["routing_numbers"] = optimizer.last_routing.scores.numel()
+        record["implementation"] = optimizer.last_routing.implementation
+        record["step_vs_torch_adamw"] = adamw_step_time(optimizer, model)
+    return record
+
+
 def run(args, spec: str) -> dict:
     method, stage, *rest = spec.split(":")
     offload = bool(rest and rest[0] == "offload")
     world = tdist.get_world_size()
+    if stage == "fsdp2":
+        per_rank = [None] * world
+        tdist.all_gather_object(per_rank, run_fsdp2(args, method))
+        return {"run": spec, "method": method, "engine": "fsdp2", "world": world,
+                "ranks": per_rank}  # fmt: skip
     name = f"zero{stage}" + ("_offload" if offload else "") + ".json"
     config = fill_auto(
         name,  # a shipped config
@@ -150,6 +232,7 @@ def run(args, spec: str) -> dict:
         "all_reduce_numels": list(counter.all_reduce_numels),
         "median_train_step_s": statistics.median(times),
         "median_engine_step_s": statistics.median(step_times),
+        "tokens_per_step": args.micro * args.seq * world,
         **state_bytes(engine, optimizer),
     }
     if isinstance(optimizer, molf_ds.MoLFAdamW):
@@ -170,7 +253,9 @@ def run(args, spec: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", required=True, help="comma list of method:stage[:offload]")
+    parser.add_argument(
+        "--runs", required=True, help="comma list of method:stage[:offload] or method:fsdp2"
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)

@@ -1,11 +1,13 @@
-"""MoLF in your own training loop under 🤗 Accelerate with its DeepSpeed plugin.
+"""MoLF in your own training loop under 🤗 Accelerate with its DeepSpeed or FSDP2 plugin.
 
     accelerate launch --config_file examples/accelerate_deepspeed.yaml \\
         examples/accelerate_molf.py --model Qwen/Qwen2.5-0.5B --data train.jsonl --out out/molf
 
 ``--data`` is a JSON-lines file of ``{"text": ...}`` records. The DeepSpeed config is the one the
 accelerate config names (``deepspeed_config_file``; any ZeRO stage, with or without offload).
-At the end ``--out`` holds the merged model, a plain Hugging Face model.
+With ``--config_file examples/accelerate_fsdp2.yaml`` the same loop runs under PyTorch FSDP2
+(GPU ranks: accelerate runs FSDP nowhere else). At the end ``--out`` holds the merged model, a
+plain Hugging Face model.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def collate(tokenizer, max_length: int):
     return batch
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> torch.nn.Module:
+    """Trains, writes the merged model; returns the model as accelerate prepared it."""
     args = parse_args(argv)
     molf_ds.init_distributed()  # before Accelerator: gloo on CPU ranks, DeepSpeed's comm
     if args.cpu:
@@ -68,8 +71,12 @@ def main(argv: list[str] | None = None) -> None:
         # `use_cpu=True` does); `Accelerator(cpu=True)` would turn the DeepSpeed plugin off.
         PartialState(cpu=True)
     accelerator = Accelerator()
-    if accelerator.state.deepspeed_plugin is None:
-        raise SystemExit("launch with `accelerate launch --config_file <DeepSpeed config>`")
+    if accelerator.state.deepspeed_plugin is None and not accelerator.is_fsdp2:
+        # (on CPU ranks accelerate drops an FSDP plugin and would train plain DDP)
+        raise SystemExit(
+            "launch with `accelerate launch --config_file examples/accelerate_deepspeed.yaml` "
+            "(DeepSpeed) or `examples/accelerate_fsdp2.yaml` (FSDP2, on GPU ranks)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -90,12 +97,16 @@ def main(argv: list[str] | None = None) -> None:
     prepare_accelerator(accelerator, optimizer)  # the DeepSpeed config MoLF needs
     engine, ds_optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
     connect_accelerator(accelerator, optimizer)  # MoLFAdamW on the engine's partitions
+    # (under FSDP2, `prepare` shards the model and hands MoLFAdamW the DTensors: nothing to add)
 
     step = 0
     while step < args.steps:
         for batch in loader:
             loss = engine(**batch).loss
             accelerator.backward(loss)
+            # FSDP2: clips the DTensor gradients; DeepSpeed clips by its config's
+            # `gradient_clipping` and this only reads the norm
+            accelerator.clip_grad_norm_(engine.parameters(), 1.0)
             ds_optimizer.step()
             schedule.step()
             ds_optimizer.zero_grad()
@@ -105,13 +116,14 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"step {step} loss {loss.item():.4f} lr {lr:.3g} fft_share {share:.3f}")
             if step == args.steps:
                 break
-    # Every rank takes part (ZeRO-3 gathers module by module); the main process writes.
+    # Every rank takes part (ZeRO-3 and FSDP2 gather module by module); the main process writes.
     save_merged(
         accelerator.unwrap_model(engine),
         args.out,
         write=accelerator.is_main_process,
         tokenizer=tokenizer,
     )
+    return engine
 
 
 if __name__ == "__main__":

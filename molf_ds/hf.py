@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from molf_ds import ds_partitions, export
+from molf_ds import ds_partitions, export, fsdp2
 from molf_ds.config import MoLFConfig
 from molf_ds.errors import MoLFConfigError, MoLFError
 from molf_ds.model import molf_layers, wrap
@@ -96,6 +96,9 @@ class MoLFMixin:
         molf_options: MoLFOptions | None = None,
         **kwargs: Any,
     ) -> None:
+        # Before the Trainer builds accelerate's plugin (which fails on its own terms for FSDP1)
+        training_args = kwargs["args"] if "args" in kwargs else (args[1:2] or [None])[0]
+        _refuse_fsdp1(getattr(training_args, "fsdp_plugin_args", None))
         super().__init__(*args, **kwargs)
         self.molf_options = molf_options or MoLFOptions()
         self._molf_optimizer: MoLFAdamW | None = None
@@ -206,7 +209,9 @@ class MoLFMixin:
         save_merged(self.model, out, write=self.args.should_save, tokenizer=self.processing_class)
         if _is_efficient(self.model):
             save_adapter(self.model, out / ADAPTER_DIR, write=self.args.should_save)
-        if _internal_call and not self.is_deepspeed_enabled and self.args.should_save:
+        # Under DeepSpeed and FSDP the Trainer's own checkpoint holds the wrapped weights.
+        plain = not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        if _internal_call and plain and self.args.should_save:
             from safetensors.torch import save_file
 
             state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
@@ -246,11 +251,16 @@ class MoLFTrainer(MoLFMixin, Trainer):
 
 def prepare_accelerator(accelerator: Any, optimizer: MoLFAdamW) -> None:
     """Before ``accelerator.prepare`` in your own loop: puts what DeepSpeed needs for
-    ``optimizer`` into the DeepSpeed plugin's config (a no-op without DeepSpeed).
+    ``optimizer`` into the DeepSpeed plugin's config (a no-op without DeepSpeed; under FSDP2
+    ``prepare`` needs nothing from MoLF).
 
     Raises:
-        MoLFConfigError: a DeepSpeed config MoLF cannot run (naming the key).
+        MoLFConfigError: a DeepSpeed config MoLF cannot run (naming the key), or FSDP1.
     """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        _refuse_fsdp1({"fsdp_version": accelerator.state.fsdp_plugin.fsdp_version})
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
         return
@@ -259,7 +269,8 @@ def prepare_accelerator(accelerator: Any, optimizer: MoLFAdamW) -> None:
 
 def connect_accelerator(accelerator: Any, optimizer: MoLFAdamW) -> None:
     """After ``accelerator.prepare``: connects ``optimizer`` to the DeepSpeed engine accelerate
-    built (`molf_ds.zero.connect`; a no-op without DeepSpeed)."""
+    built (`molf_ds.zero.connect`; a no-op without DeepSpeed: under FSDP2 `MoLFAdamW` finds the
+    DTensors ``prepare`` put in its group by itself)."""
     wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
     if wrapped is not None:
         connect(wrapped.engine, optimizer)
@@ -292,11 +303,15 @@ def save_merged(model: nn.Module, output_dir: str | Path, *, write: bool, tokeni
 
 def save_adapter(model: nn.Module, output_dir: str | Path, *, write: bool) -> None:
     """A MoLF-Efficient model's experts as one PEFT LoRA adapter (`export.export_peft_adapter`)
-    for the base it was loaded from (``model.name_or_path``). A collective under ZeRO-3."""
+    for the base it was loaded from (``model.name_or_path``). A collective under ZeRO-3 and
+    FSDP2 (where rank 0 writes)."""
     lora = [p for _, layer in molf_layers(model) for p in (*layer.lora_A, *layer.lora_B)]
+    base = getattr(model, "name_or_path", "") or ""
+    if fsdp2.is_sharded(lora):  # every rank gathers each layer's factors in turn
+        export.export_peft_adapter(model, output_dir, base)
+        return
     with ds_partitions.gathered(lora):
         if write:
-            base = getattr(model, "name_or_path", "") or ""
             export.export_peft_adapter(model, output_dir, base)
 
 
@@ -319,6 +334,16 @@ def _prepare_in_place(live: dict, optimizer: MoLFAdamW | RoutingPlan) -> None:
     prepared, _changes = prepare_ds_config(live, optimizer, allow_auto=True)
     live.clear()
     live.update(prepared)
+
+
+def _refuse_fsdp1(fsdp_plugin_args: dict | None) -> None:
+    """MoLF runs on FSDP2's DTensors, one per parameter; FSDP1 flattens a block's parameters
+    into one FlatParameter whose shards cut across modules and experts."""
+    if fsdp_plugin_args and fsdp_plugin_args.get("fsdp_version", 1) != 2:
+        raise MoLFConfigError(
+            "MoLF runs under FSDP2 only: set fsdp_config={'fsdp_version': 2} (accelerate: "
+            "fsdp_version: 2), not FSDP1"
+        )
 
 
 def _wrap_once(model: nn.Module, config: MoLFConfig | None, *, seed: int) -> None:

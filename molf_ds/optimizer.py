@@ -117,6 +117,12 @@ class MoLFAdamW(torch.optim.Optimizer):
         self.segment_source: SegmentSource | None = None
         self.reduce_scores: ReduceScores | None = None
         super().__init__([{"params": list(plan.params)}], defaults)
+        self._connected_params: list | None = None
+        self._connect_sharded()
+
+    def _connect_sharded(self) -> None:
+        """`fsdp2.connect` if the group's parameters are FSDP2 DTensors; remembers the list."""
+        self._connected_params = self.param_groups[0]["params"]
         # A DTensor (FSDP2) cannot exist before its module is imported, and importing it costs
         # about 0.4 s: a model of plain tensors does not pay for it.
         if "torch.distributed.tensor" in sys.modules:
@@ -140,6 +146,10 @@ class MoLFAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
+        if self.segment_source is None and group["params"] is not self._connected_params:
+            # accelerate's FSDP2 `prepare` (the Trainer's too) shards the model after this
+            # optimizer was built and puts a new list, of the DTensors, in its group.
+            self._connect_sharded()
         source = self.segment_source or _parameter_segments
         segments, candidates = source(self, group)
         # A rank holding nothing of the partition still joins the ranks' score reduction (it

@@ -57,6 +57,11 @@ def run_then_exit(work: Callable[[], None]) -> None:
     try:
         work()
         code = 0
+    except SystemExit as stop:  # `sys.exit(...)` in work: what Python would print and return
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code or 0
+        else:
+            print(stop.code, file=sys.stderr)
     except Exception:
         traceback.print_exc()
     finally:

@@ -4,6 +4,9 @@ Multi-rank (real processes, gloo on CPU):
     torchrun --nproc_per_node 2 tests/workers/fsdp2_train.py --out OUT --cases molf,pfn_top2
 One plain process, no sharding (the reference the ranks must match):
     python tests/workers/fsdp2_train.py --reference --out OUT --cases molf,pfn_top2
+On a GPU (the GPU check: NCCL, the model on the device), then how far it is from a reference:
+    torchrun --nproc_per_node 1 tests/workers/fsdp2_train.py --device cuda --out GPU --cases ...
+    python tests/workers/fsdp2_train.py --compare REF --out GPU --cases ...   # one JSON line
 
 Every rank trains on its slice of the same global batches (gradient accumulation 2, clipping by
 ``clip_grad_norm_`` on the DTensor gradients), so parameters, moments and scores after each step
@@ -15,6 +18,7 @@ user writes: ``backward``, ``clip_grad_norm_``, ``step``, ``zero_grad``, nothing
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import torch
@@ -71,15 +75,15 @@ def build(case: dict) -> tuple[nn.Module, dict]:
     return model, options
 
 
-def shard(model: nn.Module, case: dict, world: int) -> None:
+def shard(model: nn.Module, case: dict, world: int, device: str = "cpu") -> None:
     """``fully_shard`` each routed layer, then the root, as a user shards each block."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     if case.get("hsdp"):
-        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        mesh = init_device_mesh(device, (2, world // 2), mesh_dim_names=("replicate", "shard"))
     else:
-        mesh = init_device_mesh("cpu", (world,))
+        mesh = init_device_mesh(device, (world,))
     options: dict = {"mesh": mesh, "reshard_after_forward": case.get("reshard_after_forward", True)}
     if case.get("bf16"):
         options["mp_policy"] = MixedPrecisionPolicy(
@@ -93,11 +97,13 @@ def shard(model: nn.Module, case: dict, world: int) -> None:
     fully_shard(model, **options)
 
 
-def train(name: str, steps: int, data_world: int, world: int, rank: int) -> dict:
+def train(
+    name: str, steps: int, data_world: int, world: int, rank: int, device: str = "cpu"
+) -> dict:
     case = CASES[name]
     model, options = build(case)
     if world:
-        shard(model, case, world)
+        shard(model.to(device), case, world, device)
     optimizer = molf_ds.MoLFAdamW(model, **options)
     per_rank = data_world // max(world, 1)
     mine = slice(rank * per_rank, (rank + 1) * per_rank) if world else slice(None)
@@ -106,7 +112,8 @@ def train(name: str, steps: int, data_world: int, world: int, rank: int) -> dict
     for step in range(steps):
         for micro in range(GRAD_ACCUM):
             inputs, targets = global_batch(step, micro, data_world // 2)
-            (loss_fn(model, inputs[mine], targets[mine]) / GRAD_ACCUM).backward()
+            inputs, targets = inputs[mine].to(device), targets[mine].to(device)
+            (loss_fn(model, inputs, targets) / GRAD_ACCUM).backward()
         norm = nn.utils.clip_grad_norm_(trainable, CLIP)
         clipped += int(_full(norm) > CLIP)
         optimizer.step()
@@ -141,7 +148,39 @@ def train(name: str, steps: int, data_world: int, world: int, rank: int) -> dict
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
-    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
+
+
+def compare(got: dict, expected: dict, rtol: float) -> dict:
+    """How far ``got`` (a run's saved result) is from ``expected``: the largest difference of
+    parameters, moments and finite scores relative to each tensor's largest magnitude, and
+    whether every rank picked the reference's winners (the GPU check's verdict; the tests
+    assert the same in tests/test_fsdp2.py)."""
+
+    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+    worst = max(relative(got["params"][n], p) for n, p in expected["params"].items())
+    for n, state in expected["moments"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            worst = max(worst, relative(got["moments"][n][key], state[key]))
+    for scores, reference in zip(got["scores"], expected["scores"], strict=True):
+        finite = reference.isfinite()
+        worst = max(worst, relative(scores[finite], reference[finite]))
+    same_winners = all(w == expected["winners"][0] for w in got["winners"])
+    ours, theirs = torch.tensor(got["winners"][0]), torch.tensor(expected["winners"][0])
+    return {
+        "ok": same_winners and worst <= rtol,
+        "same_winners": same_winners,
+        "max_relative_difference": worst,
+        # for bf16 runs, judged by the test's looser criteria (tests/test_fsdp2.py)
+        "winner_agreement": (ours == theirs).float().mean().item(),
+        "max_param_abs_difference": max(
+            (got["params"][n] - p).abs().max().item() for n, p in expected["params"].items()
+        ),
+        "float32_params": all(p.dtype == torch.float32 for p in got["params"].values()),
+        "implementation": got["implementation"],
+    }
 
 
 def main() -> None:
@@ -151,7 +190,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--data-world", type=int, default=12, help="sequences per micro-batch")
     parser.add_argument("--reference", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cuda: NCCL, the model on the GPU")
+    parser.add_argument("--compare", help="REF: print how far OUT's cases are from REF's (JSON)")
+    parser.add_argument("--rtol", type=float, default=1e-5)
     args = parser.parse_args()
+    if args.compare:
+        report = {}
+        for name in args.cases.split(","):
+            got = torch.load(os.path.join(args.out, f"{name}.pt"), weights_only=False)
+            ref = torch.load(os.path.join(args.compare, f"{name}.pt"), weights_only=False)
+            report[name] = compare(got, ref, args.rtol)
+        print(json.dumps(report))
+        return
     os.makedirs(args.out, exist_ok=True)
     if args.reference:
         for name in args.cases.split(","):
@@ -159,12 +209,14 @@ def main() -> None:
             torch.save(result, os.path.join(args.out, f"{name}.pt"))
         return
 
-    torch.distributed.init_process_group("gloo")
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if args.device == "cuda" else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
     def work() -> None:
         for name in args.cases.split(","):
-            result = train(name, args.steps, args.data_world, world, rank)
+            result = train(name, args.steps, args.data_world, world, rank, args.device)
             if rank == 0:
                 torch.save(result, os.path.join(args.out, f"{name}.pt"))
 

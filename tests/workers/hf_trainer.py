@@ -6,6 +6,12 @@ A run (one plain process without DeepSpeed, or ranks started by the deepspeed la
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/workers/hf_trainer.py train \
         --base BASE_DIR --out OUT --deepspeed ds_configs/zero3.json [--steps 4] [--micro 2] \
         [--save-steps 2] [--resume OUT/checkpoint-2] [--efficient] [--trl]
+Under FSDP2 (``fsdp=True, fsdp_config={"fsdp_version": 2}``; ranks started by torchrun; on CPU
+ranks accelerate's FSDP path is switched on by hand, see accelerate_fsdp_cpu.py):
+    torchrun --nproc_per_node 2 tests/workers/hf_trainer.py train --base B --out OUT --fsdp \
+        [--save-steps 2 --and-resume OUT2]
+``--and-resume OUT2`` then resumes a second Trainer, in the same processes, from
+``OUT/checkpoint-<save-steps>`` into OUT2 (a launch fewer than a second job).
 
 The model is loaded with ``from_pretrained`` after the `TrainingArguments` exist, so under
 ZeRO-3 it is built partitioned (``zero.Init``). Every sequence has the same length and no padding,
@@ -18,6 +24,7 @@ writes the merged model (and, with ``--efficient``, the adapter).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -34,6 +41,16 @@ from molf_ds.runtime import run_then_exit  # noqa: E402
 
 VOCAB, SEQ, EXAMPLES = 320, 16, 32
 LR, WD = 2e-3, 0.01  # MoLF's options (ranks, lora_lr, top_k) are the example's
+# The Trainer's FSDP2: each decoder layer, then the root (and accelerate's own units for the
+# embeddings and the final norm + head), fully_shard-ed.
+FSDP2 = {
+    "fsdp": True,
+    "fsdp_config": {
+        "fsdp_version": 2,
+        "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"],
+        "state_dict_type": "SHARDED_STATE_DICT",  # checkpoints through torch.distributed.checkpoint
+    },
+}
 
 
 def save_base(directory: str) -> None:
@@ -95,18 +112,22 @@ def train(a: argparse.Namespace) -> None:
         "logging_steps": 1,
         "save_strategy": "steps" if a.save_steps else "no",
         "save_steps": a.save_steps or 500,
-        "report_to": ["tensorboard"],
+        # (the GPU check's machine may lack tensorboard)
+        "report_to": ["tensorboard"] if importlib.util.find_spec("tensorboard") else [],
         "deepspeed": a.deepspeed,
+        **(FSDP2 if a.fsdp else {}),
         "seed": 0,
         "disable_tqdm": True,
-        "use_cpu": True,  # CPU ranks: accelerate then counts the ranks (gloo)
+        # CPU ranks: accelerate then counts the ranks (gloo); the GPU check runs --fsdp on a GPU
+        "use_cpu": not torch.cuda.is_available(),
+        "bf16": a.bf16,  # under FSDP2: MixedPrecisionPolicy(param_dtype=bf16), fp32 shards
     }
     if a.trl:
         from datasets import Dataset
         from trl import SFTConfig
 
-        # SFTConfig defaults to bf16; these runs compare fp32 parameters.
-        args = SFTConfig(**common, max_length=None, packing=False, bf16=False)
+        # SFTConfig defaults to bf16; these runs compare fp32 parameters (`common` sets it).
+        args = SFTConfig(**common, max_length=None, packing=False)
         data = Dataset.from_dict({"input_ids": token_rows()})
     else:
         from transformers import TrainingArguments
@@ -117,6 +138,15 @@ def train(a: argparse.Namespace) -> None:
     zero_init = all(ds_partitions.zero3_residency(p) == "released" for p in model.parameters())
     tokenizer = AutoTokenizer.from_pretrained(a.base)
     trainer = molf_trainer(model, args, data, tokenizer, trl=a.trl, efficient=a.efficient)
+    switched_on_by_hand = a.fsdp and not trainer.is_fsdp_enabled
+    if switched_on_by_hand:  # CPU ranks (on a GPU accelerate does it)
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        from tests.workers.accelerate_fsdp_cpu import fsdp_on_cpu_ranks
+
+        plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+        fsdp_on_cpu_ranks(trainer.accelerator, plugin)
+        trainer.is_fsdp_enabled = True  # what the Trainer reads off the state it created
     trainer.train(resume_from_checkpoint=a.resume)
     trainer.save_model(str(Path(a.out) / "final"))
     result = {
@@ -125,6 +155,9 @@ def train(a: argparse.Namespace) -> None:
         "logits": probe_logits(trainer),
         "log_history": trainer.state.log_history,
         "world_size": args.world_size,
+        "accelerate_fsdp2": trainer.accelerator.is_fsdp2,
+        "fsdp_param_dtype": str(getattr(fsdp_policy(trainer), "param_dtype", None)),
+        "fsdp_switched_on_by_hand": switched_on_by_hand,
         "zero_init": zero_init,  # built partitioned by from_pretrained (ZeRO-3's zero.Init)
         "lora_residency": sorted(
             {
@@ -138,12 +171,21 @@ def train(a: argparse.Namespace) -> None:
         torch.save(result, Path(a.out) / "result.pt")
 
 
+def fsdp_policy(trainer):
+    """The MixedPrecisionPolicy accelerate shards with (None without FSDP)."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    return plugin.mixed_precision_policy if plugin is not None else None
+
+
 def gathered_params(model: torch.nn.Module, *, keep: bool) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
     params = {}
     for name, param in model.named_parameters():
         with ds_partitions.gathered([param]):
+            whole = param.full_tensor() if isinstance(param, DTensor) else param  # FSDP2
             if keep:
-                params[name] = param.detach().cpu().clone()
+                params[name] = whole.detach().cpu().clone()
     return params
 
 
@@ -151,7 +193,7 @@ def gathered_params(model: torch.nn.Module, *, keep: bool) -> dict[str, torch.Te
 def probe_logits(trainer) -> torch.Tensor:
     model = trainer.model_wrapped  # the engine under DeepSpeed: ZeRO-3 gathers in forward
     model.eval()
-    return model(input_ids=probe_inputs()).logits.detach().cpu()
+    return model(input_ids=probe_inputs().to(trainer.args.device)).logits.detach().float().cpu()
 
 
 def main() -> None:
@@ -167,14 +209,25 @@ def main() -> None:
     parser.add_argument("--resume")
     parser.add_argument("--efficient", action="store_true")
     parser.add_argument("--trl", action="store_true")
+    parser.add_argument("--fsdp", action="store_true", help="the Trainer's FSDP2")
+    parser.add_argument("--bf16", action="store_true", help="(the GPU check)")
+    parser.add_argument("--and-resume", help="then, in the same processes, resume into this")
     parser.add_argument("--local_rank", type=int)  # the deepspeed launcher's
     a = parser.parse_args()
     if a.command == "base":
         save_base(a.directory)
-    elif "WORLD_SIZE" in os.environ:
-        run_then_exit(lambda: train(a))
-    else:
+        return
+
+    def runs() -> None:
         train(a)
+        if a.and_resume:  # a new Trainer (new model, new TrainingArguments) from checkpoint-N
+            checkpoint = str(Path(a.out) / f"checkpoint-{a.save_steps}")
+            train(argparse.Namespace(**{**vars(a), "out": a.and_resume, "resume": checkpoint}))
+
+    if "WORLD_SIZE" in os.environ:
+        run_then_exit(runs)
+    else:
+        runs()
 
 
 if __name__ == "__main__":
