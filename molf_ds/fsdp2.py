@@ -191,11 +191,16 @@ def shard_model(
     reshard_after_forward: bool = True,
     mp_policy: torch.distributed.fsdp.MixedPrecisionPolicy | None = None,
     offload_policy: torch.distributed.fsdp.OffloadPolicy | None = None,
+    ignored_params: set[torch.nn.Parameter] | None = None,
 ) -> torch.nn.Module:
     """``fully_shard`` each decoder block of a Hugging Face model (`decoder_blocks`), then the
     root (embeddings, final norm, head), as torchtitan and torchtune do: a block's weights are
     gathered only around its own forward and backward. Call it after `molf_ds.wrap` (or PEFT),
     and before building the optimizer. Returns ``model``, sharded in place.
+
+    ``ignored_params`` (``fully_shard``'s own option) stay whole, plain tensors on every rank:
+    FSDP2 neither shards them nor reduces their gradients (the caller does, see
+    `molf_ds.train.engines.FSDP2Engine`).
 
     Raises:
         MoLFConfigError: the model names no block class (``_no_split_modules``): sharding only
@@ -214,6 +219,7 @@ def shard_model(
         "reshard_after_forward": reshard_after_forward,
         "mp_policy": mp_policy or MixedPrecisionPolicy(),
         "offload_policy": offload_policy or OffloadPolicy(),
+        "ignored_params": ignored_params,
     }
     for block in blocks:
         fully_shard(block, **options)

@@ -227,8 +227,6 @@ def expected_valid(values: dict[str, Any]) -> bool:
     engine = values.get("engine", "deepspeed")
     if any(key in values for other in ENGINE_ONLY if other != engine for key in ENGINE_ONLY[other]):
         return False
-    if engine == "fsdp2" and mode == "adalora":  # AdaLoRA reads whole gradients
-        return False
     return not routed or values.get("top_k", 1) <= experts
 
 

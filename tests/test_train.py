@@ -398,6 +398,32 @@ def test_train_fsdp2_stopped_and_resumed_ends_like_deepspeed(tmp_path, straight_
     assert (out / "figures" / "loss.png").is_file()
 
 
+@pytest.mark.slow
+def test_adalora_under_fsdp2_trains_as_under_zero0(tmp_path) -> None:
+    """mode=adalora with engine=fsdp2 on 2 ranks (torchrun): the adapters stay whole on every
+    rank (FSDP2 shards the frozen base), their gradients averaged by one all-reduce before
+    AdaLoRA re-allocates its ranks, so the run is the DeepSpeed ZeRO-0 run's: the same losses
+    and merged weights within fp32 summation order (broken once: without the all-reduce each
+    rank steps on its own gradients and half the losses differ)."""
+    runs = {engine: tmp_path / engine for engine in ("fsdp2", "zero0")}
+    args = [*SMALL, "mode=adalora", "log_every=1"]
+    fsdp2 = _train([f"output_dir={runs['fsdp2']}", *args, "engine=fsdp2"], launcher="torchrun.sh")
+    assert fsdp2.returncode == 0, fsdp2.stderr[-4000:]
+    zero0 = _train(
+        [f"output_dir={runs['zero0']}", *args, "ds_config=zero0"], launcher="deepspeed.sh"
+    )
+    assert zero0.returncode == 0, zero0.stderr[-4000:]
+    assert "molf-train: done: adalora, 6 steps, 2 ranks, FSDP2" in fsdp2.stdout
+    losses = [
+        [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for run in runs.values()
+    ]
+    assert len(losses[0]) == 6 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    expected = _weights(runs["zero0"])
+    for name, got in _weights(runs["fsdp2"]).items():
+        assert (got - expected[name]).abs().max() <= 5e-4 * expected[name].abs().max(), name
+
+
 # Per mode: extra options, and the optimizer class that steps on CPU ranks. The baselines run
 # DeepSpeed's own Adam (an `optimizer` section): on CPU ranks without offload torch's AdamW
 # (DeepSpeed's `torch_adam`; FusedAdam is for GPUs). Under offload, DeepSpeedCPUAdam: checked by

@@ -214,7 +214,6 @@ def test_bf16_null_follows_the_ranks_device_or_the_ds_config(
             "`fsdp_reshard_after_forward` is an option of engine=fsdp2 only, but this run has "
             "engine=deepspeed: remove it, or set engine=fsdp2",
         ),
-        (["engine=fsdp2", "mode=adalora"], "mode=adalora reads every adapter's whole gradient"),
         (["engine=torch"], "unknown `engine` 'torch': choose one of 'deepspeed' or 'fsdp2'"),
     ],
 )

@@ -271,18 +271,6 @@ class TrainConfig(BaseModel):
                     )
         return self
 
-    @model_validator(mode="after")
-    def _adalora_needs_whole_gradients(self) -> TrainConfig:
-        """AdaLoRA re-allocates ranks from every adapter's whole gradient (PEFT reads them as
-        plain tensors); FSDP2 holds only shards, always (as ZeRO does, refused for its stages at
-        set-up)."""
-        if self.mode == "adalora" and self.engine == "fsdp2":
-            raise ValueError(
-                "mode=adalora reads every adapter's whole gradient, which engine=fsdp2 shards: "
-                "use engine=deepspeed with ds_config=zero0"
-            )
-        return self
-
     def to_dict(self) -> dict:
         """The options as plain JSON values (``run_config.json``, checkpoints); the other
         engine's options are left out, so that the file reads back as this config."""

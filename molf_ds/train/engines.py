@@ -150,12 +150,14 @@ def _fsdp2_build(cfg, method: Method, model, settings: Settings, accumulation: i
     )
     # pinned host memory needs an accelerator
     offload = CPUOffloadPolicy(pin_memory=cuda()) if cfg.fsdp_offload else OffloadPolicy()
+    whole = _whole_trainable(method, model, device)
     shard_model(
         model,
         mesh=mesh,
         reshard_after_forward=cfg.fsdp_reshard_after_forward is not False,
         mp_policy=mp_policy,
         offload_policy=offload,
+        ignored_params=set(whole) or None,
     )
     optimizer = method.build_optimizer(cfg, model)
     engine = FSDP2Engine(
@@ -165,8 +167,21 @@ def _fsdp2_build(cfg, method: Method, model, settings: Settings, accumulation: i
         gradient_accumulation_steps=accumulation,
         gradient_clipping=cfg.gradient_clipping,
         device=device,
+        replicated=whole,
     )
     return engine, optimizer
+
+
+def _whole_trainable(method: Method, model, device: torch.device) -> list[torch.nn.Parameter]:
+    """The trainable parameters a mode needs whole on every rank (`Method.whole_gradients`:
+    AdaLoRA's adapters, a few MB), moved to the ranks' device, which FSDP2 does only for the
+    parameters it shards; none for the other modes."""
+    if not method.whole_gradients:
+        return []
+    whole = [p for p in model.parameters() if p.requires_grad]
+    for param in whole:
+        param.data = param.data.to(device)
+    return whole
 
 
 def _fsdp2_skipper(engine: FSDP2Engine) -> Callable[[bool], None]:
@@ -203,7 +218,10 @@ class FSDP2Engine:
     checkpoint saved on N ranks loads on M).
 
     FSDP2 reduce-scatters the gradients at every micro-step's backward (they accumulate
-    sharded: no unsharded gradient is kept between micro-steps). Nothing checks the gradients
+    sharded: no unsharded gradient is kept between micro-steps). The ``replicated`` parameters
+    (whole on every rank, ignored by FSDP2) accumulate their local gradients, averaged over the
+    ranks by one all-reduce in the backward of the accumulation boundary, before anything
+    reads them (AdaLoRA's allocation, the clipping, the step). Nothing checks the gradients
     here: the recipe decides a skip across ranks (`skip_next_step`), as it does for DeepSpeed
     without ZeRO.
     """
@@ -217,6 +235,7 @@ class FSDP2Engine:
         gradient_accumulation_steps: int,
         gradient_clipping: float,
         device: torch.device,
+        replicated: list[torch.nn.Parameter] = (),
     ) -> None:
         self.module = module
         self.optimizer = optimizer
@@ -230,6 +249,7 @@ class FSDP2Engine:
         self._skip_next = False
         self._applied = True
         self._trainable = [p for p in module.parameters() if p.requires_grad]
+        self._replicated = list(replicated)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -242,6 +262,8 @@ class FSDP2Engine:
         if self.gradient_accumulation_steps > 1:
             loss = loss / self.gradient_accumulation_steps
         loss.backward()
+        if self._replicated and self.is_gradient_accumulation_boundary():
+            average_gradients(self._replicated)
 
     def is_gradient_accumulation_boundary(self) -> bool:
         return (self.micro_steps + 1) % self.gradient_accumulation_steps == 0
@@ -334,6 +356,20 @@ class FSDP2Engine:
         self.global_steps = extra["global_steps"]
         self.skipped_steps = extra["skipped_steps"]
         return str(path), extra["client_state"]
+
+
+@torch.no_grad()
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over all ranks, as DDP (and DeepSpeed without ZeRO)
+    does: one all-reduce of them flattened together."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for grad, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        grad.copy_(part.view_as(grad))
 
 
 def checkpoint_engine(tag_dir: Path) -> str:

@@ -49,6 +49,9 @@ class Method:
     export: Callable[[TrainConfig, Any, Any, Callable[[], Any], Path], dict]
     # (model, engine, step) after each micro-step's backward, before engine.step()
     after_backward: Callable[[Any, Any, int], None] = lambda model, engine, step: None
+    # after_backward reads every trainable parameter's whole, averaged gradient (AdaLoRA's rank
+    # allocation): under engine=fsdp2 they stay whole on every rank, not sharded
+    whole_gradients: bool = False
     # MoLF routing: routing.jsonl and the FFT share in the metrics
     routed: bool = False
     # full models the export writes (the merged model; MoLF-Efficient adds the base): disk space
@@ -236,14 +239,15 @@ def _adalora_engine(cfg: TrainConfig, model, ds_config: dict, zero_stage: int):
     if zero_stage != 0:
         raise MoLFError(
             f"mode=adalora reads every parameter's full gradient, which ZeRO-{zero_stage} "
-            "partitions away: use ds_config=zero0"
+            "partitions away: use ds_config=zero0, or engine=fsdp2"
         )
     return _lora_engine(cfg, model, ds_config, zero_stage)
 
 
 def _adalora_reallocate(model, engine, step: int) -> None:
     """AdaLoRA re-allocates ranks from the full, averaged gradients: they exist between backward
-    and step without ZeRO (checked in `_adalora_engine`)."""
+    and step without ZeRO (checked in `_adalora_engine`), and under engine=fsdp2, which keeps
+    the adapters whole (`Method.whole_gradients`)."""
     if engine.is_gradient_accumulation_boundary():
         model.base_model.update_and_allocate(step)
 
@@ -294,6 +298,7 @@ METHODS: dict[str, Method] = {
         build_optimizer=_lora_optimizer,
         export=_export_peft_merged,
         after_backward=_adalora_reallocate,
+        whole_gradients=True,
     ),
     "molf": Method(
         build_model=partial(_molf_model, train_base=True),
