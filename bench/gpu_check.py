@@ -120,6 +120,18 @@ class Checks:
             "tail": " | ".join(err.strip().splitlines()[-3:])[-600:],
         }
 
+    def run_steps(self, check: str, steps: list[tuple]) -> float | None:
+        """Run ``(step, command, limit_s, env)`` in order; the seconds they took, or None after
+        reporting the first that failed (``check`` failed at ``step``)."""
+        seconds = 0.0
+        for step, command, limit, env in steps:
+            done = self.run(command, limit, **env)
+            seconds += done["seconds"]
+            if done["rc"] != 0:
+                self.failed(check, done, step=step)
+                return None
+        return seconds
+
     def failed(self, check: str, done: dict, **extra) -> None:
         self.emit(
             {
@@ -423,12 +435,9 @@ def fsdp2(checks: Checks, out: Path) -> None:
         ("device", [*torchrun(), worker, "--device", checks.device, "--out", str(out / "fsdp2"),
                     "--cases", f"{FSDP2_CASES},bf16"], 120, {}),
     ]  # fmt: skip
-    seconds = 0.0
-    for step, command, limit, env in steps:
-        done = checks.run(command, limit, **env)
-        seconds += done["seconds"]
-        if done["rc"] != 0:
-            return checks.failed("fsdp2", done, step=step)
+    seconds = checks.run_steps("fsdp2", steps)
+    if seconds is None:
+        return
     reports = {}
     for reference, cases in (("fsdp2_ref", FSDP2_CASES), ("fsdp2_ref_bf16", "bf16")):
         compared = checks.run([sys.executable, worker, "--compare", str(out / reference),
@@ -470,12 +479,9 @@ def fsdp2_trainer(checks: Checks, out: Path) -> None:
         ("fsdp2_bf16", [*torchrun(), worker, "train", *base, "--fsdp", "--bf16",
                         "--out", str(out / "hf_fsdp2_bf16")], 90, {}),
     ]  # fmt: skip
-    seconds = 0.0
-    for step, command, limit, env in steps:
-        done = checks.run(command, limit, **env)
-        seconds += done["seconds"]
-        if done["rc"] != 0:
-            return checks.failed("fsdp2_trainer", done, step=step)
+    seconds = checks.run_steps("fsdp2_trainer", steps)
+    if seconds is None:
+        return
     import torch
 
     def load(name: str | Path) -> dict:

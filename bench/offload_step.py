@@ -6,10 +6,10 @@ case.
     python3 -m bench.offload_step --layers 16 --hidden 2048 --mlp 5632   # on a GPU (gpu_check)
 
 Each case (``config:rank:winner``) builds, in one process per rank, three engines on the same
-Qwen2-like model (``--layers`` decoder layers, hidden ``--hidden``, MLP ``--mlp``, 8 heads,
-vocabulary 256, tied embeddings) with the shipped DeepSpeed config ``config`` (``zero2`` =
-``zero2_offload``, ``zero3`` = ``zero3_offload``, ``zero3_all`` = ``zero3_offload_all``, which
-also offloads the parameters):
+Qwen2-like model (``--layers`` decoder layers, hidden ``--hidden``, MLP ``--mlp``, vocabulary
+``--vocab``; `bench.zero_worker.qwen2_like`) with the shipped DeepSpeed config ``config``
+(``zero2`` = ``zero2_offload``, ``zero3`` = ``zero3_offload``, ``zero3_all`` =
+``zero3_offload_all``, which also offloads the parameters):
 
 - ``molf``: `molf_ds.initialize` with `MoLFAdamW` (LoRA rank ``rank`` on all seven projections),
   the selective copy-back on (`molf_ds.ds_partitions.install_copy_back`);
@@ -65,28 +65,12 @@ LEARNING_RATES = {"lora": (1e-7, 1e-3), "fft": (1e-3, 1e-7)}  # (lr, lora_lr)
 ENGINES = ("molf", "molf_full_copy", "fft")
 
 
-def build_model(args: argparse.Namespace) -> Any:
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        hidden_size=args.hidden,
-        intermediate_size=args.mlp,
-        num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=256,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return Qwen2ForCausalLM(config)
-
-
 def build_engine(args: argparse.Namespace, name: str, config: str, rank: int, winner: str):
     import deepspeed
     import torch.distributed as tdist
 
     import molf_ds
+    from bench.zero_worker import qwen2_like
     from molf_ds import ds_partitions
     from molf_ds.zero import fill_auto
 
@@ -98,7 +82,7 @@ def build_engine(args: argparse.Namespace, name: str, config: str, rank: int, wi
         gradient_clipping=1.0,
         bf16=False,
     )
-    model = build_model(args)
+    model = qwen2_like(args)
     if name == "fft":
         ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-4}}
         ds_config["zero_allow_untested_optimizer"] = True
@@ -363,6 +347,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--mlp", type=int, default=1408)
+    parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--seq", type=int, default=16)
     parser.add_argument("--micro", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=15)

@@ -22,12 +22,15 @@ import torch.distributed as tdist
 
 import molf_ds
 from molf_ds import ds_partitions
+from molf_ds.fsdp2 import shard_model
 from molf_ds.runtime import run_then_exit
 from molf_ds.testing import CollectiveCounter
 from molf_ds.zero import fill_auto
 
 
-def build_model(args, method: str):
+def qwen2_like(args) -> torch.nn.Module:
+    """The benchmarks' Qwen2-like model (``args.layers``, ``args.hidden``, ``args.mlp``,
+    ``args.vocab``; 8 heads, tied embeddings), drawn from seed 0; also bench/offload_step.py's."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
@@ -40,7 +43,11 @@ def build_model(args, method: str):
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
+    return Qwen2ForCausalLM(config)
+
+
+def build_model(args, method: str):
+    model = qwen2_like(args)
     if method == "fft":
         return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
     if method == "lora":
@@ -100,15 +107,6 @@ def segment_source_time(optimizer: molf_ds.MoLFAdamW) -> dict:
     return {"segments": len(source()[0]), "segment_source_s": best}
 
 
-def shard(model) -> None:
-    """FSDP2 as a user shards a Hugging Face model: each decoder layer, then the root."""
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-
-
 def adamw_step_time(optimizer, model) -> dict:
     """The optimizer's step against torch's AdamW (its defaults, as a user builds it, and
     ``foreach=True``) over the same parameters and the same gradients (those of the last
@@ -137,7 +135,7 @@ def run_fsdp2(args, method: str) -> dict:
     """``method`` (fft: torch's AdamW; molf: MoLFAdamW) on the model sharded by FSDP2, the
     optimizer built after sharding; the loop a user writes, clipping included."""
     model, _ = build_model(args, method)
-    shard(model)
+    shard_model(model)  # each decoder layer, then the root, as a user shards it
     params = [p for p in model.parameters() if p.requires_grad]
     if method == "fft":
         optimizer = torch.optim.AdamW(params, lr=1e-4)

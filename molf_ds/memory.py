@@ -50,7 +50,7 @@ estimator adds ``4 x params x GPUs per node`` and a 1.5 buffer factor for that).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -451,12 +451,8 @@ def _row(
             grads = trainable_shard * weight_bytes
             gpu_optim = trainable_shard * optim
         # per module: (weights, gradients) of its partitioned tensors, gathered together
-        gathered: dict[str, list[int]] = {}
-        for t in tensors:
-            if t.numel > threshold:
-                entry = gathered.setdefault(t.param.module, [0, 0])
-                entry[0] += t.numel
-                entry[1] += t.numel if t.trainable else 0
+        partitioned = [t for t in tensors if t.numel > threshold]
+        gathered = _numels_by(partitioned, lambda module: module)
         gather = max(((n + g) * weight_bytes for n, g in gathered.values()), default=0)
     return MemoryRow(
         method=method,
@@ -499,11 +495,8 @@ def _fsdp2_row(
     trainable = sum(t.numel for t in tensors if t.trainable)
     weight_shard = sum(fsdp2_shard_numel(t.param.shape, world) for t in tensors)
     trainable_shard = sum(fsdp2_shard_numel(t.param.shape, world) for t in tensors if t.trainable)
-    units: dict[str, list[int]] = {}  # block (or "" for the root) -> [numel, trainable numel]
-    for t in tensors:
-        entry = units.setdefault(_block_of(t.param.module, blocks), [0, 0])
-        entry[0] += t.numel
-        entry[1] += t.numel if t.trainable else 0
+    # block (or "" for the root) -> [numel, trainable numel]
+    units = _numels_by(tensors, lambda module: _block_of(module, blocks))
     root_numel = units.get("", [0, 0])[0]
     block_numels = sorted((n for unit, (n, _) in units.items() if unit), reverse=True)
     if stage == 3:
@@ -531,6 +524,17 @@ def _fsdp2_row(
         gpu_optimizer_bytes=optim,
         gpu_gather_bytes=gather,
     )
+
+
+def _numels_by(tensors: list[TrainedTensor], key: Callable[[str], str]) -> dict[str, list[int]]:
+    """``[numel, trainable numel]`` of ``tensors`` summed per ``key(module name)``: what is
+    gathered together (a ZeRO-3 module, an FSDP2 block)."""
+    sums: dict[str, list[int]] = {}
+    for t in tensors:
+        entry = sums.setdefault(key(t.param.module), [0, 0])
+        entry[0] += t.numel
+        entry[1] += t.numel if t.trainable else 0
+    return sums
 
 
 def _block_of(module: str, blocks: tuple[str, ...]) -> str:

@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from molf_ds.train.distributed import free_port
@@ -134,3 +136,43 @@ def open_terminal(columns: int = 120, rows: int = 40) -> tuple[int, int]:
     controller, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     return controller, terminal
+
+
+@contextmanager
+def one_rank_recipe(config, threads: int | None = None) -> Iterator:
+    """A set-up molf-train `Recipe` for ``config`` as the one rank of a job in this process (CPU
+    accelerator, its own port), in training mode; cleaned up, the process group destroyed and
+    torch's thread count restored afterwards. ``threads``: torch threads meanwhile."""
+    import torch
+    import torch.distributed as dist
+
+    from molf_ds.train.recipe import Recipe
+
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    environment = {
+        "DS_ACCELERATOR": "cpu",
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    job = Recipe(config)
+    try:
+        job.setup()
+        job.engine.train()
+        yield job
+    finally:
+        job.cleanup()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        torch.set_num_threads(saved_threads)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

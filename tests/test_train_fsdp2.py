@@ -15,12 +15,11 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from molf_ds.train.config import load_config
 from molf_ds.train.recipe import Recipe
-from tests.launch import free_port
+from tests.launch import one_rank_recipe
 
 pytestmark = pytest.mark.slow  # builds and steps a model
 
@@ -45,29 +44,9 @@ def recipe(tmp_path_factory) -> Iterator[Recipe]:
             "eval_examples=1",
         ],
     )
-    threads = torch.get_num_threads()
     # one thread, as a rank of a 2-rank job on 2 cores: the suite runs two test files at once
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in {
-            "DS_ACCELERATOR": "cpu",
-            "RANK": "0",
-            "WORLD_SIZE": "1",
-            "LOCAL_RANK": "0",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port()),
-        }.items():
-            env.setenv(name, value)
-        job = Recipe(config)
-        try:
-            job.setup()
-            job.engine.train()
-            yield job
-        finally:
-            job.cleanup()
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            torch.set_num_threads(threads)
+    with one_rank_recipe(config, threads=1) as job:
+        yield job
 
 
 def _full_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:

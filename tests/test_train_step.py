@@ -9,12 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from molf_ds.testing import HostReadCounter
 from molf_ds.train.config import load_config
-from molf_ds.train.distributed import free_port
 from molf_ds.train.recipe import Recipe
+from tests.launch import one_rank_recipe
 
 ACCUMULATION = 2  # a read per micro-batch would show up twice
 # MoLFAdamW's routing read (one per step; on CPU ranks the fused kernel reads host memory and
@@ -46,25 +45,8 @@ def recipe(tmp_path_factory) -> Iterator[Recipe]:
             "attn_implementation=eager",
         ],
     )
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in {
-            "DS_ACCELERATOR": "cpu",
-            "RANK": "0",
-            "WORLD_SIZE": "1",
-            "LOCAL_RANK": "0",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port()),
-        }.items():
-            env.setenv(name, value)
-        job = Recipe(config)
-        try:
-            job.setup()
-            job.engine.train()
-            yield job
-        finally:
-            job.cleanup()
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    with one_rank_recipe(config) as job:
+        yield job
 
 
 def test_train_step_makes_no_host_read_per_micro_batch(recipe: Recipe) -> None:
