@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests import launch
+from tests.test_step_mechanics import WINNER_READS
 
 pytestmark = pytest.mark.slow  # real multi-rank jobs
 
@@ -81,6 +82,9 @@ def test_fsdp2_ranks_match_single_process(runs: dict, case: str, ranks: int) -> 
     expected = {"foreach": "foreach", "reference_impl": "reference"}.get(case, "fused")
     assert got["implementation"] == expected
     _assert_same_training(got, reference, RTOL)
+    # one host read per step, as in one process: the winner mask (the kernel's lives in host
+    # memory already); the score all-reduce reads nothing
+    assert got["host_reads"] == [WINNER_READS[expected]] * len(got["host_reads"]), got["host_reads"]
 
 
 def test_fsdp2_hsdp_counts_each_shard_once(runs: dict) -> None:

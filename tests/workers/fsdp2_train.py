@@ -26,6 +26,7 @@ from torch import nn
 
 import molf_ds
 from molf_ds.runtime import run_then_exit
+from molf_ds.testing import HostReadCounter
 from tests.workers.zero_train import GRAD_ACCUM, TinyDecoder, global_batch, loss_fn
 
 CLIP = 0.05
@@ -108,7 +109,7 @@ def train(
     per_rank = data_world // max(world, 1)
     mine = slice(rank * per_rank, (rank + 1) * per_rank) if world else slice(None)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    winners, scores, clipped = [], [], 0
+    winners, scores, clipped, host_reads = [], [], 0, []
     for step in range(steps):
         for micro in range(GRAD_ACCUM):
             inputs, targets = global_batch(step, micro, data_world // 2)
@@ -116,7 +117,9 @@ def train(
             (loss_fn(model, inputs, targets) / GRAD_ACCUM).backward()
         norm = nn.utils.clip_grad_norm_(trainable, CLIP)
         clipped += int(_full(norm) > CLIP)
-        optimizer.step()
+        with HostReadCounter() as reads:  # what on a GPU would stop the host until it caught up
+            optimizer.step()
+        host_reads.append(reads.reads)
         optimizer.zero_grad()
         winners.append(optimizer.last_routing.winners.tolist())
         scores.append(optimizer.last_routing.scores.cpu().clone())
@@ -140,6 +143,7 @@ def train(
         "scores": scores,
         "winners": every_rank,
         "clipped_steps": clipped,
+        "host_reads": host_reads,
         "implementation": optimizer.last_routing.implementation,
         "world": world or 1,
     }
