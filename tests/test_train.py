@@ -422,6 +422,8 @@ def test_adalora_under_fsdp2_trains_as_under_zero0(tmp_path) -> None:
     expected = _weights(runs["zero0"])
     for name, got in _weights(runs["fsdp2"]).items():
         assert (got - expected[name]).abs().max() <= 5e-4 * expected[name].abs().max(), name
+    for run in runs.values():
+        _assert_optimizer_and_schedule(run, "AdamW")
 
 
 # Per mode: extra options, and the optimizer class that steps on CPU ranks. The baselines run
@@ -431,7 +433,7 @@ def test_adalora_under_fsdp2_trains_as_under_zero0(tmp_path) -> None:
 MODES = {
     "fft": ([], "AdamW"),
     "lora": ([], "AdamW"),
-    "adalora": (["ds_config=zero0"], "AdamW"),
+    # adalora: under ZeRO-0 and fsdp2 in test_adalora_under_fsdp2_trains_as_under_zero0
     # ZeRO-3: built partitioned (zero.Init), exported and evaluated by rank 0 alone afterwards
     "molf-efficient": (
         ["lora_ranks=[4,8]", "ds_config=zero3", "gradient_checkpointing=true"],
@@ -451,9 +453,6 @@ MODES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(MODES))
 def test_train_every_mode_runs_and_exports(tmp_path, case: str) -> None:
-    from molf_ds.train.config import TrainConfig
-    from molf_ds.train.schedule import config_lr_factor
-
     out = tmp_path / "run"
     extra, optimizer = MODES[case]
     mode = case.removesuffix("-fsdp2")
@@ -463,8 +462,15 @@ def test_train_every_mode_runs_and_exports(tmp_path, case: str) -> None:
     assert (out / "merged" / "model.safetensors").exists()
     if mode == "molf-efficient":
         assert (out / "adapter" / "adapter_config.json").exists()
+    _assert_optimizer_and_schedule(out, optimizer)
+
+
+def _assert_optimizer_and_schedule(out: Path, optimizer: str) -> None:
+    """``optimizer`` stepped, on the same schedule (warm-up, then cosine) as every mode."""
+    from molf_ds.train.config import TrainConfig
+    from molf_ds.train.schedule import config_lr_factor
+
     assert json.loads((out / "outputs.json").read_text())["optimizer"] == optimizer
-    # the same schedule (warm-up, then cosine) over whichever optimizer steps
     config = TrainConfig.model_validate(json.loads((out / "run_config.json").read_text()))
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     expected = [config.lr * config_lr_factor(config)(m["step"]) for m in metrics]
