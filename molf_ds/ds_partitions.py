@@ -503,7 +503,7 @@ def install_copy_back(engine: Any, optimizer: MoLFAdamW) -> CopyBack:
     stage = engine.zero_optimization_stage()
     problem = _copy_back_problem(engine, optimizer, stage)
     if stage == 3:
-        lp = zero.fp16_partitioned_groups_flat[0] if stage == 3 else None
+        lp = zero.fp16_partitioned_groups_flat[0]  # None: swapped to NVMe
         partition_bytes = 0 if lp is None else lp.numel() * lp.element_size()
     elif stage in (1, 2) and hasattr(zero, "parallel_partitioned_bit16_groups"):
         target = zero.parallel_partitioned_bit16_groups[0][_dp_rank(zero)]

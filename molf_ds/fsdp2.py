@@ -23,6 +23,7 @@ import torch
 from torch.distributed.tensor import DTensor, Shard
 
 from molf_ds.errors import MoLFConfigError
+from molf_ds.model import named_decoder_blocks
 from molf_ds.routed_step import ReduceScores, Segment
 
 if TYPE_CHECKING:
@@ -174,16 +175,6 @@ def local_state_bytes(optimizer: MoLFAdamW) -> dict[str, int]:
     return by_device
 
 
-def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks of a Hugging Face model (its classes named in ``_no_split_modules``,
-    e.g. ``Qwen2DecoderLayer``), found through any wrapper (PEFT's ``PeftModel``), in order;
-    also once sharded (``fully_shard`` makes a block an ``FSDPQwen2DecoderLayer``, a subclass)."""
-    names: set[str] = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or ())
-    return [m for m in model.modules() if any(cls.__name__ in names for cls in type(m).__mro__)]
-
-
 def shard_model(
     model: torch.nn.Module,
     *,
@@ -193,7 +184,8 @@ def shard_model(
     offload_policy: torch.distributed.fsdp.OffloadPolicy | None = None,
     ignored_params: set[torch.nn.Parameter] | None = None,
 ) -> torch.nn.Module:
-    """``fully_shard`` each decoder block of a Hugging Face model (`decoder_blocks`), then the
+    """``fully_shard`` each decoder block of a Hugging Face model
+    (`molf_ds.model.named_decoder_blocks`), then the
     root (embeddings, final norm, head), as torchtitan and torchtune do: a block's weights are
     gathered only around its own forward and backward. Call it after `molf_ds.wrap` (or PEFT),
     and before building the optimizer. Returns ``model``, sharded in place.
@@ -208,7 +200,7 @@ def shard_model(
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    blocks = decoder_blocks(model)
+    blocks = [block for _, block in named_decoder_blocks(model)]
     if not blocks:
         raise MoLFConfigError(
             f"{type(model).__name__} names no decoder block class (`_no_split_modules`): "

@@ -60,7 +60,7 @@ from torch import nn
 
 from molf_ds.config import DEFAULT_EXCLUDE_MODULES, DEFAULT_TARGET_MODULES, MoLFConfig
 from molf_ds.errors import MoLFError, NoMatchingModulesError, one_line
-from molf_ds.model import is_target
+from molf_ds.model import is_target, named_decoder_blocks
 from molf_ds.presets import PUBLISHED
 from molf_ds.zero import DS_DEFAULT_PERSISTENCE_THRESHOLD
 
@@ -579,12 +579,7 @@ def model_spec(config: Any) -> ModelSpec:
         for module_name, module in model.named_modules()
         if type(module) is nn.Linear
     )
-    block_classes = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = tuple(
-        module_name
-        for module_name, module in model.named_modules()
-        if type(module).__name__ in block_classes
-    )
+    blocks = tuple(module_name for module_name, _ in named_decoder_blocks(model))
     return ModelSpec(
         name=name,
         model_type=hf_config.model_type,

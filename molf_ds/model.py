@@ -101,3 +101,19 @@ def _summarise_names(names: list[str], limit: int = 12) -> str:
     unique = list(dict.fromkeys(re.sub(r"(?<=\.)\d+(?=\.)", "*", name) for name in names))
     shown = ", ".join(unique[:limit])
     return shown + (f", ... ({len(unique) - limit} more)" if len(unique) > limit else "")
+
+
+def named_decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the repeated blocks of a Hugging Face model (the classes it names in
+    ``_no_split_modules``, e.g. ``Qwen2DecoderLayer``), in order: what FSDP2 shards one by one
+    (`molf_ds.fsdp2.shard_model`) and what the memory model gathers one at a time. Found through
+    any wrapper (PEFT's ``PeftModel``), and once sharded (``fully_shard`` makes a block an
+    ``FSDPQwen2DecoderLayer``, a subclass)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if any(cls.__name__ in names for cls in type(module).__mro__)
+    ]

@@ -44,7 +44,7 @@ def recipe(tmp_path_factory) -> Iterator[Recipe]:
             "eval_examples=1",
         ],
     )
-    # one thread, as a rank of a 2-rank job on 2 cores: the suite runs two test files at once
+    # one thread, as a rank of a 2-rank job on 2 cores: the suite runs test files side by side
     with one_rank_recipe(config, threads=1) as job:
         yield job
 
@@ -56,9 +56,9 @@ def _full_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_fsdp2_options_reach_fully_shard(recipe: Recipe) -> None:
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
 
-    from molf_ds.fsdp2 import decoder_blocks
+    from molf_ds.model import named_decoder_blocks
 
-    blocks = decoder_blocks(recipe.model)
+    blocks = [block for _, block in named_decoder_blocks(recipe.model)]
     assert len(blocks) == 4 and isinstance(recipe.model, FSDPModule)
     for block in blocks:
         assert isinstance(block, FSDPModule)

@@ -42,7 +42,6 @@ AttnImplementation = Literal[
 ]
 LogLevel = Literal["warning", "info", "debug"]
 Engine = Literal["deepspeed", "fsdp2"]
-ENGINES: tuple[str, ...] = ("deepspeed", "fsdp2")
 # Options that mean something under one engine only: given under the other, they are refused
 # (a silently ignored `ds_config=zero3` would train unsharded, and the other way round).
 ENGINE_OPTIONS: dict[str, tuple[str, ...]] = {

@@ -443,7 +443,7 @@ class Recipe:
         checks = self.skip_step is not None
         bad_gradient = checks and not _gradients_finite(self.engine.module)
         stop, skip = agree_flags([stop_requested(), bad_gradient], self.engine.device)
-        if self.skip_step is not None:
+        if checks:
             self.skip_step(skip)
         return stop, skip
 
