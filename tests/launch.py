@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from molf_ds.train.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,28 +153,23 @@ def one_rank_recipe(config, threads: int | None = None) -> Iterator:
     saved_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    environment = {
-        "DS_ACCELERATOR": "cpu",
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-    }
-    saved = {name: os.environ.get(name) for name in environment}
-    os.environ.update(environment)
-    job = Recipe(config)
-    try:
-        job.setup()
-        job.engine.train()
-        yield job
-    finally:
-        job.cleanup()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        torch.set_num_threads(saved_threads)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {
+            "DS_ACCELERATOR": "cpu",
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        }.items():
+            env.setenv(name, value)
+        job = Recipe(config)
+        try:
+            job.setup()
+            job.engine.train()
+            yield job
+        finally:
+            job.cleanup()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            torch.set_num_threads(saved_threads)
