@@ -212,8 +212,8 @@ def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
         os.environ[ds_partitions.COPY_BACK_ENV] = case.get("copy_back", "selective")
         relied_on = dict(ds_partitions.RELIED_ON_SOURCES)
         if case.get("unknown_deepspeed"):
-            name = next(n for n in relied_on if n.startswith("zero.stage_1_and_2"))
-            ds_partitions.RELIED_ON_SOURCES[name] = "0" * 64
+            method = next(m for m in relied_on if m.startswith("zero.stage_1_and_2"))
+            ds_partitions.RELIED_ON_SOURCES[method] = "0" * 64
         engine, _, _, _ = molf_ds.initialize(model=model, optimizer=optimizer, config=config)
         ds_partitions.RELIED_ON_SOURCES.update(relied_on)
     winners, residency, after_steps = [], [], []
