@@ -130,7 +130,7 @@ class Profile:
         original = getattr(owner, attribute, None)
         if original is None:
             return
-        had_own = isinstance(owner, type) or attribute in getattr(owner, "__dict__", {})
+        had_own = attribute in getattr(owner, "__dict__", {})
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
@@ -143,7 +143,7 @@ class Profile:
         if had_own:
             self.undo.append(lambda: setattr(owner, attribute, original))
         else:
-            self.undo.append(lambda: owner.__dict__.pop(attribute, None))
+            self.undo.append(lambda: delattr(owner, attribute))
 
     def engine(self, engine: Any, optimizer: Any) -> None:
         """DeepSpeed's parts (norm, clip, the client step, the copy-back, bookkeeping) and, for
@@ -167,7 +167,8 @@ class Profile:
             self.wrap(zero, attribute, part)
         if optimizer is None:
             return
-        self.wrap(optimizer, "segment_source", "molf_segments")
+        # on the source's class: the copy-back reads attributes of the source instance itself
+        self.wrap(type(optimizer.segment_source), "__call__", "molf_segments")
         self.wrap(optimizer, "reduce_scores", "molf_score_all_reduce")
         self.wrap(cpu_kernel.Batch, "moments_and_partials", "molf_pass1")
         self.wrap(cpu_kernel.Batch, "apply_update", "molf_pass2")

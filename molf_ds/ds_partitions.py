@@ -423,6 +423,21 @@ RELIED_ON_SOURCES = {
     "zero.stage3.DeepSpeedZeroOptimizer_Stage3._unflatten_partitioned_parameters": (
         "00cc8a3f65af736fd5e513e270951e6913b4146b4bbdf3fa0b74610eeb349ee1"
     ),
+    "zero.stage3.DeepSpeedZeroOptimizer_Stage3._partition_all_parameters": (
+        "5612df89a66654a664f9345ac37e1c286fefbbfec37d20d78f753c260d1b74f9"
+    ),
+    "zero.stage3.DeepSpeedZeroOptimizer_Stage3._post_step": (
+        "d993f8fa66f0663373bb25f9448061d7c2c92e6244ea9b228e011af0ad6842f3"
+    ),
+    "zero.parameter_offload.DeepSpeedZeRoOffload.partition_all_parameters": (
+        "d916ff2d400331eaf62aefca0493cdf46eb8906927f6a3a7aa643c0970f13648"
+    ),
+    "zero.partitioned_param_coordinator.PartitionedParameterCoordinator.release_and_reset_all": (
+        "dba16cef435ceb5eea454df44d3b42f3f12971a2df715c80261853cda35679ce"
+    ),
+    "zero.partition_parameters.Init._all_gather": (
+        "24e484914416ddf78633955c6363dc59974c300adef590ec7019a17cb6f1fb6a"
+    ),
 }
 
 
@@ -436,6 +451,8 @@ class CopyBack:
     writes into the model's parameters each step (this rank's partition in the model's dtype);
     ``last_bytes`` what the last step wrote (``partition_bytes`` under the full copy), and,
     for the selective copy, ``total_bytes`` and ``steps`` the sums since `install_copy_back`.
+    Under ZeRO-3, ``regathered_bytes`` is what the last step wrote into the gathered persistent
+    parameters it changed (the others keep their values; DeepSpeed's full path re-gathers all).
     """
 
     mode: str
@@ -444,6 +461,7 @@ class CopyBack:
     last_bytes: int = 0
     total_bytes: int = 0
     steps: int = 0
+    regathered_bytes: int = 0
     _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def count(self, written: int) -> None:
@@ -466,6 +484,12 @@ def copy_back_of(optimizer: MoLFAdamW) -> CopyBack | None:
     return _COPY_BACKS.get(optimizer)
 
 
+def moved(role: ParamRole, winners: Sequence[Sequence[bool]]) -> bool:
+    """Whether a routed step changed the parameter (or piece) of ``role``: an unrouted one, or
+    a winning expert's (a losing expert's weights are left as they were)."""
+    return role.module == UNROUTED or bool(winners[role.module][role.expert])
+
+
 def changed_spans(
     pieces: Sequence[Piece], winners: Sequence[Sequence[bool]]
 ) -> list[tuple[int, int]]:
@@ -476,7 +500,7 @@ def changed_spans(
     runs: list[tuple[int, int]] = []
     start = end = -1
     for role, begin, numel in sorted(pieces, key=lambda piece: piece[1]):
-        if role.module == UNROUTED or winners[role.module][role.expert]:
+        if moved(role, winners):
             if start < 0:
                 start = begin
             end = begin + numel
@@ -553,7 +577,7 @@ def _copy_back_problem(engine: Any, optimizer: MoLFAdamW, stage: int) -> str | N
             return "parameters swapped to NVMe"
         if getattr(zero, "swap_optimizer", False):
             return "optimizer state swapped to NVMe"
-        return None
+        return _persistent_problem(zero)
     if len(zero.single_partition_of_fp32_groups) != 1:
         return "more than one parameter group"
     flat = zero.single_partition_of_fp32_groups[0]
@@ -564,8 +588,27 @@ def _copy_back_problem(engine: Any, optimizer: MoLFAdamW, stage: int) -> str | N
     return None
 
 
+def _persistent_problem(zero: Any) -> str | None:
+    """Why ZeRO-3's persistent parameters cannot be refreshed by `_regather` (None: they can):
+    it gathers plain partitions over the data-parallel group, not ZeRO++'s secondary or
+    quantized ones."""
+    offload = zero.parameter_offload
+    if getattr(zero, "zero_hpz_partition_size", 1) > 1:
+        return "ZeRO++ hierarchical partitions"
+    if getattr(offload, "zero_quantized_weights", False):
+        return "ZeRO++ quantized weights"
+    groups = {id(p.ds_process_group) for p in zero.persistent_parameters}
+    if len(groups) > 1 or any(
+        hasattr(p.ds_tensor, "ds_quant_scale") for p in zero.persistent_parameters
+    ):
+        return "persistent parameters partitioned over several groups, or quantized"
+    return None
+
+
 def _relied_on(stage: int) -> dict[str, str]:
-    prefixes = ("engine.", "zero.stage3." if stage == 3 else "zero.stage_1_and_2.")
+    prefixes = ("engine.", "zero.stage_1_and_2.")
+    if stage == 3:
+        prefixes = ("engine.", "zero.stage3.", "zero.param", "zero.partition")
     return {name: digest for name, digest in RELIED_ON_SOURCES.items() if name.startswith(prefixes)}
 
 
@@ -714,25 +757,86 @@ def _copy_spans(
 
 def _install_stage3(copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> None:
     """ZeRO-3 with ``offload_optimizer`` (and ``offload_param``). DeepSpeed 0.19.8's
-    ``DeepSpeedZeroOptimizer_Stage3.step`` runs, per sub-group, the client step
-    (``_optimizer_step``), then ``_reassign_or_swap_out_partitioned_parameters(i)``: the whole
+    ``DeepSpeedZeroOptimizer_Stage3.step`` runs ``_partition_all_parameters`` (every parameter
+    released to its partition, the persistent ones included: ``partition_all_parameters`` and the
+    coordinator's ``release_and_reset_all`` release each AVAILABLE one and check that none is
+    left), then per sub-group the client step (``_optimizer_step``) and
+    ``_reassign_or_swap_out_partitioned_parameters(i)``: the whole
     ``fp16_partitioned_groups_flat[i].data.copy_(fp32_partitioned_groups_flat[i].data)``, then
     ``_unflatten_partitioned_parameters(i)`` (each partitioned parameter's data pointed back at
-    its view of that buffer). That method is replaced on this wrapper by one that copies only
-    the changed slices (noted by the client step's post-hook, and used once) and then
-    unflattens the same way; without a note (a checkpoint load, a step that did not route) it
-    calls DeepSpeed's own. The persistent parameters (LoRA factors) are all-gathered afterwards
-    from these partitions by ``_post_step``, as before.
+    its view of that buffer); then ``_post_step``, whose ``all_gather`` of the persistent
+    parameters gathers those that are NOT_AVAILABLE (``Init._all_gather`` skips the others), one
+    collective per parameter.
+
+    Three methods are replaced on this wrapper, and act only inside its ``step`` (armed by a
+    wrapper; checkpoint loads and saves call DeepSpeed's own):
+
+    - the copy-back copies only the changed slices (noted by the client step's post-hook, used
+      once) and then unflattens the same way; without a note (a step that did not route) it
+      calls DeepSpeed's own;
+    - the release keeps the persistent parameters (the LoRA factors, biases and norms) gathered:
+      it hides them from DeepSpeed's release by their status, and puts it back;
+    - before ``_post_step``, the persistent parameters the step changed (`moved`; every one
+      after a client step without a routing record) are refreshed from their new partitions
+      with one all-gather (`_regather`), the values DeepSpeed's gather writes; those that lost
+      keep their values, which their partitions still hold.
     """
-    original = zero._reassign_or_swap_out_partitioned_parameters
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    originals = {
+        name: getattr(zero, name)
+        for name in (
+            "step",
+            "_partition_all_parameters",
+            "_reassign_or_swap_out_partitioned_parameters",
+            "_post_step",
+        )
+    }
+    persistent = list(zero.persistent_parameters)
+    plan = optimizer.plan
+    persistent_ids = {id(p) for p in persistent}
+    routed_persistent = [
+        (p, role)
+        for p, role in zip(plan.params, plan.roles, strict=True)
+        if id(p) in persistent_ids
+    ]
+    in_step = [False]
     pending: list[tuple[torch.Tensor, list[tuple[int, int]]]] = []
+    kept: list[torch.nn.Parameter] = []  # persistent parameters left gathered through the step
+    changed: set[int] = set()  # ids of the persistent parameters the step changed
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        in_step[0] = True
+        kept.clear()
+        changed.clear()
+        try:
+            return originals["step"](*args, **kwargs)
+        finally:
+            in_step[0] = False
+
+    def release_all() -> None:
+        if not in_step[0]:
+            originals["_partition_all_parameters"]()
+            return
+        kept[:] = [p for p in persistent if p.ds_status == ZeroParamStatus.AVAILABLE]
+        for p in kept:
+            p.ds_status = ZeroParamStatus.NOT_AVAILABLE  # DeepSpeed's release skips it
+        try:
+            originals["_partition_all_parameters"]()
+        finally:
+            for p in kept:
+                p.ds_status = ZeroParamStatus.AVAILABLE
 
     def after_client_step(client: Any, args: Any, kwargs: Any) -> None:
         pending.clear()
         last = getattr(optimizer.segment_source, "last_pieces", None)
         record = optimizer.last_routing
         if last is not None and record is not None:
-            pending.append((last[0], changed_spans(last[1], record.winners.tolist())))
+            winners = record.winners.tolist()
+            pending.append((last[0], changed_spans(last[1], winners)))
+            changed.update(id(p) for p, role in routed_persistent if moved(role, winners))
+        else:
+            changed.update(persistent_ids)
 
     def reassign(sub_group_id: int) -> None:
         note = pending.pop() if pending else None
@@ -741,17 +845,57 @@ def _install_stage3(copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> Non
         if note is None or note[0] is not hp or lp is None:
             if lp is not None:
                 copy_back.count(lp.numel() * lp.element_size())
-            original(sub_group_id)
+            originals["_reassign_or_swap_out_partitioned_parameters"](sub_group_id)
             return
         copy_back.count(_copy_spans(note[1], hp, None, lp))
         zero._unflatten_partitioned_parameters(sub_group_id)
 
+    def post_step(timer_names: Any) -> None:
+        if in_step[0]:
+            stale = [p for p in kept if id(p) in changed]
+            copy_back.regathered_bytes = _regather(stale)
+        originals["_post_step"](timer_names)
+
+    zero.step = step
+    zero._partition_all_parameters = release_all
     zero._reassign_or_swap_out_partitioned_parameters = reassign
+    zero._post_step = post_step
     handle = optimizer.register_step_post_hook(after_client_step)
-    copy_back._undo += [
-        handle.remove,
-        lambda: zero.__dict__.pop("_reassign_or_swap_out_partitioned_parameters", None),
-    ]
+    copy_back._undo.append(handle.remove)
+    copy_back._undo += [lambda name=name: zero.__dict__.pop(name, None) for name in originals]
+
+
+@torch.no_grad()
+def _regather(params: Sequence[torch.nn.Parameter]) -> int:
+    """Write into each gathered ZeRO-3 parameter of ``params`` its partitions as they are now
+    (``ds_tensor`` on every rank of their ``ds_process_group``, the group DeepSpeed gathers
+    them over, one for all: see `_persistent_problem`): one all-gather of all of them, where
+    DeepSpeed releases and gathers each (the same values: the ranks' partitions in rank order,
+    without the padding). On one rank a parameter whose data is its partition's storage is
+    left alone (``copy_`` of a tensor onto itself does nothing). Returns the bytes refreshed."""
+    if not params:
+        return 0
+    group = params[0].ds_process_group
+    world = torch.distributed.get_world_size(group=group)
+    device = params[0].device
+    if world == 1:
+        for p in params:
+            p.data.view(-1).copy_(p.ds_tensor.view(-1)[: p.ds_numel], non_blocking=True)
+        return sum(p.ds_numel * p.element_size() for p in params)
+    local = torch.cat([p.ds_tensor.view(-1) for p in params]).to(device)
+    gathered = torch.empty(world * local.numel(), dtype=local.dtype, device=device)
+    torch.distributed.all_gather_into_tensor(gathered, local, group=group)
+    by_rank = gathered.view(world, -1)
+    offset = 0
+    for p in params:
+        size = p.ds_tensor.numel()
+        columns = by_rank[:, offset : offset + size]  # rank r's partition of p in row r
+        if world * size == p.ds_numel:
+            p.data.view(world, size).copy_(columns)
+        else:  # the last partition is padded
+            p.data.view(-1).copy_(columns.reshape(-1)[: p.ds_numel])
+        offset += size
+    return sum(p.ds_numel * p.element_size() for p in params)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -229,13 +229,14 @@ def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
             engine.backward(loss)
             # what the step copies into the model's parameter partitions, measured
             partitions = ds_partitions.model_partitions(engine) if tracked else []
+            before = gathered_persistent(engine) if tracked else {}
             with CopiedBytes([lp for lp, _ in partitions]) as copied:
                 engine.step()
             residency.append(zero3_residency(engine.module))
         routing = getattr(optimizer, "last_routing", None)  # (MoLFAdamW's)
         winners.append(routing.winners.tolist() if routing is not None else [])
         if tracked:
-            after_steps.append(after_step(engine, optimizer, copied.bytes))
+            after_steps.append(after_step(engine, optimizer, copied.bytes, before))
     params = {name: full_param(param) for name, param in engine.module.named_parameters()}
     every_rank, every_state = [None] * world, [None] * world
     dist.all_gather_object(every_rank, winners)
@@ -254,15 +255,27 @@ def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
     }
 
 
-def after_step(engine, optimizer, copied_bytes: int) -> dict:
+def gathered_persistent(engine) -> dict[str, torch.Tensor]:
+    """ZeRO-3's persistent parameters that are gathered now, by name (copies)."""
+    return {
+        n: p.detach().clone()
+        for n, p in engine.module.named_parameters()
+        if getattr(p, "ds_persist", False) and ds_partitions.zero3_residency(p) == "whole"
+    }
+
+
+def after_step(engine, optimizer, copied_bytes: int, before: dict[str, torch.Tensor]) -> dict:
     """After an optimizer step, per rank: the model's own parameters as this rank holds them
     (what the forward pass reads: under ZeRO-3 this rank's partition of each, and the whole of
     each resident one; gathering would disturb ZeRO-3's prefetch trace mid-run), how the step's
     result was copied back into them (``copied_bytes``: what ``copy_`` wrote into the model's
     partition during the step, measured), and whether this rank's model partition equals its
-    fp32 master converted to the model's dtype (what DeepSpeed's full copy writes)."""
+    fp32 master converted to the model's dtype (what DeepSpeed's full copy writes). Under
+    ZeRO-3: the bytes of the persistent parameters (gathered before the step, ``before``) whose
+    values the step changed, measured, and of all of them."""
     import deepspeed.comm as dist
 
+    after = gathered_persistent(engine)
     model_params = {}
     for n, p in engine.module.named_parameters():
         if hasattr(p, "ds_tensor"):
@@ -278,6 +291,13 @@ def after_step(engine, optimizer, copied_bytes: int) -> dict:
         "partition_bytes": copy_back.partition_bytes,
         "copied_bytes": copied_bytes,
         "matches_master": ds_partitions.model_partition_matches_master(engine),
+        "regathered_bytes": copy_back.regathered_bytes,
+        "changed_persistent_bytes": sum(
+            value.numel() * value.element_size()
+            for n, value in before.items()
+            if not torch.equal(value, after[n])
+        ),
+        "persistent_bytes": sum(v.numel() * v.element_size() for v in before.values()),
     }
     every_rank = [None] * dist.get_world_size()
     dist.all_gather_object(every_rank, mine)
