@@ -95,7 +95,7 @@ def load() -> ctypes.CDLL:
     lib.molf_moments_and_partials.argtypes = [
         ctypes.c_int64,
         *[_PTR] * 9,
-        *[ctypes.c_float] * 5,
+        *[ctypes.c_float] * 6,
         _PTR,
         ctypes.c_int32,
     ]
@@ -171,8 +171,12 @@ class Batch:
         # made contiguous, owned by nothing else) alive as long as the addresses.
         self._segments = segments
 
-    def moments_and_partials(self, *, beta1: float, beta2: float, eps: float) -> torch.Tensor:
-        """Pass 1; returns the float64 partial score sum of each segment (0 if unrouted)."""
+    def moments_and_partials(
+        self, *, beta1: float, beta2: float, eps: float, grad_factor: float = 1.0
+    ) -> torch.Tensor:
+        """Pass 1, each gradient read multiplied by ``grad_factor`` (rounded to float32, as
+        torch's ``mul_`` of a float32 tensor rounds it); returns the float64 partial score sum
+        of each segment (0 if unrouted)."""
         partials = torch.empty(self.size, dtype=torch.float64)
         load().molf_moments_and_partials(
             self.size,
@@ -185,6 +189,7 @@ class Batch:
             1.0 - beta1,  # in double: see moments_chunk
             1.0 - beta2,
             eps,
+            grad_factor,
             partials.data_ptr(),
             torch.get_num_threads(),
         )

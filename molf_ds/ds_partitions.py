@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -411,6 +412,12 @@ RELIED_ON_SOURCES = {
     "zero.stage_1_and_2.DeepSpeedZeroOptimizer._lazy_init_hp_params_optimizer_state": (
         "45e666d78112a891391f2a78c1f61f845b846d481cbe10deab6e8a644c625294"
     ),
+    "zero.stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads": (
+        "6bf2ce6f97eafcc24c08a0355e7c180992c8e86da5b7f02026eef6fbd68efa74"
+    ),
+    "zero.stage3.DeepSpeedZeroOptimizer_Stage3.unscale_and_clip_grads": (
+        "3f0d9e8e7861fd44a42cf138d81596b7c36b6170b056302e8776f1cad562ea78"
+    ),
     "zero.stage3.DeepSpeedZeroOptimizer_Stage3.step": (
         "c751b3209f83d3b97f416a7bbdd9ca7e0eeafcb3a6072b5abd88440a683fdec9"
     ),
@@ -698,15 +705,27 @@ def _install_stage1_2(copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> N
             zero.single_partition_of_fp32_groups[0] = flat
             zero.param_buffer_of_bit16_for_cpu_offload_groups[0] = buffer
 
+    original_unscale = zero.unscale_and_clip_grads
+
     def step(*args: Any, **kwargs: Any) -> Any:
         armed[0] = True
         try:
             return original_step(*args, **kwargs)
         finally:
             armed[0] = False
+            optimizer.grad_factor = 1.0
             restore()
 
+    def unscale_and_clip_grads(grad_groups_flat: list, total_norm: Any) -> None:
+        if not armed[0]:
+            original_unscale(grad_groups_flat, total_norm)
+            return
+        optimizer.grad_factor = _unscale_factor(
+            lambda probe: original_unscale([probe], total_norm), grad_groups_flat[0]
+        )
+
     def after_client_step(client: Any, args: Any, kwargs: Any) -> None:
+        optimizer.grad_factor = 1.0
         if not armed[0]:
             return
         source = optimizer.segment_source
@@ -729,8 +748,24 @@ def _install_stage1_2(copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> N
         copy_back.count(written)
 
     zero.step = step
+    zero.unscale_and_clip_grads = unscale_and_clip_grads
     handle = optimizer.register_step_post_hook(after_client_step)
-    copy_back._undo += [handle.remove, lambda: zero.__dict__.pop("step", None)]
+    copy_back._undo += [
+        handle.remove,
+        lambda: zero.__dict__.pop("step", None),
+        lambda: zero.__dict__.pop("unscale_and_clip_grads", None),
+    ]
+
+
+def _unscale_factor(unscale: Callable[[torch.Tensor], None], grad: torch.Tensor) -> float:
+    """The factor DeepSpeed's ``unscale_and_clip_grads`` would multiply the gradients by (loss
+    scale and clipping), read by letting ``unscale`` multiply a one-element probe of ones in
+    the gradients' dtype instead: ``1 * f`` is ``f`` rounded as each gradient's product with it
+    is. The routed step then applies it as it reads the gradients (`MoLFAdamW.grad_factor`),
+    which saves DeepSpeed's separate pass over all of them (8 bytes per parameter)."""
+    probe = torch.ones(1, dtype=grad.dtype, device=grad.device)
+    unscale(probe)
+    return probe.item()
 
 
 @torch.no_grad()
@@ -788,6 +823,7 @@ def _install_stage3(copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> Non
         for name in (
             "step",
             "_partition_all_parameters",
+            "unscale_and_clip_grads",
             "_reassign_or_swap_out_partitioned_parameters",
             "_post_step",
         )
@@ -813,6 +849,7 @@ def _install_stage3(copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> Non
             return originals["step"](*args, **kwargs)
         finally:
             in_step[0] = False
+            optimizer.grad_factor = 1.0
 
     def release_all() -> None:
         if not in_step[0]:
@@ -827,7 +864,24 @@ def _install_stage3(copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> Non
             for p in kept:
                 p.ds_status = ZeroParamStatus.AVAILABLE
 
+    def unscale_and_clip_grads(sub_group_id: int, total_norm: Any) -> None:
+        if not in_step[0]:
+            originals["unscale_and_clip_grads"](sub_group_id, total_norm)
+            return
+        flats = zero.fp32_partitioned_groups_flat
+        flat = flats[sub_group_id]
+
+        def unscale_probe(probe: torch.Tensor) -> None:
+            flats[sub_group_id] = SimpleNamespace(grad=probe)  # what DeepSpeed multiplies
+            try:
+                originals["unscale_and_clip_grads"](sub_group_id, total_norm)
+            finally:
+                flats[sub_group_id] = flat
+
+        optimizer.grad_factor = _unscale_factor(unscale_probe, flat.grad)
+
     def after_client_step(client: Any, args: Any, kwargs: Any) -> None:
+        optimizer.grad_factor = 1.0
         pending.clear()
         last = getattr(optimizer.segment_source, "last_pieces", None)
         record = optimizer.last_routing
@@ -858,6 +912,7 @@ def _install_stage3(copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> Non
 
     zero.step = step
     zero._partition_all_parameters = release_all
+    zero.unscale_and_clip_grads = unscale_and_clip_grads
     zero._reassign_or_swap_out_partitioned_parameters = reassign
     zero._post_step = post_step
     handle = optimizer.register_step_post_hook(after_client_step)

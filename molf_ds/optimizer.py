@@ -116,6 +116,10 @@ class MoLFAdamW(torch.optim.Optimizer):
         # the all-reduce of the score partial sums over the ranks that split them.
         self.segment_source: SegmentSource | None = None
         self.reduce_scores: ReduceScores | None = None
+        # Set by `molf_ds.ds_partitions` for one step under ZeRO-Offload: the wrapper's
+        # unscale-and-clip factor, which the step applies as it reads each gradient instead of
+        # the wrapper's separate pass over all of them (`routed_adamw`'s ``grad_factor``).
+        self.grad_factor = 1.0
         super().__init__([{"params": list(plan.params)}], defaults)
         self._connected_params: list | None = None
         self._connect_sharded()
@@ -168,6 +172,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             reduce_scores=self.reduce_scores,
             fused=group["fused"],
             foreach=group["foreach"],
+            grad_factor=self.grad_factor,
         )
         self.last_routing = dataclasses.replace(
             record, module_names=self.plan.module_names, expert_names=self.plan.expert_names

@@ -158,6 +158,7 @@ def routed_adamw(
     reduce_scores: ReduceScores | None = None,
     fused: bool | None = None,
     foreach: bool | None = None,
+    grad_factor: float = 1.0,
 ) -> RoutingRecord:
     """One routed AdamW step over ``segments`` (see the module docstring for the math).
 
@@ -169,16 +170,27 @@ def routed_adamw(
         reduce_scores: called once on the ``[modules, experts]`` float64 partial sums, in place
             (an all-reduce over the data-parallel group); ``None`` in a single process.
         fused, foreach: which implementation runs (`choose_implementation`).
+        grad_factor: what every gradient is multiplied by before the step uses it (a ZeRO
+            wrapper's unscale-and-clip factor, `molf_ds.ds_partitions`). The kernel applies it
+            as pass 1 reads each gradient; the other paths multiply the gradients in place
+            first, as the wrapper would have. Either way the product is the one torch's
+            ``mul_`` stores, so the step is bitwise the same as after that separate pass.
     """
     if score not in SCORES:
         raise ValueError(f"`score` must be one of {SCORES}, got {score!r}")
     implementation = choose_implementation(segments, fused=fused, foreach=foreach)
+    options = {}
     if implementation == "fused":
         func = _fused_routed_adamw
-    elif implementation == "foreach":
-        func = _multi_tensor_routed_adamw
+        options["grad_factor"] = grad_factor
     else:
-        func = _single_tensor_routed_adamw
+        func = (
+            _multi_tensor_routed_adamw
+            if implementation == "foreach"
+            else _single_tensor_routed_adamw
+        )
+        if grad_factor != 1.0 and segments:
+            torch._foreach_mul_([s.grad for s in segments], grad_factor)
     scores, winners = func(
         segments,
         table,
@@ -188,6 +200,7 @@ def routed_adamw(
         score=score,
         top_k=top_k,
         reduce_scores=reduce_scores,
+        **options,
     )
     return RoutingRecord(scores=scores, winners=winners, implementation=implementation)
 
@@ -393,6 +406,7 @@ def _fused_routed_adamw(
     score: str,
     top_k: int,
     reduce_scores: ReduceScores | None,
+    grad_factor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The CPU kernel: pass 1 and pass 2 each one call over all segments; the winner flags
     reach it in host memory, so Python reads no tensor value."""
@@ -402,7 +416,7 @@ def _fused_routed_adamw(
         (-1 if s.module == UNROUTED else kind, *_update_scalars(s, beta1, beta2)) for s in segments
     ]
     batch = cpu_kernel.Batch(segments, *cpu_kernel.columns(rows, 4))
-    sums = batch.moments_and_partials(beta1=beta1, beta2=beta2, eps=eps)
+    sums = batch.moments_and_partials(beta1=beta1, beta2=beta2, eps=eps, grad_factor=grad_factor)
     scores, winners, chosen = _route(
         sums, cells, table, score=score, top_k=top_k, reduce_scores=reduce_scores
     )

@@ -167,6 +167,39 @@ def test_fused_step_same_result_for_any_thread_count() -> None:
         assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
+def test_grad_factor_equals_multiplying_the_gradients_first(implementation: str) -> None:
+    """A step with ``grad_factor`` f (a ZeRO wrapper's clip factor, applied as the kernel reads
+    each gradient) leaves bitwise what the same step leaves after ``grad.mul_(f)`` over every
+    gradient, the separate pass the wrapper skips, and the same winners; not what it leaves
+    without the factor."""
+    factor = torch.tensor(1.0 / 3.7)  # as DeepSpeed's ``1. / combined_scale``: a float32 value
+    results = {}
+    for how in ("folded", "multiplied", "unscaled"):
+        torch.manual_seed(0)
+        model = _model()
+        optimizer = molf_ds.MoLFAdamW(
+            model, lr=1e-2, lora_lr=5e-2, **IMPLEMENTATIONS[implementation]
+        )
+        winners = []
+        for step in range(3):
+            _backward(model, step)
+            if how == "folded":
+                optimizer.grad_factor = factor.item()
+            elif how == "multiplied":
+                for p in model.parameters():
+                    p.grad.mul_(factor)
+            optimizer.step()
+            optimizer.zero_grad()
+            winners.append(optimizer.last_routing.winners)
+        assert optimizer.last_routing.implementation == implementation
+        results[how] = ([p.detach().clone() for p in model.parameters()], winners)
+    (folded, folded_winners), (multiplied, winners) = results["folded"], results["multiplied"]
+    assert all(torch.equal(a, b) for a, b in zip(folded, multiplied, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(folded_winners, winners, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(folded, results["unscaled"][0], strict=True))
+
+
 def test_optimizer_state_is_two_moments_per_parameter() -> None:
     model = _model()
     optimizer = molf_ds.MoLFAdamW(model, lr=1e-2)

@@ -188,13 +188,17 @@ def test_offload_copy_back_writes_what_moved_and_bitwise_what_the_full_copy_writ
     its model partition equals its fp32 master in the model's dtype; the bytes ``copy_`` wrote
     into the model's partition during the step (measured) are the bytes counted, and after the
     first step fewer than the whole partitions, since a module whose LoRA expert won keeps its
-    FFT weights. Under ZeRO-3 the persistent parameters re-gathered after the step are those
-    whose values changed (measured), fewer than all once a module's LoRA expert has lost."""
+    FFT weights. Some steps are clipped, so the clip factor the routed step applies in place of
+    DeepSpeed's pass over the gradients is checked too. Under ZeRO-3 the persistent parameters
+    re-gathered after the step are those whose values changed (measured), fewer than all once
+    a module's LoRA expert has lost."""
     selective = _load(runs[f"w{ranks}"], case)
     full = _load(runs[f"w{ranks}"], f"{case}_full")
     winners = torch.tensor(selective["winners"][0])
     assert (winners[1:] != winners[:-1]).any(), "the winners must change between steps"
     assert winners[:, :, 1].any(), "LoRA must win somewhere, or nothing is left uncopied"
+    # clipped steps: the step applies DeepSpeed's clip factor (not 1) as it reads the gradients
+    assert any(step["ranks"][0]["clipped"] for step in selective["after_steps"])
     assert len(selective["after_steps"]) == len(full["after_steps"]) == len(winners)
     for step, (mine, theirs) in enumerate(
         zip(selective["after_steps"], full["after_steps"], strict=True)

@@ -54,14 +54,16 @@ inline float updated(float p, float m, float v, const Update& u, float eps) {
   return p * u.decay - u.step_size * (m / denom);
 }
 
+// g_factor multiplies each gradient as it is read (a ZeRO wrapper's unscale-and-clip factor,
+// 1 otherwise): the same rounded product a separate pass over the gradients would store.
 double moments_chunk(float* __restrict p, const float* __restrict g, float* __restrict m,
                      float* __restrict v, int64_t n, int32_t kind, const Update& update,
-                     float beta1, float beta2, float w1, float w2, float eps) {
+                     float beta1, float beta2, float w1, float w2, float eps, float g_factor) {
   double acc = 0.0;
   if (kind == kNone) {  // unrouted: the whole AdamW step in one pass over the memory
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const float gi = g[i];
+      const float gi = g[i] * g_factor;
       const float mi = beta1 * m[i] + w1 * gi;
       const float vi = beta2 * v[i] + w2 * gi * gi;
       m[i] = mi;
@@ -71,7 +73,7 @@ double moments_chunk(float* __restrict p, const float* __restrict g, float* __re
   } else if (kind == kEpd) {
 #pragma omp simd reduction(+ : acc)
     for (int64_t i = 0; i < n; ++i) {
-      const float gi = g[i];
+      const float gi = g[i] * g_factor;
       const float mi = beta1 * m[i] + w1 * gi;
       const float vi = beta2 * v[i] + w2 * gi * gi;
       m[i] = mi;
@@ -81,7 +83,7 @@ double moments_chunk(float* __restrict p, const float* __restrict g, float* __re
   } else {
 #pragma omp simd reduction(+ : acc)
     for (int64_t i = 0; i < n; ++i) {
-      const float gi = g[i];
+      const float gi = g[i] * g_factor;
       const float mi = beta1 * m[i] + w1 * gi;
       const float vi = beta2 * v[i] + w2 * gi * gi;
       m[i] = mi;
@@ -98,14 +100,15 @@ double moments_chunk(float* __restrict p, const float* __restrict g, float* __re
 extern "C" {
 
 // Pass 1. score_kinds[s]: -1 = unrouted (moments and update, with decays/step_sizes/bc2s[s]),
-// 0 = EPD, 1 = PFN. partials[s] receives the segment's unweighted score sum.
+// 0 = EPD, 1 = PFN. partials[s] receives the segment's unweighted score sum. Every gradient is
+// read multiplied by grad_factor.
 void molf_moments_and_partials(int64_t n_segments, float* const* params, float* const* grads,
                                float* const* exp_avgs, float* const* exp_avg_sqs,
                                const int64_t* numels, const int32_t* score_kinds,
                                const float* decays, const float* step_sizes,
                                const float* bias_correction2_sqrts, float beta1, float beta2,
                                float one_minus_beta1, float one_minus_beta2, float eps,
-                               double* partials, int32_t n_threads) {
+                               float grad_factor, double* partials, int32_t n_threads) {
   const std::vector<Chunk> chunks = make_chunks(n_segments, numels);
   std::vector<double> chunk_sums(chunks.size(), 0.0);
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
@@ -117,7 +120,7 @@ void molf_moments_and_partials(int64_t n_segments, float* const* params, float* 
     chunk_sums[c] = moments_chunk(params[s] + ch.begin, grads[s] + ch.begin,
                                   exp_avgs[s] + ch.begin, exp_avg_sqs[s] + ch.begin,
                                   ch.end - ch.begin, score_kinds[s], update, beta1, beta2,
-                                  one_minus_beta1, one_minus_beta2, eps);
+                                  one_minus_beta1, one_minus_beta2, eps, grad_factor);
   }
   for (int64_t s = 0; s < n_segments; ++s) partials[s] = 0.0;
   for (int64_t c = 0; c < n_chunks; ++c) partials[chunks[c].segment] += chunk_sums[c];

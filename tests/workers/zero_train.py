@@ -291,6 +291,7 @@ def after_step(engine, optimizer, copied_bytes: int, before: dict[str, torch.Ten
         "partition_bytes": copy_back.partition_bytes,
         "copied_bytes": copied_bytes,
         "matches_master": ds_partitions.model_partition_matches_master(engine),
+        "clipped": float(engine.get_global_grad_norm()) > CLIP,
         "regathered_bytes": copy_back.regathered_bytes,
         "changed_persistent_bytes": sum(
             value.numel() * value.element_size()
