@@ -102,6 +102,8 @@ def load() -> ctypes.CDLL:
     lib.molf_moments_and_partials.restype = None
     lib.molf_apply_update.argtypes = [ctypes.c_int64, *[_PTR] * 8, ctypes.c_float, ctypes.c_int32]
     lib.molf_apply_update.restype = None
+    lib.molf_copy_spans.argtypes = [*[_PTR] * 4, ctypes.c_int64, ctypes.c_int32]
+    lib.molf_copy_spans.restype = None
     return lib
 
 
@@ -209,6 +211,32 @@ class Batch:
             eps,
             torch.get_num_threads(),
         )
+
+
+def copy_spans(dst: torch.Tensor, src: torch.Tensor, spans: Sequence[tuple[int, int]]) -> None:
+    """``dst[start:start + numel] = src[start:start + numel]`` for each ``(start, numel)`` of
+    ``spans``, in one call: both plain contiguous float32 CPU tensors of one size (checked, as
+    the kernel reads raw memory)."""
+    if not (
+        dst.is_cpu
+        and src.is_cpu
+        and dst.dtype == src.dtype == torch.float32
+        and dst.is_contiguous()
+        and src.is_contiguous()
+        and dst.numel() == src.numel()
+    ):
+        raise ValueError("copy_spans needs two contiguous float32 CPU tensors of one size")
+    if any(start < 0 or numel < 0 or start + numel > dst.numel() for start, numel in spans):
+        raise ValueError(f"a span lies outside the {dst.numel()} elements")
+    starts, numels = (array.array("q", column) for column in columns(spans, 2))
+    load().molf_copy_spans(
+        dst.data_ptr(),
+        src.data_ptr(),
+        _address(starts),
+        _address(numels),
+        len(spans),
+        torch.get_num_threads(),
+    )
 
 
 def columns(rows: Sequence[tuple], width: int) -> list[tuple]:

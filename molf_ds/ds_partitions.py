@@ -52,9 +52,10 @@ from typing import Any
 
 import torch
 
+from molf_ds import cpu_kernel
 from molf_ds.optimizer import MoLFAdamW, flat_segments
 from molf_ds.plan import ParamRole
-from molf_ds.routed_step import UNROUTED, Segment
+from molf_ds.routed_step import UNROUTED, Segment, kernel_can_read
 
 
 def turn_off_cpu_shm_comm() -> None:
@@ -768,6 +769,15 @@ def _unscale_factor(unscale: Callable[[torch.Tensor], None], grad: torch.Tensor)
     return probe.item()
 
 
+def _kernel_copies(flat: torch.Tensor, target: torch.Tensor) -> bool:
+    return (
+        flat.numel() == target.numel()
+        and kernel_can_read(flat)
+        and kernel_can_read(target)
+        and cpu_kernel.available()
+    )
+
+
 @torch.no_grad()
 def _copy_spans(
     spans: Sequence[tuple[int, int]],
@@ -778,8 +788,12 @@ def _copy_spans(
     """Copy ``flat``'s ``spans`` into ``target`` (the model's partition), as DeepSpeed copies
     the whole partition: through ``buffer`` (pinned host memory in ``target``'s dtype) when
     ``target`` is on an accelerator, so that the host-to-device copy is asynchronous; directly
-    when it is in host memory. Returns the bytes written into ``target``."""
+    when it is in host memory (float32 both: all spans in one call of the CPU kernel). Returns
+    the bytes written into ``target``."""
     staged = buffer is not None and target.device.type != "cpu"
+    if not staged and _kernel_copies(flat, target):
+        cpu_kernel.copy_spans(target, flat, spans)
+        return sum(numel for _, numel in spans) * target.element_size()
     for start, numel in spans:
         piece = slice(start, start + numel)
         if staged:

@@ -544,3 +544,22 @@ def test_the_kernel_batch_refuses_arguments_it_would_read_past() -> None:
     assert torch.equal(segment.param, torch.ones(8))
     batch.apply_update(torch.ones(1, dtype=torch.bool), eps=0.0)
     torch.testing.assert_close(segment.param, torch.full((8,), 0.9))
+
+
+def test_the_kernel_copies_exactly_the_spans_it_is_given() -> None:
+    """ZeRO-Offload's copy-back on CPU ranks: every span (across several of the kernel's
+    chunks, and an empty one) is copied and nothing between them; spans outside the tensors,
+    or tensors the kernel cannot read, are refused before any call."""
+    source = torch.arange(40_000, dtype=torch.float32)
+    target = torch.full((40_000,), -1.0)
+    spans = [(3, 5), (100, 0), (1_000, 35_000)]  # the last spans three chunks of 16384
+    cpu_kernel.copy_spans(target, source, spans)
+    expected = torch.full((40_000,), -1.0)
+    for start, numel in spans:
+        expected[start : start + numel] = source[start : start + numel]
+    assert torch.equal(target, expected)
+    with pytest.raises(ValueError, match="outside the 40000 elements"):
+        cpu_kernel.copy_spans(target, source, [(39_999, 2)])
+    for odd in (source.double(), torch.arange(80_000.0)[::2], source[:10]):
+        with pytest.raises(ValueError, match="contiguous float32 CPU tensors of one size"):
+            cpu_kernel.copy_spans(target, odd, spans)

@@ -6,12 +6,14 @@
 //                              unrouted segments also take their update (it waits for no routing)
 //   pass 2 (winning segments): p <- p * (1 - lr*wd) - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
 // Both passes take the same per-segment arrays (built once per step); pass 2 a mask of winners.
+// A third function copies spans of one buffer into another (ZeRO-Offload's copy-back).
 // The work is cut into fixed-size chunks and the per-chunk sums are added in chunk order, so the
 // result does not depend on the number of threads.
 //
 // Plain C ABI, loaded with ctypes by molf_ds/cpu_kernel.py: no torch headers, builds in ~1 s.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -145,6 +147,22 @@ void molf_apply_update(int64_t n_segments, float* const* params, float* const* e
     const int64_t n = ch.end - ch.begin;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) p[i] = updated(p[i], m[i], v[i], update, eps);
+  }
+}
+
+// Copy the spans (starts[k], numels[k]) of src into dst, in one parallel region: ZeRO-Offload's
+// copy of a step's changed slices into the model's partition. One call per span would pay a
+// thread fork and join each (tens of microseconds on a loaded machine), more than the copy of
+// a small span takes.
+void molf_copy_spans(float* dst, const float* src, const int64_t* starts, const int64_t* numels,
+                     int64_t n_spans, int32_t n_threads) {
+  const std::vector<Chunk> chunks = make_chunks(n_spans, numels);
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const Chunk& ch = chunks[c];
+    const int64_t at = starts[ch.segment] + ch.begin;
+    std::memcpy(dst + at, src + at, sizeof(float) * (ch.end - ch.begin));
   }
 }
 

@@ -72,17 +72,40 @@ class DispatchedOps(TorchDispatchMode):
 
 class CopiedBytes(TorchDispatchMode):
     """Bytes that ``copy_`` writes, while the mode is active, into the storage of any of
-    ``targets`` (e.g. the model's parameter partitions a ZeRO step copies its result into).
+    ``targets`` (e.g. the model's parameter partitions a ZeRO step copies its result into),
+    and those the CPU kernel's span copy (`molf_ds.cpu_kernel.copy_spans`, which copies outside
+    torch) is called to write there.
 
     A copy of a tensor onto the very same data (storage, offset, shape, strides, dtype) is not
     counted: torch's ``copy_`` returns from it without touching memory. ``copies`` counts the
-    copies that did write.
+    copies that did write (a span copy: one per span).
     """
 
     def __init__(self, targets: list[torch.Tensor]) -> None:
         super().__init__()
         self.storages = {t.untyped_storage().data_ptr() for t in targets}
         self.bytes = self.copies = 0
+        self._copy_spans = None
+
+    def __enter__(self):
+        from molf_ds import cpu_kernel
+
+        self._copy_spans = original = cpu_kernel.copy_spans
+
+        def counted(dst: torch.Tensor, src: torch.Tensor, spans) -> None:
+            original(dst, src, spans)
+            if dst.untyped_storage().data_ptr() in self.storages:
+                self.bytes += sum(numel for _, numel in spans) * dst.element_size()
+                self.copies += len(spans)
+
+        cpu_kernel.copy_spans = counted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        from molf_ds import cpu_kernel
+
+        cpu_kernel.copy_spans = self._copy_spans
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten.copy_.default:
