@@ -200,10 +200,11 @@ def measured_copy_bytes(engine: Any, tokens: Any) -> int:
 
 
 def byte_bound(plan: Any, base_numel: int, lora_numel: int, winner: str) -> dict:
-    """The step's bytes per the model's counts, MoLF over CPU Adam, with what both pay alike
-    (DeepSpeed's gradient norm, 4 bytes a parameter, and clip, 8) and without; the copy-back
-    writes 4 and reads 4 bytes per copied parameter (fp32 model on the CPU; on a GPU it is
-    host-to-device traffic)."""
+    """The step's bytes per the model's counts, MoLF over CPU Adam, with DeepSpeed's gradient
+    norm (4 bytes a parameter, both pay it) and its clip (8 bytes: a pass over the gradients;
+    MoLF's pass 1 applies the factor as it reads them, `MoLFAdamW.grad_factor`, so only FFT
+    pays it) and without (``optimizer_only``); the copy-back writes 4 and reads 4 bytes per
+    copied parameter (fp32 model on the CPU; on a GPU it is host-to-device traffic)."""
     total = base_numel + lora_numel
     routed_fft = sum(row[0] for row in plan.expert_numel)
     unrouted = base_numel - routed_fft  # embeddings, norms: updated every step
@@ -213,7 +214,7 @@ def byte_bound(plan: Any, base_numel: int, lora_numel: int, winner: str) -> dict
         "pass1": 20 * total + 8 * unrouted,  # unrouted take their update in pass 1
         "pass2": 16 * (changed - unrouted),
         "copy": 8 * changed,
-        "norm_clip": 12 * total,
+        "norm": 4 * total,
     }
     full_copy = {**molf_bytes, "copy": 8 * total}
     return {
