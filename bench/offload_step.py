@@ -12,9 +12,10 @@ Qwen2-like model (``--layers`` decoder layers, hidden ``--hidden``, MLP ``--mlp`
 ``zero3_offload_all``, which also offloads the parameters):
 
 - ``molf``: `molf_ds.initialize` with `MoLFAdamW` (LoRA rank ``rank`` on all seven projections),
-  the selective copy-back on (`molf_ds.ds_partitions.install_copy_back`);
-- ``molf_full_copy``: the same with ``MOLF_DS_COPY_BACK=full``, DeepSpeed's own full copy-back
-  (the step before the selective copy-back);
+  molf_ds's offloaded step on (`molf_ds.ds_partitions.install_copy_back`: the selective
+  copy-back, the clip factor in pass 1, ZeRO-3's persistent parameters kept gathered);
+- ``molf_full_copy``: the same with ``MOLF_DS_COPY_BACK=full``, DeepSpeed's own offloaded step
+  (full copy-back, clip pass, ZeRO-3's release and re-gather of persistent parameters);
 - ``fft``: the plain model, DeepSpeed's ``optimizer`` section (``AdamW``), so DeepSpeed builds
   ``DeepSpeedCPUAdam``: what a DeepSpeed user gets.
 

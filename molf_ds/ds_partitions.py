@@ -25,16 +25,20 @@ Everything else in molf_ds, and the test and benchmark workers, use DeepSpeed's 
   `finish_failed_save`.
 - Whether one of DeepSpeed's compiled ops builds here: the accelerator's op builders
   (``create_op_builder(name).load()``), see `op_build_problem`.
-- The selective copy-back under optimizer offload (`install_copy_back`, checked against
+- The offloaded step (`install_copy_back`: the selective copy-back, the clip factor applied in
+  pass 1, ZeRO-3's persistent parameters kept gathered; checked against
   ``deepspeed.__version__ == "0.19.8"`` and the sha256 of each relied-on method's source,
-  `RELIED_ON_SOURCES`, else DeepSpeed's full copy runs):
+  `RELIED_ON_SOURCES`, else DeepSpeed's own step runs):
   ZeRO-1/2: ``cpu_offload``, ``single_partition_of_fp32_groups``,
   ``param_buffer_of_bit16_for_cpu_offload_groups``, ``parallel_partitioned_bit16_groups``,
-  ``_hp_optimizer_states_linked``, ``zenflow``, ``torch_autocast_gradscaler``, and ``step``
-  (wrapped on the instance); ZeRO-3: ``offload_optimizer``, ``fp16_partitioned_groups_flat``,
-  ``fp32_partitioned_groups_flat``, ``swap_optimizer``, ``_unflatten_partitioned_parameters``
-  and ``_reassign_or_swap_out_partitioned_parameters`` (replaced on the instance); see
-  `model_partitions` too.
+  ``_hp_optimizer_states_linked``, ``zenflow``, ``torch_autocast_gradscaler``, and ``step`` and
+  ``unscale_and_clip_grads`` (wrapped on the instance); ZeRO-3: ``offload_optimizer``,
+  ``fp16_partitioned_groups_flat``, ``fp32_partitioned_groups_flat``, ``swap_optimizer``,
+  ``zero_hpz_partition_size``, ``parameter_offload.zero_quantized_weights``, each persistent
+  parameter's ``ds_status`` / ``ds_tensor`` / ``ds_process_group`` / ``ds_persist``,
+  ``_unflatten_partitioned_parameters``, and ``step``, ``_partition_all_parameters``,
+  ``unscale_and_clip_grads``, ``_reassign_or_swap_out_partitioned_parameters`` and
+  ``_post_step`` (replaced on the instance); see `model_partitions` too.
 """
 
 from __future__ import annotations
@@ -395,7 +399,9 @@ COPY_BACK_VERSION = "0.19.8"
 full copy."""
 
 COPY_BACK_ENV = "MOLF_DS_COPY_BACK"
-"""``MOLF_DS_COPY_BACK=full`` keeps DeepSpeed's full copy-back (the default is ``selective``)."""
+"""``MOLF_DS_COPY_BACK=full`` keeps DeepSpeed's own offloaded step: its full copy-back, its clip
+pass and, under ZeRO-3, its release and re-gather of persistent parameters (the default is
+``selective``)."""
 
 # sha256 of ``inspect.getsource`` of each DeepSpeed 0.19.8 method whose order of work the
 # selective copy-back relies on (see `CopyBack`). A DeepSpeed whose methods differ (another
