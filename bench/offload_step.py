@@ -174,7 +174,7 @@ class Profile:
         self.wrap(cpu_kernel.Batch, "moments_and_partials", "molf_pass1")
         self.wrap(cpu_kernel.Batch, "apply_update", "molf_pass2")
         self.wrap(routed_step, "_route", "molf_route")
-        self.wrap(ds_partitions, "_copy_spans", "copy_back")
+        self.wrap(ds_partitions, "_copy_spans", "molf_copy_spans")  # inside ZeRO-3's copy_back
 
     def medians_ms(self, skip: int) -> dict[str, float]:
         out = {}
