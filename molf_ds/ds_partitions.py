@@ -723,11 +723,25 @@ def _install_stage1_2(copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> N
             optimizer.grad_factor = 1.0
             restore()
 
+    own = [
+        (zero.get_param_id(p), p)
+        for group in zero.params_in_partition
+        for p in group
+        if p.requires_grad
+    ]
+    folded: list[float | None] = [None]  # the factor the last step applied in pass 1
+
     def unscale_and_clip_grads(grad_groups_flat: list, total_norm: Any) -> None:
         if not armed[0]:
             original_unscale(grad_groups_flat, total_norm)
             return
-        optimizer.grad_factor = _unscale_factor(
+        stale = _stale(zero, own)
+        if stale:
+            _rescale(grad_groups_flat[0], [hp_slice(p) for p in stale], folded[0])
+            folded[0] = None
+            original_unscale(grad_groups_flat, total_norm)
+            return
+        folded[0] = optimizer.grad_factor = _unscale_factor(
             lambda probe: original_unscale([probe], total_norm), grad_groups_flat[0]
         )
 
@@ -762,6 +776,30 @@ def _install_stage1_2(copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> N
         lambda: zero.__dict__.pop("step", None),
         lambda: zero.__dict__.pop("unscale_and_clip_grads", None),
     ]
+
+
+def _stale(zero: Any, own: Sequence[tuple[int, torch.nn.Parameter]]) -> list[torch.nn.Parameter]:
+    """The parameters with elements in this rank's partition (``own``: DeepSpeed's parameter id
+    and the parameter) that got no gradient since the last step: DeepSpeed records each one's
+    norm in ``norm_for_param_grads`` as its gradient lands, and empties it after the step."""
+    return [p for i, p in own if i not in zero.norm_for_param_grads]
+
+
+@torch.no_grad()
+def _rescale(
+    grad: torch.Tensor, slices: Sequence[tuple[int, int] | None], factor: float | None
+) -> None:
+    """Put DeepSpeed's values back in the ``slices`` of the offloaded gradient buffer ``grad``
+    that a skipped parameter left from the last step. Under offload DeepSpeed keeps such a
+    slot as it was and multiplies it by each step's factor in place, so it holds the last
+    gradient times the factors since; when the last step's factor (``factor``) was applied in
+    pass 1 instead, the slot still holds the gradient without it, and is multiplied here."""
+    if factor is None:
+        return
+    for piece in slices:
+        if piece is not None:
+            start, numel = piece
+            grad[start : start + numel].mul_(factor)
 
 
 def _unscale_factor(unscale: Callable[[torch.Tensor], None], grad: torch.Tensor) -> float:
@@ -856,6 +894,10 @@ def _install_stage3(copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> Non
         for p, role in zip(plan.params, plan.roles, strict=True)
         if id(p) in persistent_ids
     ]
+    dp_rank = _dp_rank(zero)
+    id_of = {p: zero.get_param_id(p) for group in zero.fp16_groups for p in group}
+    own = [(i, p) for p, i in id_of.items() if stage3_slice(zero, p, dp_rank) is not None]
+    folded: dict[int, float] = {}  # per sub-group: the factor the last step applied in pass 1
     in_step = [False]
     pending: list[tuple[torch.Tensor, list[tuple[int, int]]]] = []
     kept: list[torch.nn.Parameter] = []  # persistent parameters left gathered through the step
@@ -890,6 +932,12 @@ def _install_stage3(copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> Non
             return
         flats = zero.fp32_partitioned_groups_flat
         flat = flats[sub_group_id]
+        stale = [p for p in _stale(zero, own) if zero.grad_position[id_of[p]][0] == sub_group_id]
+        if stale:
+            slices = [stage3_slice(zero, p, dp_rank) for p in stale]
+            _rescale(flat.grad, slices, folded.pop(sub_group_id, None))
+            originals["unscale_and_clip_grads"](sub_group_id, total_norm)
+            return
 
         def unscale_probe(probe: torch.Tensor) -> None:
             flats[sub_group_id] = SimpleNamespace(grad=probe)  # what DeepSpeed multiplies
@@ -898,7 +946,7 @@ def _install_stage3(copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> Non
             finally:
                 flats[sub_group_id] = flat
 
-        optimizer.grad_factor = _unscale_factor(unscale_probe, flat.grad)
+        folded[sub_group_id] = optimizer.grad_factor = _unscale_factor(unscale_probe, flat.grad)
 
     def after_client_step(client: Any, args: Any, kwargs: Any) -> None:
         optimizer.grad_factor = 1.0

@@ -46,10 +46,20 @@ BASELINE_OPTIMIZERS = {
     "fft_z3_offload": "DeepSpeedCPUAdam",
     "lora_z2": "AdamW",
 }
-# Optimizer offload: the selective copy-back against the same cases with DeepSpeed's full copy
-# (`MOLF_DS_COPY_BACK=full`), and a DeepSpeed the start-up check does not know.
-OFFLOAD_CASES = ["z1_offload", "z2_offload", "z3_offload", "z3_offload_param"]
-COPY_BACK_CASES = [f"{case}_full" for case in OFFLOAD_CASES] + ["z2_offload_unknown_deepspeed"]
+# Optimizer offload: molf_ds's offloaded step against the same cases with DeepSpeed's own
+# (`MOLF_DS_COPY_BACK=full`), among them a module the forward pass skips after the first step,
+# and a DeepSpeed the start-up check does not know.
+OFFLOAD_CASES = [
+    "z1_offload",
+    "z2_offload",
+    "z3_offload",
+    "z3_offload_param",
+    "z2_offload_idle",
+    "z3_offload_idle",
+]
+IDLE_CASES = [case for case in OFFLOAD_CASES if case.endswith("_idle")]  # not among FP32_CASES
+COPY_BACK_CASES = [f"{case}_full" for case in OFFLOAD_CASES] + IDLE_CASES
+COPY_BACK_CASES.append("z2_offload_unknown_deepspeed")
 DATA_WORLD = 6  # global micro-batch of 12 sequences: divides evenly over 1, 2 and 3 ranks
 ATOL = 1e-5
 BF16_ATOL = 3e-2  # a few bf16 ulps of O(1) weights, or one flipped near-tie update (lr=2e-2)

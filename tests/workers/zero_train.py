@@ -83,9 +83,20 @@ CASES: dict[str, dict] = {
     },
     "lora_z2": {"zero": {"stage": 2}, "baseline": "lora"},
 }
-# The offload cases again with DeepSpeed's full copy-back (MOLF_DS_COPY_BACK=full): the
-# selective copy-back must leave the model's parameters bitwise where these leave them.
-OFFLOAD_CASES = ("z1_offload", "z2_offload", "z3_offload", "z3_offload_param")
+# A module the forward pass skips on some steps: under offload DeepSpeed leaves its slot of the
+# gradient buffer as the last step left it, and multiplies it by the clip factor again.
+for _name in ("z2_offload", "z3_offload"):
+    CASES[f"{_name}_idle"] = {**CASES[_name], "idle_module": True}
+# The offload cases again with DeepSpeed's own step (MOLF_DS_COPY_BACK=full): molf_ds's
+# offloaded step must leave the model's parameters bitwise where these leave them.
+OFFLOAD_CASES = (
+    "z1_offload",
+    "z2_offload",
+    "z3_offload",
+    "z3_offload_param",
+    "z2_offload_idle",
+    "z3_offload_idle",
+)
 for _name in OFFLOAD_CASES:
     CASES[f"{_name}_full"] = {**CASES[_name], "copy_back": "full"}
 # A DeepSpeed that is not the one the selective copy-back was checked against (here: one of
@@ -96,8 +107,11 @@ CASES["z2_offload_unknown_deepspeed"] = {**CASES["z2_offload"], "unknown_deepspe
 class TinyDecoder(nn.Module):
     """Odd sizes on purpose: flat partitions split parameters across ranks and get padded."""
 
-    def __init__(self) -> None:
+    def __init__(self, idle_module: bool = False) -> None:
         super().__init__()
+        # used only while `use_idle` is set (the worker sets it on the first step alone)
+        self.idle = nn.Linear(DIM, DIM, bias=False) if idle_module else None
+        self.use_idle = False
         self.embed = nn.Embedding(VOCAB, DIM)
         self.q_proj = nn.Linear(DIM, DIM, bias=True)
         self.up_proj = nn.Linear(DIM, MLP, bias=False)
@@ -107,6 +121,8 @@ class TinyDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.embed(tokens)
+        if self.idle is not None and self.use_idle:
+            h = h + torch.tanh(self.idle(h))
         h = h + torch.tanh(self.q_proj(h))
         h = h + self.down_proj(torch.tanh(self.up_proj(h)))
         return self.lm_head(self.norm(h))
@@ -114,7 +130,7 @@ class TinyDecoder(nn.Module):
 
 def build(case: dict) -> tuple[nn.Module, molf_ds.MoLFAdamW]:
     torch.manual_seed(1234)
-    model = TinyDecoder()
+    model = TinyDecoder(idle_module=case.get("idle_module", False))
     efficient = case.get("efficient", False)
     config = molf_ds.MoLFConfig(
         lora_ranks=(2, 6) if efficient else (3,), lora_alpha=4.0, train_base=not efficient
@@ -220,6 +236,7 @@ def run_deepspeed(name: str, steps: int, world_of_data: int) -> dict:
     # the offload cases: how each step's result reaches the model's parameters
     tracked = name in OFFLOAD_CASES or "copy_back" in case or case.get("unknown_deepspeed", False)
     for step in range(steps):
+        engine.module.use_idle = step == 0
         for micro in range(GRAD_ACCUM):
             inputs, targets = global_batch(step, micro, world_of_data)
             mine = slice(rank * micro_batch, (rank + 1) * micro_batch)
@@ -362,6 +379,7 @@ def run_reference(name: str, steps: int, world_of_data: int) -> dict:
     initial = {n: p.detach().float().clone() for n, p in model.named_parameters()}
     winners, clipped = [], 0
     for step in range(steps):
+        model.use_idle = step == 0
         for micro in range(GRAD_ACCUM):
             inputs, targets = global_batch(step, micro, world_of_data)
             (loss_fn(model, inputs, targets) / GRAD_ACCUM).backward()
