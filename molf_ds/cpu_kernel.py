@@ -213,18 +213,24 @@ class Batch:
         )
 
 
+def can_copy_spans(dst: torch.Tensor, src: torch.Tensor) -> bool:
+    """Whether `copy_spans` may read ``src`` and write ``dst`` as raw memory: plain (no
+    subclass), contiguous float32 CPU tensors of one size."""
+    return dst.numel() == src.numel() and all(
+        type(t) in (torch.Tensor, torch.nn.Parameter)
+        and t.is_cpu
+        and t.layout == torch.strided
+        and t.dtype == torch.float32
+        and t.is_contiguous()
+        for t in (dst, src)
+    )
+
+
 def copy_spans(dst: torch.Tensor, src: torch.Tensor, spans: Sequence[tuple[int, int]]) -> None:
     """``dst[start:start + numel] = src[start:start + numel]`` for each ``(start, numel)`` of
     ``spans``, in one call: both plain contiguous float32 CPU tensors of one size (checked, as
     the kernel reads raw memory)."""
-    if not (
-        dst.is_cpu
-        and src.is_cpu
-        and dst.dtype == src.dtype == torch.float32
-        and dst.is_contiguous()
-        and src.is_contiguous()
-        and dst.numel() == src.numel()
-    ):
+    if not can_copy_spans(dst, src):
         raise ValueError("copy_spans needs two contiguous float32 CPU tensors of one size")
     if any(start < 0 or numel < 0 or start + numel > dst.numel() for start, numel in spans):
         raise ValueError(f"a span lies outside the {dst.numel()} elements")

@@ -59,7 +59,7 @@ import torch
 from molf_ds import cpu_kernel
 from molf_ds.optimizer import MoLFAdamW, flat_segments
 from molf_ds.plan import ParamRole
-from molf_ds.routed_step import UNROUTED, Segment, kernel_can_read
+from molf_ds.routed_step import UNROUTED, Segment
 
 
 def turn_off_cpu_shm_comm() -> None:
@@ -611,11 +611,10 @@ def _persistent_problem(zero: Any) -> str | None:
         return "ZeRO++ hierarchical partitions"
     if getattr(offload, "zero_quantized_weights", False):
         return "ZeRO++ quantized weights"
-    groups = {id(p.ds_process_group) for p in zero.persistent_parameters}
-    if len(groups) > 1 or any(
-        hasattr(p.ds_tensor, "ds_quant_scale") for p in zero.persistent_parameters
-    ):
-        return "persistent parameters partitioned over several groups, or quantized"
+    if any(hasattr(p.ds_tensor, "ds_quant_scale") for p in zero.persistent_parameters):
+        return "ZeRO++ quantized partitions"
+    if len({id(p.ds_process_group) for p in zero.persistent_parameters}) > 1:
+        return "persistent parameters partitioned over more than one process group"
     return None
 
 
@@ -804,22 +803,14 @@ def _rescale(
 
 def _unscale_factor(unscale: Callable[[torch.Tensor], None], grad: torch.Tensor) -> float:
     """The factor DeepSpeed's ``unscale_and_clip_grads`` would multiply the gradients by (loss
-    scale and clipping), read by letting ``unscale`` multiply a one-element probe of ones in
-    the gradients' dtype instead: ``1 * f`` is ``f`` rounded as each gradient's product with it
-    is. The routed step then applies it as it reads the gradients (`MoLFAdamW.grad_factor`),
-    which saves DeepSpeed's separate pass over all of them (8 bytes per parameter)."""
-    probe = torch.ones(1, dtype=grad.dtype, device=grad.device)
+    scale and clipping), read by letting ``unscale`` multiply a one-element float32 probe of
+    ones instead: ``1 * f`` is ``f`` as a float32, the value torch multiplies each gradient by
+    (float32 masters; a bf16 gradient's product is taken in float32 too). The routed step then
+    applies it as it reads the gradients (`MoLFAdamW.grad_factor`), which saves DeepSpeed's
+    separate pass over all of them (8 bytes per parameter)."""
+    probe = torch.ones(1, dtype=torch.float32, device=grad.device)
     unscale(probe)
     return probe.item()
-
-
-def _kernel_copies(flat: torch.Tensor, target: torch.Tensor) -> bool:
-    return (
-        flat.numel() == target.numel()
-        and kernel_can_read(flat)
-        and kernel_can_read(target)
-        and cpu_kernel.available()
-    )
 
 
 @torch.no_grad()
@@ -835,7 +826,7 @@ def _copy_spans(
     when it is in host memory (float32 both: all spans in one call of the CPU kernel). Returns
     the bytes written into ``target``."""
     staged = buffer is not None and target.device.type != "cpu"
-    if not staged and _kernel_copies(flat, target):
+    if not staged and cpu_kernel.can_copy_spans(target, flat) and cpu_kernel.available():
         cpu_kernel.copy_spans(target, flat, spans)
         return sum(numel for _, numel in spans) * target.element_size()
     for start, numel in spans:
@@ -861,8 +852,11 @@ def _install_stage3(copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> Non
     parameters gathers those that are NOT_AVAILABLE (``Init._all_gather`` skips the others), one
     collective per parameter.
 
-    Three methods are replaced on this wrapper, and act only inside its ``step`` (armed by a
-    wrapper; checkpoint loads and saves call DeepSpeed's own):
+    Four methods are replaced on this wrapper, and act only inside its ``step`` (a wrapper arms
+    them; checkpoint loads and saves call DeepSpeed's own):
+
+    - ``unscale_and_clip_grads`` hands its factor to the routed step (`_unscale_factor`), unless
+      a parameter got no gradient since the last step (`_stale`, `_rescale`);
 
     - the copy-back copies only the changed slices (noted by the client step's post-hook, used
       once) and then unflattens the same way; without a note (a step that did not route) it
@@ -907,6 +901,8 @@ def _install_stage3(copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> Non
         in_step[0] = True
         kept.clear()
         changed.clear()
+        pending.clear()
+        copy_back.regathered_bytes = 0
         try:
             return originals["step"](*args, **kwargs)
         finally:
@@ -995,15 +991,16 @@ def _regather(params: Sequence[torch.nn.Parameter]) -> int:
     them over, one for all: see `_persistent_problem`): one all-gather of all of them, where
     DeepSpeed releases and gathers each (the same values: the ranks' partitions in rank order,
     without the padding). On one rank a parameter whose data is its partition's storage is
-    left alone (``copy_`` of a tensor onto itself does nothing). Returns the bytes refreshed."""
+    left alone. Returns the bytes copied into the parameters (over several ranks: gathered)."""
     if not params:
         return 0
     group = params[0].ds_process_group
     world = torch.distributed.get_world_size(group=group)
     device = params[0].device
-    if world == 1:
+    if world == 1:  # the partition is the whole parameter
+        params = [p for p in params if p.data.data_ptr() != p.ds_tensor.data_ptr()]
         for p in params:
-            p.data.view(-1).copy_(p.ds_tensor.view(-1)[: p.ds_numel], non_blocking=True)
+            p.data.view(-1).copy_(p.ds_tensor.view(-1)[: p.ds_numel])
         return sum(p.ds_numel * p.element_size() for p in params)
     local = torch.cat([p.ds_tensor.view(-1) for p in params]).to(device)
     gathered = torch.empty(world * local.numel(), dtype=local.dtype, device=device)
@@ -1018,7 +1015,7 @@ def _regather(params: Sequence[torch.nn.Parameter]) -> int:
         else:  # the last partition is padded
             p.data.view(-1).copy_(columns.reshape(-1)[: p.ds_numel])
         offset += size
-    return sum(p.ds_numel * p.element_size() for p in params)
+    return gathered.numel() * gathered.element_size()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -179,18 +179,12 @@ def routed_adamw(
     if score not in SCORES:
         raise ValueError(f"`score` must be one of {SCORES}, got {score!r}")
     implementation = choose_implementation(segments, fused=fused, foreach=foreach)
-    options = {}
     if implementation == "fused":
         func = _fused_routed_adamw
-        options["grad_factor"] = grad_factor
+    elif implementation == "foreach":
+        func = _multi_tensor_routed_adamw
     else:
-        func = (
-            _multi_tensor_routed_adamw
-            if implementation == "foreach"
-            else _single_tensor_routed_adamw
-        )
-        if grad_factor != 1.0 and segments:
-            torch._foreach_mul_([s.grad for s in segments], grad_factor)
+        func = _single_tensor_routed_adamw
     scores, winners = func(
         segments,
         table,
@@ -200,7 +194,7 @@ def routed_adamw(
         score=score,
         top_k=top_k,
         reduce_scores=reduce_scores,
-        **options,
+        grad_factor=grad_factor,
     )
     return RoutingRecord(scores=scores, winners=winners, implementation=implementation)
 
@@ -434,8 +428,10 @@ def _single_tensor_routed_adamw(
     score: str,
     top_k: int,
     reduce_scores: ReduceScores | None,
+    grad_factor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tensor ops per segment: the readable reference the other two are tested against."""
+    _multiply_gradients(segments, grad_factor)
     cells = _Cells.of(segments, table, score)
     sums = [_single_tensor_moments(s, beta1, beta2, eps, score) for s in segments]
     # rebound: the list of scalars is freed before pass 2 allocates its temporaries
@@ -446,6 +442,13 @@ def _single_tensor_routed_adamw(
     for s in itertools.compress(segments, chosen.tolist()):
         _single_tensor_update(s, beta1, beta2, eps)
     return scores, winners
+
+
+def _multiply_gradients(segments: Sequence[Segment], grad_factor: float) -> None:
+    """The gradients times ``grad_factor``, in place (the pass a ZeRO wrapper would have made;
+    the kernel applies the factor as it reads them instead)."""
+    if grad_factor != 1.0 and segments:
+        torch._foreach_mul_([s.grad for s in segments], grad_factor)
 
 
 def _single_tensor_moments(
@@ -478,9 +481,11 @@ def _multi_tensor_routed_adamw(
     score: str,
     top_k: int,
     reduce_scores: ReduceScores | None,
+    grad_factor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch._foreach_*`` ops over chunks of segments: the reference's arithmetic, one op
     per list, a bounded number of ops per step."""
+    _multiply_gradients(segments, grad_factor)
     cells = _Cells.of(segments, table, score)
     sums = _foreach_moments(segments, beta1=beta1, beta2=beta2, eps=eps, score=score)
     scores, winners, chosen = _route(

@@ -199,9 +199,10 @@ def test_offload_copy_back_writes_what_moved_and_bitwise_what_the_full_copy_writ
     into the model's partition during the step (measured) are the bytes counted, and after the
     first step fewer than the whole partitions, since a module whose LoRA expert won keeps its
     FFT weights. Some steps are clipped, so the clip factor the routed step applies in place of
-    DeepSpeed's pass over the gradients is checked too. Under ZeRO-3 the persistent parameters
-    re-gathered after the step are those whose values changed (measured), fewer than all once
-    a module's LoRA expert has lost."""
+    DeepSpeed's pass over the gradients is checked too, also with a module the forward pass
+    skips after the first step (whose gradient slot DeepSpeed keeps and multiplies again).
+    Under ZeRO-3 the persistent parameters re-gathered after the step are those whose values
+    changed (measured), fewer than all once a module's LoRA expert has lost."""
     selective = _load(runs[f"w{ranks}"], case)
     full = _load(runs[f"w{ranks}"], f"{case}_full")
     winners = torch.tensor(selective["winners"][0])
