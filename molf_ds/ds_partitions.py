@@ -552,10 +552,8 @@ def install_copy_back(engine: Any, optimizer: MoLFAdamW) -> CopyBack:
     if problem:  # DeepSpeed copies the whole partition every step
         copy_back.last_bytes = partition_bytes
     if not problem:
-        if stage == 3:
-            _install_stage3(copy_back, zero, optimizer)
-        else:
-            _install_stage1_2(copy_back, zero, optimizer)
+        step = _Stage3Step if stage == 3 else _Stage1And2Step
+        step(copy_back, zero, optimizer).install()
     _COPY_BACKS[optimizer] = copy_back
     return copy_back
 
@@ -682,11 +680,75 @@ def model_partition_matches_master(engine: Any) -> bool:
     )
 
 
-def _install_stage1_2(copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> None:
+class _OffloadedStep:
+    """What the offloaded step of both ZeRO layouts shares. The methods named in ``REPLACED``
+    (and ``step``) are replaced on DeepSpeed's wrapper by this object's methods of the same
+    names (`install`); they act only inside the wrapper's ``step``, which this ``step`` arms:
+    checkpoint loads and saves call DeepSpeed's own. DeepSpeed's clip factor is handed to the
+    routed step (`fold_clip_factor`), and `after_client_step` runs as the client step's
+    post-hook."""
+
+    REPLACED: tuple[str, ...] = ()
+
+    def __init__(self, copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> None:
+        self.copy_back, self.zero, self.optimizer = copy_back, zero, optimizer
+        self.deepspeed = {name: getattr(zero, name) for name in ("step", *self.REPLACED)}
+        self.in_step = False
+        self.dp_rank = _dp_rank(zero)
+        self.folded: dict[int, float] = {}  # per group: the factor the last step applied
+
+    def install(self) -> None:
+        for name in self.deepspeed:
+            setattr(self.zero, name, getattr(self, name))
+        handle = self.optimizer.register_step_post_hook(self.after_client_step)
+        self.copy_back._undo.append(handle.remove)
+        self.copy_back._undo += [
+            lambda name=name: self.zero.__dict__.pop(name, None) for name in self.deepspeed
+        ]
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        self.in_step = True
+        self.before_step()
+        try:
+            return self.deepspeed["step"](*args, **kwargs)
+        finally:
+            self.in_step = False
+            self.optimizer.grad_factor = 1.0
+            self.after_step()
+
+    def before_step(self) -> None:
+        pass
+
+    def after_step(self) -> None:
+        pass
+
+    def after_client_step(self, client: Any, args: Any, kwargs: Any) -> None:
+        self.optimizer.grad_factor = 1.0
+
+    def fold_clip_factor(
+        self,
+        group: int,
+        grad: torch.Tensor,
+        stale: Sequence[tuple[int, int] | None],
+        deepspeed_pass: Callable[[], None],
+        unscale_probe: Callable[[torch.Tensor], None],
+    ) -> None:
+        """Hand DeepSpeed's factor for ``group`` (gradient buffer ``grad``) to the routed step
+        (`_unscale_factor`), or, when some parameter got no gradient this step (``stale``: its
+        slices of ``grad``, `_stale`), put those slots back as DeepSpeed keeps them
+        (`_rescale`) and let DeepSpeed's own pass run."""
+        if stale:
+            _rescale(grad, stale, self.folded.pop(group, None))
+            deepspeed_pass()
+            return
+        self.folded[group] = self.optimizer.grad_factor = _unscale_factor(unscale_probe, grad)
+
+
+class _Stage1And2Step(_OffloadedStep):
     """ZeRO-1/2 with ``cpu_offload``. DeepSpeed 0.19.8's ``DeepSpeedZeroOptimizer.step`` runs,
-    for each param group ``i``, the client step (``_optimizer_step(i)``), then reads
-    ``fp32 = single_partition_of_fp32_groups[i]``, ``buffer =
-    param_buffer_of_bit16_for_cpu_offload_groups[i]`` and ``bit16_partitions =
+    for each param group ``i``, ``unscale_and_clip_grads`` on its gradient partition, the client
+    step (``_optimizer_step(i)``), then reads ``fp32 = single_partition_of_fp32_groups[i]``,
+    ``buffer = param_buffer_of_bit16_for_cpu_offload_groups[i]`` and ``bit16_partitions =
     parallel_partitioned_bit16_groups[i]`` and copies ``buffer.data.copy_(fp32.data)``, then
     ``bit16_partitions[rank].data.copy_(buffer.data, non_blocking=True)`` (the host-to-device
     copy into the model's weights); the all-gather that follows reads only
@@ -697,84 +759,63 @@ def _install_stage1_2(copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> N
     DeepSpeed's copies then copy a tensor onto itself, which torch's ``copy_`` returns from
     without touching memory (the same storage, offset, shape, strides and dtype; DeepSpeed's
     ZeRO-3 relies on the same when its fp16 and fp32 partitions are one tensor). The entries are
-    put back as soon as ``zero.step`` returns (or raises). The post-hook acts only inside
-    ``zero.step`` (armed by its wrapper), and not on the first step, where
+    put back as soon as ``zero.step`` returns (or raises). Not on the first step, where
     ``_lazy_init_hp_params_optimizer_state`` reads the fp32 entry after the client step.
     """
-    original_step = zero.step
-    armed, saved = [False], []
-    dp_rank = _dp_rank(zero)
 
-    def restore() -> None:
-        if saved:
-            flat, buffer = saved.pop()
-            zero.single_partition_of_fp32_groups[0] = flat
-            zero.param_buffer_of_bit16_for_cpu_offload_groups[0] = buffer
+    REPLACED = ("unscale_and_clip_grads",)
 
-    original_unscale = zero.unscale_and_clip_grads
+    def __init__(self, copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> None:
+        super().__init__(copy_back, zero, optimizer)
+        self.own = [
+            (zero.get_param_id(p), p)
+            for group in zero.params_in_partition
+            for p in group
+            if p.requires_grad
+        ]
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def step(*args: Any, **kwargs: Any) -> Any:
-        armed[0] = True
-        try:
-            return original_step(*args, **kwargs)
-        finally:
-            armed[0] = False
-            optimizer.grad_factor = 1.0
-            restore()
+    def after_step(self) -> None:
+        if self.saved:
+            flat, buffer = self.saved.pop()
+            self.zero.single_partition_of_fp32_groups[0] = flat
+            self.zero.param_buffer_of_bit16_for_cpu_offload_groups[0] = buffer
 
-    own = [
-        (zero.get_param_id(p), p)
-        for group in zero.params_in_partition
-        for p in group
-        if p.requires_grad
-    ]
-    folded: list[float | None] = [None]  # the factor the last step applied in pass 1
-
-    def unscale_and_clip_grads(grad_groups_flat: list, total_norm: Any) -> None:
-        if not armed[0]:
-            original_unscale(grad_groups_flat, total_norm)
+    def unscale_and_clip_grads(self, grad_groups_flat: list, total_norm: Any) -> None:
+        deepspeed = self.deepspeed["unscale_and_clip_grads"]
+        if not self.in_step:
+            deepspeed(grad_groups_flat, total_norm)
             return
-        stale = _stale(zero, own)
-        if stale:
-            _rescale(grad_groups_flat[0], [hp_slice(p) for p in stale], folded[0])
-            folded[0] = None
-            original_unscale(grad_groups_flat, total_norm)
-            return
-        folded[0] = optimizer.grad_factor = _unscale_factor(
-            lambda probe: original_unscale([probe], total_norm), grad_groups_flat[0]
+        self.fold_clip_factor(
+            0,
+            grad_groups_flat[0],
+            [hp_slice(p) for p in _stale(self.zero, self.own)],
+            lambda: deepspeed(grad_groups_flat, total_norm),
+            lambda probe: deepspeed([probe], total_norm),
         )
 
-    def after_client_step(client: Any, args: Any, kwargs: Any) -> None:
-        optimizer.grad_factor = 1.0
-        if not armed[0]:
-            return
-        source = optimizer.segment_source
-        last = getattr(source, "last_pieces", None)
+    def after_client_step(self, client: Any, args: Any, kwargs: Any) -> None:
+        super().after_client_step(client, args, kwargs)
+        if self.in_step:
+            self.copy_back.count(self._copy_changed())
+
+    def _copy_changed(self) -> int:
+        """The selective copy (see the class docstring); returns the bytes written."""
+        zero, optimizer = self.zero, self.optimizer
+        last = getattr(optimizer.segment_source, "last_pieces", None)
         flat = zero.single_partition_of_fp32_groups[0]
         record = optimizer.last_routing
         if last is None or last[0] is not flat or record is None:
-            copy_back.count(copy_back.partition_bytes)  # DeepSpeed's full copy runs
-            return
+            return self.copy_back.partition_bytes  # DeepSpeed's full copy runs
         if not zero._hp_optimizer_states_linked:  # the first step: see the docstring
-            copy_back.count(copy_back.partition_bytes)
-            return
+            return self.copy_back.partition_bytes
         buffer = zero.param_buffer_of_bit16_for_cpu_offload_groups[0]
-        target = zero.parallel_partitioned_bit16_groups[0][dp_rank]
-        spans = changed_spans(last[1], record.winners.tolist())
-        written = _copy_spans(spans, flat, buffer, target)
-        saved.append((flat, buffer))
+        target = zero.parallel_partitioned_bit16_groups[0][self.dp_rank]
+        written = _copy_spans(changed_spans(last[1], record.winners.tolist()), flat, buffer, target)
+        self.saved.append((flat, buffer))
         zero.single_partition_of_fp32_groups[0] = target
         zero.param_buffer_of_bit16_for_cpu_offload_groups[0] = target
-        copy_back.count(written)
-
-    zero.step = step
-    zero.unscale_and_clip_grads = unscale_and_clip_grads
-    handle = optimizer.register_step_post_hook(after_client_step)
-    copy_back._undo += [
-        handle.remove,
-        lambda: zero.__dict__.pop("step", None),
-        lambda: zero.__dict__.pop("unscale_and_clip_grads", None),
-    ]
+        return written
 
 
 def _stale(zero: Any, own: Sequence[tuple[int, torch.nn.Parameter]]) -> list[torch.nn.Parameter]:
@@ -839,149 +880,135 @@ def _copy_spans(
     return sum(numel for _, numel in spans) * target.element_size()
 
 
-def _install_stage3(copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> None:
+class _Stage3Step(_OffloadedStep):
     """ZeRO-3 with ``offload_optimizer`` (and ``offload_param``). DeepSpeed 0.19.8's
     ``DeepSpeedZeroOptimizer_Stage3.step`` runs ``_partition_all_parameters`` (every parameter
     released to its partition, the persistent ones included: ``partition_all_parameters`` and the
     coordinator's ``release_and_reset_all`` release each AVAILABLE one and check that none is
-    left), then per sub-group the client step (``_optimizer_step``) and
-    ``_reassign_or_swap_out_partitioned_parameters(i)``: the whole
+    left), then per sub-group ``unscale_and_clip_grads``, the client step (``_optimizer_step``)
+    and ``_reassign_or_swap_out_partitioned_parameters(i)``: the whole
     ``fp16_partitioned_groups_flat[i].data.copy_(fp32_partitioned_groups_flat[i].data)``, then
     ``_unflatten_partitioned_parameters(i)`` (each partitioned parameter's data pointed back at
     its view of that buffer); then ``_post_step``, whose ``all_gather`` of the persistent
     parameters gathers those that are NOT_AVAILABLE (``Init._all_gather`` skips the others), one
-    collective per parameter.
+    collective per parameter. Replaced, inside ``step``:
 
-    Four methods are replaced on this wrapper, and act only inside its ``step`` (a wrapper arms
-    them; checkpoint loads and saves call DeepSpeed's own):
-
-    - ``unscale_and_clip_grads`` hands its factor to the routed step (`_unscale_factor`), unless
-      a parameter got no gradient since the last step (`_stale`, `_rescale`);
-
+    - the release keeps the persistent parameters (the LoRA factors, biases and norms) gathered:
+      it hides them from DeepSpeed's release by their status, and puts it back;
+    - ``unscale_and_clip_grads`` hands its factor to the routed step (`fold_clip_factor`);
     - the copy-back copies only the changed slices (noted by the client step's post-hook, used
       once) and then unflattens the same way; without a note (a step that did not route) it
       calls DeepSpeed's own;
-    - the release keeps the persistent parameters (the LoRA factors, biases and norms) gathered:
-      it hides them from DeepSpeed's release by their status, and puts it back;
     - before ``_post_step``, the persistent parameters the step changed (`moved`; every one
       after a client step without a routing record) are refreshed from their new partitions
       with one all-gather (`_regather`), the values DeepSpeed's gather writes; those that lost
-      keep their values, which their partitions still hold.
+      keep their values, which their partitions still hold. The ranks agree on which are kept:
+      a parameter becomes gathered only by an all-gather every rank takes part in.
     """
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    originals = {
-        name: getattr(zero, name)
-        for name in (
-            "step",
-            "_partition_all_parameters",
-            "unscale_and_clip_grads",
-            "_reassign_or_swap_out_partitioned_parameters",
-            "_post_step",
-        )
-    }
-    persistent = list(zero.persistent_parameters)
-    plan = optimizer.plan
-    persistent_ids = {id(p) for p in persistent}
-    routed_persistent = [
-        (p, role)
-        for p, role in zip(plan.params, plan.roles, strict=True)
-        if id(p) in persistent_ids
-    ]
-    dp_rank = _dp_rank(zero)
-    id_of = {p: zero.get_param_id(p) for group in zero.fp16_groups for p in group}
-    own = [(i, p) for p, i in id_of.items() if stage3_slice(zero, p, dp_rank) is not None]
-    folded: dict[int, float] = {}  # per sub-group: the factor the last step applied in pass 1
-    in_step = [False]
-    pending: list[tuple[torch.Tensor, list[tuple[int, int]]]] = []
-    kept: list[torch.nn.Parameter] = []  # persistent parameters left gathered through the step
-    changed: set[int] = set()  # ids of the persistent parameters the step changed
+    REPLACED = (
+        "_partition_all_parameters",
+        "unscale_and_clip_grads",
+        "_reassign_or_swap_out_partitioned_parameters",
+        "_post_step",
+    )
 
-    def step(*args: Any, **kwargs: Any) -> Any:
-        in_step[0] = True
-        kept.clear()
-        changed.clear()
-        pending.clear()
-        copy_back.regathered_bytes = 0
-        try:
-            return originals["step"](*args, **kwargs)
-        finally:
-            in_step[0] = False
-            optimizer.grad_factor = 1.0
+    def __init__(self, copy_back: CopyBack, zero: Any, optimizer: MoLFAdamW) -> None:
+        super().__init__(copy_back, zero, optimizer)
+        self.persistent = list(zero.persistent_parameters)
+        self.persistent_ids = {id(p) for p in self.persistent}
+        plan = optimizer.plan
+        self.routed_persistent = [
+            (p, role)
+            for p, role in zip(plan.params, plan.roles, strict=True)
+            if id(p) in self.persistent_ids
+        ]
+        self.id_of = {p: zero.get_param_id(p) for group in zero.fp16_groups for p in group}
+        self.own = [
+            (i, p) for p, i in self.id_of.items() if stage3_slice(zero, p, self.dp_rank) is not None
+        ]
+        self.pending: list[tuple[torch.Tensor, list[tuple[int, int]]]] = []
+        self.kept: list[torch.nn.Parameter] = []  # persistent, left gathered through the step
+        self.changed: set[int] = set()  # ids of the persistent parameters the step changed
 
-    def release_all() -> None:
-        if not in_step[0]:
-            originals["_partition_all_parameters"]()
+    def before_step(self) -> None:
+        self.kept.clear()
+        self.changed.clear()
+        self.pending.clear()
+        self.copy_back.regathered_bytes = 0
+
+    def _partition_all_parameters(self) -> None:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        if not self.in_step:
+            self.deepspeed["_partition_all_parameters"]()
             return
-        kept[:] = [p for p in persistent if p.ds_status == ZeroParamStatus.AVAILABLE]
-        for p in kept:
+        self.kept[:] = [p for p in self.persistent if p.ds_status == ZeroParamStatus.AVAILABLE]
+        for p in self.kept:
             p.ds_status = ZeroParamStatus.NOT_AVAILABLE  # DeepSpeed's release skips it
         try:
-            originals["_partition_all_parameters"]()
+            self.deepspeed["_partition_all_parameters"]()
         finally:
-            for p in kept:
+            for p in self.kept:
                 p.ds_status = ZeroParamStatus.AVAILABLE
 
-    def unscale_and_clip_grads(sub_group_id: int, total_norm: Any) -> None:
-        if not in_step[0]:
-            originals["unscale_and_clip_grads"](sub_group_id, total_norm)
+    def unscale_and_clip_grads(self, sub_group_id: int, total_norm: Any) -> None:
+        deepspeed = self.deepspeed["unscale_and_clip_grads"]
+        if not self.in_step:
+            deepspeed(sub_group_id, total_norm)
             return
-        flats = zero.fp32_partitioned_groups_flat
+        flats = self.zero.fp32_partitioned_groups_flat
         flat = flats[sub_group_id]
-        stale = [p for p in _stale(zero, own) if zero.grad_position[id_of[p]][0] == sub_group_id]
-        if stale:
-            slices = [stage3_slice(zero, p, dp_rank) for p in stale]
-            _rescale(flat.grad, slices, folded.pop(sub_group_id, None))
-            originals["unscale_and_clip_grads"](sub_group_id, total_norm)
-            return
 
         def unscale_probe(probe: torch.Tensor) -> None:
             flats[sub_group_id] = SimpleNamespace(grad=probe)  # what DeepSpeed multiplies
             try:
-                originals["unscale_and_clip_grads"](sub_group_id, total_norm)
+                deepspeed(sub_group_id, total_norm)
             finally:
                 flats[sub_group_id] = flat
 
-        folded[sub_group_id] = optimizer.grad_factor = _unscale_factor(unscale_probe, flat.grad)
+        stale = [
+            stage3_slice(self.zero, p, self.dp_rank)
+            for p in _stale(self.zero, self.own)
+            if self.zero.grad_position[self.id_of[p]][0] == sub_group_id
+        ]
+        self.fold_clip_factor(
+            sub_group_id,
+            flat.grad,
+            stale,
+            lambda: deepspeed(sub_group_id, total_norm),
+            unscale_probe,
+        )
 
-    def after_client_step(client: Any, args: Any, kwargs: Any) -> None:
-        optimizer.grad_factor = 1.0
-        pending.clear()
-        last = getattr(optimizer.segment_source, "last_pieces", None)
-        record = optimizer.last_routing
-        if last is not None and record is not None:
-            winners = record.winners.tolist()
-            pending.append((last[0], changed_spans(last[1], winners)))
-            changed.update(id(p) for p, role in routed_persistent if moved(role, winners))
-        else:
-            changed.update(persistent_ids)
+    def after_client_step(self, client: Any, args: Any, kwargs: Any) -> None:
+        super().after_client_step(client, args, kwargs)
+        self.pending.clear()
+        last = getattr(self.optimizer.segment_source, "last_pieces", None)
+        record = self.optimizer.last_routing
+        if last is None or record is None:
+            self.changed.update(self.persistent_ids)
+            return
+        winners = record.winners.tolist()
+        self.pending.append((last[0], changed_spans(last[1], winners)))
+        self.changed.update(id(p) for p, role in self.routed_persistent if moved(role, winners))
 
-    def reassign(sub_group_id: int) -> None:
-        note = pending.pop() if pending else None
-        hp = zero.fp32_partitioned_groups_flat[sub_group_id]
-        lp = zero.fp16_partitioned_groups_flat[sub_group_id]
+    def _reassign_or_swap_out_partitioned_parameters(self, sub_group_id: int) -> None:
+        note = self.pending.pop() if self.pending else None
+        hp = self.zero.fp32_partitioned_groups_flat[sub_group_id]
+        lp = self.zero.fp16_partitioned_groups_flat[sub_group_id]
         if note is None or note[0] is not hp or lp is None:
             if lp is not None:
-                copy_back.count(lp.numel() * lp.element_size())
-            originals["_reassign_or_swap_out_partitioned_parameters"](sub_group_id)
+                self.copy_back.count(lp.numel() * lp.element_size())
+            self.deepspeed["_reassign_or_swap_out_partitioned_parameters"](sub_group_id)
             return
-        copy_back.count(_copy_spans(note[1], hp, None, lp))
-        zero._unflatten_partitioned_parameters(sub_group_id)
+        self.copy_back.count(_copy_spans(note[1], hp, None, lp))
+        self.zero._unflatten_partitioned_parameters(sub_group_id)
 
-    def post_step(timer_names: Any) -> None:
-        if in_step[0]:
-            stale = [p for p in kept if id(p) in changed]
-            copy_back.regathered_bytes = _regather(stale)
-        originals["_post_step"](timer_names)
-
-    zero.step = step
-    zero._partition_all_parameters = release_all
-    zero.unscale_and_clip_grads = unscale_and_clip_grads
-    zero._reassign_or_swap_out_partitioned_parameters = reassign
-    zero._post_step = post_step
-    handle = optimizer.register_step_post_hook(after_client_step)
-    copy_back._undo.append(handle.remove)
-    copy_back._undo += [lambda name=name: zero.__dict__.pop(name, None) for name in originals]
+    def _post_step(self, timer_names: Any) -> None:
+        if self.in_step:
+            refreshed = [p for p in self.kept if id(p) in self.changed]
+            self.copy_back.regathered_bytes = _regather(refreshed)
+        self.deepspeed["_post_step"](timer_names)
 
 
 @torch.no_grad()
