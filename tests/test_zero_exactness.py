@@ -17,6 +17,7 @@ from molf_ds.memory import optimizer_state_bytes_per_rank
 from molf_ds.plan import ParamRole
 from molf_ds.routed_step import UNROUTED
 from tests import launch
+from tests.workers.zero_train import OFFLOAD_CASES
 
 pytestmark = pytest.mark.slow  # real multi-rank DeepSpeed jobs
 
@@ -49,14 +50,6 @@ BASELINE_OPTIMIZERS = {
 # Optimizer offload: molf_ds's offloaded step against the same cases with DeepSpeed's own
 # (`MOLF_DS_COPY_BACK=full`), among them a module the forward pass skips after the first step,
 # and a DeepSpeed the start-up check does not know.
-OFFLOAD_CASES = [
-    "z1_offload",
-    "z2_offload",
-    "z3_offload",
-    "z3_offload_param",
-    "z2_offload_idle",
-    "z3_offload_idle",
-]
 IDLE_CASES = [case for case in OFFLOAD_CASES if case.endswith("_idle")]  # not among FP32_CASES
 COPY_BACK_CASES = [f"{case}_full" for case in OFFLOAD_CASES] + IDLE_CASES
 COPY_BACK_CASES.append("z2_offload_unknown_deepspeed")
