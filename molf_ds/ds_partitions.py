@@ -527,9 +527,12 @@ def changed_spans(
 
 
 def install_copy_back(engine: Any, optimizer: MoLFAdamW) -> CopyBack:
-    """Under optimizer offload, make ``engine``'s copy of each step's result into the model's
-    parameters copy only what the routed step changed; anywhere else, or when DeepSpeed is not
-    the code this was checked against, leave DeepSpeed's full copy (`CopyBack.reason` says why).
+    """Under optimizer offload, make ``engine``'s step do only what the routed step needs: copy
+    back into the model's parameters only what it changed, apply DeepSpeed's clip factor in
+    pass 1 instead of DeepSpeed's pass over the gradients, and (ZeRO-3) keep the persistent
+    parameters gathered, refreshing only those that changed (`_Stage1And2Step`,
+    `_Stage3Step`). Anywhere else, or when DeepSpeed is not the code this was checked against,
+    leave DeepSpeed's own step (`CopyBack.reason` says why).
 
     Called by `molf_ds.zero.connect` after the segment source is set; a previous installation
     for ``optimizer`` is undone first (an engine rebuilt by a later ``Trainer.train()``).
