@@ -213,17 +213,32 @@ class Batch:
         )
 
 
-def can_copy_spans(dst: torch.Tensor, src: torch.Tensor) -> bool:
-    """Whether `copy_spans` may read ``src`` and write ``dst`` as raw memory: plain (no
-    subclass), contiguous float32 CPU tensors of one size."""
-    return dst.numel() == src.numel() and all(
-        type(t) in (torch.Tensor, torch.nn.Parameter)
-        and t.is_cpu
-        and t.layout == torch.strided
-        and t.dtype == torch.float32
-        and t.is_contiguous()
-        for t in (dst, src)
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def kernel_can_read(tensor: torch.Tensor) -> bool:
+    """Whether the CPU kernel may read ``tensor`` as raw memory: a plain, dense, contiguous
+    float32 CPU tensor.
+
+    Every tensor of a step is checked, because a wrong read is silent: a float64 moment or a CUDA
+    gradient must mean another path. A tensor subclass (FSDP2's DTensor, a fake tensor) is
+    refused whatever its device says, since its data pointer need not be its values (a DTensor
+    reports the device and dtype of its shard but has no storage of its own); so are meta and
+    sparse tensors. (`is_cpu` builds no torch.device, as this runs per tensor every step.)
+    """
+    return (
+        type(tensor) in _PLAIN_TENSOR_TYPES
+        and tensor.is_cpu
+        and tensor.layout == torch.strided
+        and tensor.dtype == torch.float32
+        and tensor.is_contiguous()
     )
+
+
+def can_copy_spans(dst: torch.Tensor, src: torch.Tensor) -> bool:
+    """Whether `copy_spans` may read ``src`` and write ``dst`` as raw memory: two tensors
+    `kernel_can_read`, of one size."""
+    return dst.numel() == src.numel() and kernel_can_read(dst) and kernel_can_read(src)
 
 
 def copy_spans(dst: torch.Tensor, src: torch.Tensor, spans: Sequence[tuple[int, int]]) -> None:

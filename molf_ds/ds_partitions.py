@@ -872,14 +872,14 @@ def _copy_spans(
     staged = buffer is not None and target.device.type != "cpu"
     if not staged and cpu_kernel.can_copy_spans(target, flat) and cpu_kernel.available():
         cpu_kernel.copy_spans(target, flat, spans)
-        return sum(numel for _, numel in spans) * target.element_size()
-    for start, numel in spans:
-        piece = slice(start, start + numel)
-        if staged:
-            buffer[piece].copy_(flat[piece])
-            target[piece].copy_(buffer[piece], non_blocking=True)
-        else:
-            target[piece].copy_(flat[piece])
+    else:
+        for start, numel in spans:
+            piece = slice(start, start + numel)
+            if staged:
+                buffer[piece].copy_(flat[piece])
+                target[piece].copy_(buffer[piece], non_blocking=True)
+            else:
+                target[piece].copy_(flat[piece])
     return sum(numel for _, numel in spans) * target.element_size()
 
 

@@ -218,31 +218,11 @@ def choose_implementation(
     return "reference" if foreach is False else "foreach"
 
 
-_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
-def kernel_can_read(tensor: torch.Tensor) -> bool:
-    """Whether the CPU kernel may read ``tensor`` as raw memory: a plain, dense, contiguous
-    float32 CPU tensor.
-
-    Every tensor of a step is checked, because a wrong read is silent: a float64 moment or a CUDA
-    gradient must mean another path. A tensor subclass (FSDP2's DTensor, a fake tensor) is
-    refused whatever its device says, since its data pointer need not be its values (a DTensor
-    reports the device and dtype of its shard but has no storage of its own); so are meta and
-    sparse tensors. (`is_cpu` builds no torch.device, as this runs per tensor every step.)
-    """
-    return (
-        type(tensor) in _PLAIN_TENSOR_TYPES
-        and tensor.is_cpu
-        and tensor.layout == torch.strided
-        and tensor.dtype == torch.float32
-        and tensor.is_contiguous()
-    )
-
-
 def _use_cpu_kernel(segments: Sequence[Segment], fused: bool | None) -> bool:
     suitable = all(
-        kernel_can_read(t) for s in segments for t in (s.param, s.grad, s.exp_avg, s.exp_avg_sq)
+        cpu_kernel.kernel_can_read(t)
+        for s in segments
+        for t in (s.param, s.grad, s.exp_avg, s.exp_avg_sq)
     )
     if fused is None:
         return suitable and cpu_kernel.available()

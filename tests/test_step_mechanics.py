@@ -522,8 +522,8 @@ def test_the_kernel_refuses_a_dtensor(tmp_path) -> None:
         mesh = init_device_mesh("cpu", (1,))
         sharded = DTensor.from_local(torch.zeros(6, 4), mesh, [Shard(0)])
         assert sharded.is_cpu and sharded.dtype == torch.float32 and sharded.is_contiguous()
-        assert not routed_step.kernel_can_read(sharded)
-        assert routed_step.kernel_can_read(sharded.to_local())
+        assert not cpu_kernel.kernel_can_read(sharded)
+        assert cpu_kernel.kernel_can_read(sharded.to_local())
     finally:
         torch.distributed.destroy_process_group()
 
